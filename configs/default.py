@@ -1,0 +1,77 @@
+"""Defaults shared by every configuration: the official SemiMeta CIFAR-10 recipe.
+
+Dataset configs import this file and override a few fields. Any field can be changed
+on the command line, e.g. `--config.hypergrad.mode=exact --config.seed=3`.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default configuration (official CIFAR-10 hyperparameters)."""
+  config = ml_collections.ConfigDict()
+
+  # semimeta | supervised | pi_model | mean_teacher. `supervised` with
+  # data.num_labels=-1 is the fully-supervised baseline.
+  config.method = 'semimeta'
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'cifar10'
+  config.data.data_dir = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets).
+  config.data.download = False  # True lets TFDS download and prepare (needs internet).
+  config.data.num_labels = 4000  # Total labeled examples, class-balanced; -1 = every label.
+  config.data.label_fraction = 0.0  # If > 0, overrides num_labels with a per-class fraction.
+  config.data.unlabeled_includes_labeled = False  # Whether the unlabeled pool keeps the labeled examples.
+  config.data.augment = True  # Per-dataset training augmentation (see data/augment.py).
+  config.data.prefetch_batches = 2
+
+  # Global batch sizes (over all devices of all processes).
+  config.labeled_batch_size = 128
+  config.unlabeled_batch_size = 128
+  config.eval_batch_size = 256
+
+  config.model = 'convlarge'  # convlarge | convlarge_digits | resnet18 | resnet50 | wrn28_2
+  config.model_width = 0  # Base channel count; 0 = the model's own default.
+  config.dropout_rate = 0.5  # Channel dropout of ConvLarge (PyTorch Dropout2d).
+  config.half_precision = False  # bfloat16 activations (TPU/GPU); parameters stay float32.
+
+  # SGD with momentum and coupled L2 weight decay, as the official optimizer.
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.weight_decay = 1e-4
+  config.lr_schedule = 'step'  # step (warm-up, then x lr_decay_factor at each boundary) | cosine
+  config.warmup_steps = 4000
+  config.lr_decay_boundaries = (300_000, 350_000)
+  config.lr_decay_factor = 0.1
+  config.num_train_steps = 400_000
+
+  # Pseudo-label meta step.
+  config.hypergrad = ml_collections.ConfigDict()
+  config.hypergrad.mode = 'finite_difference'  # exact | first_order | jvp | finite_difference
+  config.hypergrad.inner_steps = 1  # K unrolled virtual SGD steps (`exact` only).
+  config.hypergrad.inner_lr = 0.0  # alpha; 0 = the current learning rate (official).
+  config.hypergrad.meta_lr = 0.0  # beta; 0 = lr_t * B_u / alpha_t, the official update.
+  config.hypergrad.epsilon = 1e-2  # Finite-difference step, relative to ||v||.
+  config.hypergrad.forward_mode = 'eval'  # eval (official: running BN stats, no dropout) | train
+  config.hypergrad.projection = 'relu_normalize'  # relu_normalize (official) | simplex
+
+  # Training loss.
+  config.mixup = True
+  config.mixup_alpha = 1.0  # Beta(a, a) for the per-example mix-up coefficient.
+  config.consistency_weight = 1.0  # w in w(t) = w * min(1, t / rampup).
+  config.consistency_rampup_steps = 4000
+  config.consistency_rampup = 'linear'  # linear (SemiMeta) | sigmoid (Pi-model / Mean Teacher papers)
+
+  # Exponential moving average of the weights: Mean Teacher's teacher, optional eval weights.
+  config.ema_decay = 0.0  # 0 = no EMA (mean_teacher requires > 0).
+  config.eval_with_ema = False
+
+  # Loop.
+  config.log_every_steps = 100
+  config.eval_every_steps = 400
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.hypergrad_diagnostics_every_steps = 0  # > 0: log cosine(mode, exact) every N steps.
+  config.allow_config_change = False  # Resume a workdir whose saved config differs.
+  return config

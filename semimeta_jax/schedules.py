@@ -1,0 +1,74 @@
+"""Learning-rate and consistency-weight schedules: functions of the step, usable by optax."""
+
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ('step', 'cosine')
+RAMPUPS = ('linear', 'sigmoid')
+
+
+def warmup_step_decay(base_lr: float, warmup_steps: int, boundaries, factor: float) -> optax.Schedule:
+  """The official CIFAR/SVHN schedule.
+
+  lr(t) = base_lr * t / warmup_steps while t < warmup_steps, then base_lr times
+  `factor` for every boundary b with t > b (the official code decays *after* b).
+
+  Args:
+    base_lr: the peak learning rate.
+    warmup_steps: length of the linear warm-up from 0 (0 = no warm-up).
+    boundaries: steps after which the rate is multiplied by `factor`.
+    factor: the decay factor.
+  """
+  boundaries = jnp.asarray(sorted(boundaries) or [jnp.iinfo(jnp.int32).max], jnp.int32)
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    decays = jnp.sum(count > boundaries) if len(boundaries) else 0
+    lr = base_lr * jnp.power(factor, decays)
+    if warmup_steps > 0:
+      lr = jnp.where(count < warmup_steps, base_lr * count / warmup_steps, lr)
+    return lr
+
+  return schedule
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """The learning-rate schedule named by `config.lr_schedule`."""
+  if config.lr_schedule == 'step':
+    return warmup_step_decay(config.learning_rate, config.warmup_steps,
+                             config.lr_decay_boundaries, config.lr_decay_factor)
+  if config.lr_schedule == 'cosine':
+    # ImageNet recipe: linear warm-up, then cosine decay to zero at the last step.
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.num_train_steps, config.warmup_steps + 1), end_value=0.0)
+  raise ValueError(f'config.lr_schedule={config.lr_schedule!r}; expected one of {SCHEDULES}.')
+
+
+def consistency_weight_schedule(config) -> optax.Schedule:
+  """w(t): `config.consistency_weight` ramped up over `config.consistency_rampup_steps`.
+
+  'linear' is SemiMeta's w * min(1, t / T); 'sigmoid' is the exp(-5 (1 - t/T)^2)
+  ramp of the Pi-model and Mean Teacher papers.
+  """
+  weight, rampup = config.consistency_weight, config.consistency_rampup_steps
+
+  def schedule(count):
+    if rampup <= 0:
+      return jnp.asarray(weight, jnp.float32)
+    progress = jnp.clip(jnp.asarray(count, jnp.float32) / rampup, 0.0, 1.0)
+    if config.consistency_rampup == 'linear':
+      return weight * progress
+    if config.consistency_rampup == 'sigmoid':
+      return weight * jnp.exp(-5.0 * jnp.square(1.0 - progress))
+    raise ValueError(f'config.consistency_rampup={config.consistency_rampup!r}; expected one of {RAMPUPS}.')
+
+  return schedule
+
+
+def sgd_with_coupled_weight_decay(config) -> optax.GradientTransformation:
+  """PyTorch's SGD(momentum, weight_decay): L2 added to the gradient before momentum."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None))

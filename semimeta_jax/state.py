@@ -1,0 +1,97 @@
+"""The training state: one pytree that a step consumes and returns, and that orbax saves."""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training.
+
+  Attributes:
+    step: number of optimizer updates taken so far (int32 scalar).
+    params: model parameters.
+    batch_stats: batch-norm running averages (empty dict for models without BN).
+    opt_state: optax optimizer state.
+    ema_params: exponential moving average of `params` (Mean Teacher's teacher,
+      optional evaluation weights); `None` when no EMA is kept.
+    ema_batch_stats: the batch statistics that go with `ema_params`.
+    rng: raw uint32 key data of the run's base key; per-step keys are
+      `fold_in(key, step)`, so a resumed run draws the same randomness.
+    apply_fn: `model.apply` (static, not saved).
+    tx: the optax transformation (static, not saved).
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+  ema_params: PyTree
+  ema_batch_stats: PyTree
+  rng: jax.Array
+  apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, *, apply_fn, params, batch_stats, tx, rng, use_ema=False):
+    """Builds a fresh state at step 0.
+
+    Args:
+      apply_fn: the model's `apply`.
+      params: initial parameters.
+      batch_stats: initial batch statistics (`{}` if the model has none).
+      tx: the optimizer.
+      rng: a typed or raw PRNG key, the base of every per-step key.
+      use_ema: whether to keep an EMA copy of params and batch statistics.
+    """
+    if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=copy(params) if use_ema else None,
+        ema_batch_stats=copy(batch_stats) if use_ema else None,
+        rng=rng,
+        apply_fn=apply_fn,
+        tx=tx)
+
+  def step_key(self, *tags: int) -> jax.Array:
+    """Returns the key for this step (and optional sub-tags): fold_in(base, step, *tags)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+    for tag in tags:
+      key = jax.random.fold_in(key, tag)
+    return key
+
+  def apply_gradients(self, *, grads, batch_stats, ema_decay=0.0):
+    """Takes one optimizer step and, if an EMA is kept, updates it.
+
+    Args:
+      grads: gradients with the structure of `params`.
+      batch_stats: the batch statistics after this step's forward passes.
+      ema_decay: EMA decay (ignored when no EMA is kept).
+
+    Returns:
+      The state after the update, with `step` incremented.
+    """
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema_params, ema_batch_stats = self.ema_params, self.ema_batch_stats
+    if ema_params is not None:
+      ema = lambda old, new: ema_decay * old + (1.0 - ema_decay) * new
+      ema_params = jax.tree.map(ema, ema_params, params)
+      ema_batch_stats = jax.tree.map(ema, ema_batch_stats, batch_stats)
+    return self.replace(
+        step=self.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
+        ema_batch_stats=ema_batch_stats)
