@@ -162,8 +162,14 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, p
 
 
 def official_meta_lr(lr, alpha, unlabeled_batch_size: int):
-  """beta that reproduces the official update yhat = ytil - lr * d: lr * B_u / alpha."""
-  return lr * unlabeled_batch_size / alpha
+  """beta that reproduces the official update yhat = ytil - lr * d: lr * B_u / alpha.
+
+  At alpha = 0 (the first warm-up step, where alpha = lr = 0) the hypergradient
+  is zero and so is the official update; beta is then 0 rather than 0 / 0.
+  """
+  alpha = jnp.asarray(alpha)
+  safe_alpha = jnp.where(alpha > 0, alpha, 1.0)
+  return jnp.where(alpha > 0, lr * unlabeled_batch_size / safe_alpha, 0.0)
 
 
 def relu_normalize(y: jax.Array, fallback: jax.Array) -> jax.Array:

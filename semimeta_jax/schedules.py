@@ -23,7 +23,7 @@ def warmup_step_decay(base_lr: float, warmup_steps: int, boundaries, factor: flo
 
   def schedule(count):
     count = jnp.asarray(count)
-    decays = jnp.sum(count > boundaries) if len(boundaries) else 0
+    decays = jnp.sum(count > boundaries)
     lr = base_lr * jnp.power(factor, decays)
     if warmup_steps > 0:
       lr = jnp.where(count < warmup_steps, base_lr * count / warmup_steps, lr)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from semimeta_jax import schedules
+
 PyTree = Any
 
 
@@ -95,3 +97,26 @@ class TrainState(flax.struct.PyTreeNode):
         opt_state=opt_state,
         ema_params=ema_params,
         ema_batch_stats=ema_batch_stats)
+
+
+def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use_ema=False) -> TrainState:
+  """Initialises a model's variables and optimizer at step 0.
+
+  Args:
+    config: the run configuration (optimizer fields are read when `tx` is None).
+    model: a Flax module called as `model.apply(variables, x, train=...)`.
+    image_shape: (H, W, C) of one input.
+    rng: the run's base key (typed).
+    tx: the optimizer; default: SGD with coupled weight decay from `config`.
+    use_ema: keep an EMA copy of the weights.
+  """
+  init_key, dropout_key, base_key = jax.random.split(rng, 3)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init({'params': init_key, 'dropout': dropout_key}, dummy, train=False)
+  return TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      tx=tx if tx is not None else schedules.sgd_with_coupled_weight_decay(config),
+      rng=base_key,
+      use_ema=use_ema)

@@ -1,0 +1,118 @@
+"""SemiMeta (Algorithm 1): meta-learned pseudo-labels, mix-up, and a ramped consistency term.
+
+One training step:
+  1. ytil = softmax(f(x_u; theta)) in evaluation mode (no gradient).
+  2. g = d L_l(theta~(ytil)) / d ytil by `config.hypergrad.mode`, with the bi-level
+     objective evaluated in `config.hypergrad.forward_mode` ('eval' is the official
+     setting; 'train' turns dropout and batch statistics on, so theta~ != theta).
+  3. yhat = project(ytil - beta g).
+  4. theta <- SGD step on KL(mix target || f(x_mix)) + w(t) ||softmax(f(x_u)) - yhat||^2
+     (or CE on the labeled batch without mix-up), two training-mode forwards.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from semimeta_jax import hypergrad
+from semimeta_jax import losses
+from semimeta_jax import schedules
+from semimeta_jax.methods import common
+
+
+def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
+  """Steps 1-3: the initial pseudo-labels, their hypergradient, and the updated ones.
+
+  Args:
+    state: the TrainState at theta_t.
+    labeled: {'image', 'label'} global labeled batch.
+    unlabeled: {'image'} global unlabeled batch.
+    lr: the learning rate of this step (the default inner step size alpha).
+    key: dropout key of the training-mode meta forward.
+    config: the run configuration (its `hypergrad` block is read).
+
+  Returns:
+    (ytil, g, yhat), each [B_u, num_classes].
+  """
+  hg = config.hypergrad
+  x_u = unlabeled['image']
+  pseudo_init = jax.nn.softmax(losses.at_least_float32(common.eval_forward(state, state.params, x_u)))
+  pseudo_init = jax.lax.stop_gradient(pseudo_init)
+
+  if hg.forward_mode == 'eval':
+    apply_fn = functools.partial(common.eval_forward, state)
+  else:
+    # The running averages that a training-mode forward would update are dropped:
+    # the meta step only reads the network, the real update below writes it.
+    apply_fn = lambda params, x: common.train_forward(state, params, x, state.batch_stats, key)[0]
+
+  alpha = hg.inner_lr if hg.inner_lr > 0 else lr
+  beta = hg.meta_lr if hg.meta_lr > 0 else hypergrad.official_meta_lr(lr, alpha, x_u.shape[0])
+  # In evaluation mode ytil is the prediction of the very forward inside L_u, so
+  # grad L_u(theta, ytil) = 0 and theta~ = theta: jvp/finite_difference skip it.
+  theta_tilde_is_theta = hg.forward_mode == 'eval'
+  grad = hypergrad.hypergradient(
+      hg.mode, apply_fn, state.params, labeled['image'], labeled['label'], x_u, pseudo_init,
+      alpha=alpha, inner_steps=hg.inner_steps, epsilon=hg.epsilon,
+      theta_tilde_is_theta=theta_tilde_is_theta)
+  pseudo = hypergrad.update_pseudo_labels(pseudo_init, grad, beta=beta, projection=hg.projection)
+  return pseudo_init, grad, pseudo
+
+
+def mixup(labeled, unlabeled_image, pseudo, *, num_classes, alpha, key):
+  """The official mix-up: the i-th labeled with the i-th unlabeled example, lambda_i ~ Beta(a, a)."""
+  lam = jax.random.beta(key, alpha, alpha, (labeled['image'].shape[0],))
+  lam_image = lam.reshape((-1,) + (1,) * (labeled['image'].ndim - 1))
+  image = lam_image * labeled['image'] + (1.0 - lam_image) * unlabeled_image
+  onehot = jax.nn.one_hot(labeled['label'], num_classes)
+  target = lam[:, None] * onehot + (1.0 - lam[:, None]) * pseudo
+  return image, target
+
+
+def train_step(state, batch, *, config, num_classes):
+  """One SemiMeta update. Pure: (state, batch) -> (state, metrics)."""
+  labeled, unlabeled = batch['labeled'], batch['unlabeled']
+  lr = schedules.learning_rate_schedule(config)(state.step)
+  weight = schedules.consistency_weight_schedule(config)(state.step)
+  key = state.step_key
+
+  pseudo_init, grad, pseudo = meta_pseudo_labels(
+      state, labeled, unlabeled, lr=lr, key=key(common.DROPOUT_META), config=config)
+
+  def loss_fn(params):
+    if config.mixup:
+      image, target = mixup(labeled, unlabeled['image'], pseudo, num_classes=num_classes,
+                            alpha=config.mixup_alpha, key=key(common.MIXUP))
+      logits, stats = common.train_forward(state, params, image, state.batch_stats,
+                                           key(common.DROPOUT_LABELED))
+      supervised = losses.kl_divergence(target, logits)
+    else:
+      logits, stats = common.train_forward(state, params, labeled['image'], state.batch_stats,
+                                           key(common.DROPOUT_LABELED))
+      supervised = losses.cross_entropy(logits, labeled['label'])
+    # A second forward with its own batch statistics, as the official step does.
+    unlabeled_logits, stats = common.train_forward(state, params, unlabeled['image'], stats,
+                                                   key(common.DROPOUT_UNLABELED))
+    consistency = losses.probability_mse(unlabeled_logits, pseudo)
+    return supervised + weight * consistency, (stats, supervised, consistency, unlabeled_logits)
+
+  grads, (stats, supervised, consistency, unlabeled_logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+  new_state = common.apply_update(state, grads, stats, config)
+  truth = unlabeled['label']
+  metrics = {
+      'loss': supervised + weight * consistency,
+      'supervised_loss': supervised,
+      'consistency_loss': consistency,
+      'learning_rate': lr,
+      'consistency_weight': weight,
+      'pseudo_label_entropy': losses.entropy(pseudo),
+      'pseudo_label_accuracy': common.accuracy(pseudo, truth),
+      'initial_pseudo_label_accuracy': common.accuracy(pseudo_init, truth),
+      'pseudo_label_change': jnp.mean(jnp.sum(jnp.abs(pseudo - pseudo_init), axis=-1)),
+      'hypergradient_norm': jnp.linalg.norm(grad),
+      'unlabeled_accuracy': common.accuracy(unlabeled_logits, truth),
+      'grad_norm': optax.tree.norm(grads),
+  }
+  return new_state, metrics

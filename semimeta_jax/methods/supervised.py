@@ -1,0 +1,34 @@
+"""The supervised baselines: labeled-only, and fully-supervised (the same step with every label)."""
+
+import jax
+import optax
+
+from semimeta_jax import losses
+from semimeta_jax import schedules
+from semimeta_jax.methods import common
+
+
+def train_step(state, batch, *, config, num_classes):
+  """One cross-entropy update on the labeled batch. Pure: (state, batch) -> (state, metrics).
+
+  The unlabeled part of the batch, if any, is ignored.
+  """
+  del num_classes  # The labels carry it.
+  labeled = batch['labeled']
+  lr = schedules.learning_rate_schedule(config)(state.step)
+
+  def loss_fn(params):
+    logits, stats = common.train_forward(state, params, labeled['image'], state.batch_stats,
+                                         state.step_key(common.DROPOUT_LABELED))
+    return losses.cross_entropy(logits, labeled['label']), (stats, logits)
+
+  (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = common.apply_update(state, grads, stats, config)
+  metrics = {
+      'loss': loss,
+      'supervised_loss': loss,
+      'learning_rate': lr,
+      'train_accuracy': common.accuracy(logits, labeled['label']),
+      'grad_norm': optax.tree.norm(grads),
+  }
+  return new_state, metrics

@@ -1,0 +1,185 @@
+"""Metric writers (TensorBoard and JSON lines), progress reports and the run summary.
+
+Everything here writes from process 0 only, so a multi-process run produces one
+set of files.
+"""
+
+import json
+import math
+import time
+from typing import Any, Mapping
+
+from absl import logging
+from clu import metric_writers
+from etils import epath
+import jax
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+def _to_float(value) -> float | None:
+  """A Python float from a Python, NumPy or JAX scalar; None if not finite (strict JSON)."""
+  value = float(np.asarray(value))
+  return value if math.isfinite(value) else None
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard (and the log) and to `<workdir>/metrics.jsonl`.
+
+  Each `write_scalars` call appends one JSON object, `{"step": s, name: value,
+  ...}`, to metrics.jsonl, so a resumed run appends to the same file; rows of
+  steps that a resumed run repeats appear twice, and readers keep the last.
+  Non-finite values are written as null in the JSON file (TensorBoard gets them
+  as they are).
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    """Opens the writers.
+
+    Args:
+      workdir: the run directory.
+      enabled: whether this process writes; None means process 0 only. A
+        disabled writer accepts every call and writes nothing.
+    """
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._writer = None
+    self._jsonl = None
+    if self.enabled:
+      workdir = epath.Path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._writer = metric_writers.create_default_writer(
+          str(workdir), asynchronous=True)
+      self._jsonl = (workdir / METRICS_FILE).open('a')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    """Writes `scalars` ({name: scalar}) for `step`."""
+    if not self.enabled:
+      return
+    step = int(step)
+    values = {name: _to_float(value) for name, value in scalars.items()}
+    self._writer.write_scalars(
+        step, {name: float(np.asarray(value)) for name, value in scalars.items()})
+    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    # One line per logging interval is cheap to flush, and a killed run then
+    # keeps every row it reported.
+    self._jsonl.flush()
+
+  def flush(self):
+    """Pushes buffered values to disk."""
+    if self.enabled:
+      self._writer.flush()
+      self._jsonl.flush()
+
+  def close(self):
+    """Flushes and closes the files."""
+    if self.enabled:
+      self._writer.close()
+      self._jsonl.close()
+      self.enabled = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
+def format_duration(seconds: float) -> str:
+  """Formats seconds as hh:mm:ss (hours may exceed 24)."""
+  seconds = int(round(max(seconds, 0.0)))
+  return f'{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Progress:
+  """Logs steps/s and the time left every so many steps or seconds.
+
+  Call it after every training step. The first call only starts the clock, so
+  compilation of the first step does not count against the rate.
+  """
+
+  def __init__(self, num_train_steps: int, start_step: int = 0, *,
+               every_steps: int | None = None, every_seconds: float | None = None,
+               enabled: bool | None = None, clock=time.monotonic):
+    """Sets up the report.
+
+    Args:
+      num_train_steps: the step at which training ends.
+      start_step: the step training (re)starts from.
+      every_steps: report when the step is a multiple of this.
+      every_seconds: report when this much time has passed since the last report.
+      enabled: whether to log; None means process 0 only. Rates are returned
+        either way.
+      clock: the time source, in seconds.
+    """
+    if not every_steps and not every_seconds:
+      raise ValueError('Progress needs every_steps or every_seconds.')
+    self.num_train_steps = num_train_steps
+    self.start_step = start_step
+    self.every_steps = every_steps
+    self.every_seconds = every_seconds
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._clock = clock
+    self._last_step = None
+    self._last_time = None
+
+  def _due(self, step: int, now: float) -> bool:
+    if step == self.num_train_steps:
+      return True
+    if self.every_steps and step % self.every_steps == 0:
+      return True
+    return bool(self.every_seconds) and now - self._last_time >= self.every_seconds
+
+  def __call__(self, step: int) -> dict[str, float] | None:
+    """Records that `step` has finished.
+
+    Args:
+      step: the number of steps done so far.
+
+    Returns:
+      `{'steps_per_sec': rate}` over the interval since the last report when a
+      report is due, else None.
+    """
+    step, now = int(step), self._clock()
+    if self._last_step is None:
+      self._last_step, self._last_time = step, now
+      return None
+    if step <= self._last_step or not self._due(step, now):
+      return None
+    elapsed = max(now - self._last_time, 1e-9)
+    rate = (step - self._last_step) / elapsed
+    self._last_step, self._last_time = step, now
+    if self.enabled:
+      eta = (self.num_train_steps - step) / rate if rate > 0 else float('inf')
+      done = 100.0 * step / max(self.num_train_steps, 1)
+      logging.info('step %d/%d (%.1f%%), %.2f steps/s, ETA %s', step,
+                   self.num_train_steps, done, rate,
+                   format_duration(eta) if math.isfinite(eta) else 'unknown')
+    return {'steps_per_sec': rate}
+
+
+def _json_default(value):
+  """Makes NumPy/JAX values JSON-serialisable."""
+  array = np.asarray(value)
+  if array.ndim == 0:
+    return array.item()
+  return array.tolist()
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any], *,
+                  enabled: bool | None = None):
+  """Writes `summary` (e.g. final errors, wall time) to `<workdir>/summary.json`.
+
+  Args:
+    workdir: the run directory.
+    summary: JSON-serialisable values; NumPy/JAX scalars and arrays are converted.
+    enabled: whether this process writes; None means process 0 only.
+  """
+  enabled = jax.process_index() == 0 if enabled is None else enabled
+  if not enabled:
+    return
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(dict(summary), default=_json_default, sort_keys=True, indent=2)
+  (workdir / SUMMARY_FILE).write_text(text + '\n')

@@ -1,0 +1,61 @@
+"""Classifiers, selected by name from the config.
+
+Every model is a Flax linen module called as `model.apply(variables, x, train=...)` on NHWC
+images; it returns float32 logits and keeps its batch-norm running averages in the
+`batch_stats` collection (updated when `train=True` and `mutable=['batch_stats']`). Dropout,
+where a model has it, draws from the `dropout` RNG stream in training mode only.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from semimeta_jax.models import convlarge
+from semimeta_jax.models import resnet
+from semimeta_jax.models import wide_resnet
+
+_MODELS = {
+    'convlarge': convlarge.ConvLarge,
+    # 8x8 inputs (scikit-learn digits): narrower, and the conv after the 2x2 map keeps its size.
+    'convlarge_digits': functools.partial(convlarge.ConvLarge, width=32, small_input=True),
+    'resnet18': resnet.ResNet18,
+    'resnet50': resnet.ResNet50,
+    'wrn28_2': wide_resnet.WRN28_2,
+}
+
+MODEL_NAMES = tuple(_MODELS)
+
+# Only ConvLarge has dropout; the ResNets are used without it, as in their references.
+_TAKES_DROPOUT = ('convlarge', 'convlarge_digits')
+_TAKES_ZERO_INIT_RESIDUAL = ('resnet18', 'resnet50')
+
+
+def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """Builds the classifier named by `config.model`.
+
+  Args:
+    config: reads `model` (one of `MODEL_NAMES`), `model_width` (0 keeps the model's own
+      default width), `dropout_rate` (ConvLarge only), `half_precision` (bfloat16
+      activations; parameters and logits stay float32) and, for the ResNets, the optional
+      `zero_init_residual` (default False).
+    num_classes: number of output logits.
+
+  Returns:
+    An unbound Flax module.
+
+  Raises:
+    ValueError: if `config.model` is not a registered name.
+  """
+  name = config.model
+  if name not in _MODELS:
+    raise ValueError(f'Unknown model {name!r}; registered models: {", ".join(MODEL_NAMES)}.')
+  kwargs = {'dtype': jnp.bfloat16 if config.half_precision else jnp.float32}
+  if config.model_width:
+    kwargs['width'] = config.model_width
+  if name in _TAKES_DROPOUT:
+    kwargs['dropout_rate'] = config.dropout_rate
+  if name in _TAKES_ZERO_INIT_RESIDUAL:
+    kwargs['zero_init_residual'] = config.get('zero_init_residual', False)
+  return _MODELS[name](num_classes=num_classes, **kwargs)

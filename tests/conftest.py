@@ -1,0 +1,46 @@
+"""Shared test fixtures: a tiny configuration and synthetic batches."""
+
+import os
+import sys
+
+# Make `configs` importable (it is a directory of config files, not an installed package).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config(**overrides):
+  """The default config shrunk to a 4-channel ConvLarge on 8x8 inputs."""
+  config = default.get_config()
+  config.model = 'convlarge_digits'
+  config.model_width = 4
+  config.labeled_batch_size = 16
+  config.unlabeled_batch_size = 16
+  config.eval_batch_size = 32
+  config.warmup_steps = 0
+  config.consistency_rampup_steps = 0
+  config.learning_rate = 0.05
+  config.lr_decay_boundaries = ()
+  for name, value in overrides.items():
+    target = config
+    *parents, leaf = name.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def synthetic_batch(key, batch_size=16, image_shape=(8, 8, 1), num_classes=10):
+  """A labeled + unlabeled batch in the training loop's layout."""
+  keys = jax.random.split(key, 4)
+  part = lambda k1, k2: {'image': jax.random.normal(k1, (batch_size, *image_shape)),
+                         'label': jax.random.randint(k2, (batch_size,), 0, num_classes)}
+  return {'labeled': part(keys[0], keys[1]), 'unlabeled': part(keys[2], keys[3])}
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

@@ -1,0 +1,165 @@
+"""Tests for semimeta_jax.metrics: JSON-lines/TensorBoard writer, progress, summary."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semimeta_jax import metrics
+
+
+def _rows(workdir):
+  lines = (workdir / metrics.METRICS_FILE).read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def test_writer_appends_parseable_rows_and_tensorboard_events(tmp_path):
+  with metrics.MetricWriter(tmp_path, enabled=True) as writer:
+    writer.write_scalars(1, {'train/loss': jnp.float32(0.5), 'lr': np.float64(0.1)})
+    writer.write_scalars(np.int32(2), {'eval/error_top1': 12.5, 'train/loss': jnp.nan})
+    writer.flush()
+  rows = _rows(tmp_path)
+  assert rows == [{'step': 1, 'train/loss': 0.5, 'lr': 0.1},
+                  {'step': 2, 'eval/error_top1': 12.5, 'train/loss': None}]
+  assert all(type(row['step']) is int for row in rows)  # pylint: disable=unidiomatic-typecheck
+  assert list(tmp_path.glob('events.out.tfevents.*'))
+
+  # A resumed run appends to the same file.
+  with metrics.MetricWriter(tmp_path, enabled=True) as writer:
+    writer.write_scalars(3, {'train/loss': 0.25})
+  assert [row['step'] for row in _rows(tmp_path)] == [1, 2, 3]
+
+
+def test_writer_rejects_non_scalars(tmp_path):
+  with metrics.MetricWriter(tmp_path, enabled=True) as writer:
+    with pytest.raises(TypeError):
+      writer.write_scalars(1, {'vector': np.ones(3)})
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  writer = metrics.MetricWriter(workdir, enabled=False)
+  writer.write_scalars(1, {'train/loss': 0.5})
+  writer.flush()
+  writer.close()
+  metrics.write_summary(workdir, {'error': 1.0}, enabled=False)
+  assert not workdir.exists()
+
+
+def test_write_summary_converts_array_values(tmp_path):
+  metrics.write_summary(tmp_path, {'final_error': jnp.float32(7.75), 'steps': np.int64(400),
+                                   'per_class': np.array([1.0, 2.0]), 'method': 'semimeta'})
+  summary = json.loads((tmp_path / metrics.SUMMARY_FILE).read_text())
+  assert summary == {'final_error': 7.75, 'steps': 400, 'per_class': [1.0, 2.0],
+                     'method': 'semimeta'}
+
+
+class _FakeClock:
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_reports_rate_every_n_steps(caplog):
+  caplog.set_level('INFO')
+  clock = _FakeClock()
+  progress = metrics.Progress(100, start_step=0, every_steps=10, enabled=True, clock=clock)
+  reports = {}
+  for step in range(1, 31):
+    clock.now += 0.5 if step > 1 else 30.0  # The first step includes compilation.
+    result = progress(step)
+    if result is not None:
+      reports[step] = result
+  assert sorted(reports) == [10, 20, 30]
+  # 9 steps after the baseline at step 1, then 10-step intervals, 2 steps/s each.
+  for result in reports.values():
+    assert result['steps_per_sec'] == pytest.approx(2.0)
+  # At step 10, 90 steps remain at 2 steps/s.
+  assert 'step 10/100 (10.0%), 2.00 steps/s, ETA 00:00:45' in caplog.text
+
+
+def test_progress_every_seconds_and_final_step():
+  clock = _FakeClock()
+  progress = metrics.Progress(7, start_step=3, every_seconds=2.0, enabled=True, clock=clock)
+  due = []
+  for step in range(4, 8):
+    clock.now += 1.0
+    if progress(step) is not None:
+      due.append(step)
+  assert due == [6, 7]
+
+
+def test_progress_needs_a_period():
+  with pytest.raises(ValueError):
+    metrics.Progress(10)
+
+
+@pytest.mark.parametrize('seconds,text', [(0, '00:00:00'), (3723.4, '01:02:03'),
+                                          (90061, '25:01:01')])
+def test_format_duration(seconds, text):
+  assert metrics.format_duration(seconds) == text
+
+
+def _load_plot_curves():
+  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'plot_curves.py'
+  spec = importlib.util.spec_from_file_location('plot_curves', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _fake_run(workdir, errors, *, every=100):
+  """Writes a metrics.jsonl with train rows between the evaluation rows."""
+  workdir.mkdir(parents=True)
+  with open(workdir / metrics.METRICS_FILE, 'w') as f:
+    for i, error in enumerate(errors, start=1):
+      f.write(json.dumps({'step': i * every - 50, 'train/loss': 1.0}) + '\n')
+      f.write(json.dumps({'step': i * every, 'eval/error_top1': error}) + '\n')
+
+
+def test_plot_curves_groups_seeds_and_writes_png(tmp_path, capsys):
+  plot_curves = _load_plot_curves()
+  _fake_run(tmp_path / 'base_seed0', [60.0, 40.0, 30.0])
+  _fake_run(tmp_path / 'base_seed1', [62.0, 44.0, 34.0])
+  _fake_run(tmp_path / 'meta_seed0', [50.0, 20.0, 10.0])
+  _fake_run(tmp_path / 'meta_seed1', [54.0, 24.0, 12.0, 9.0])  # Ran longer.
+  out = tmp_path / 'results' / 'curves.png'
+  finals = plot_curves.main([
+      '--runs', f'{tmp_path}/base_seed*,{tmp_path}/meta_seed*',
+      '--labels', 'Baseline,SemiMeta', '--out', str(out)])
+  assert out.stat().st_size > 1000
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert list(finals) == ['Baseline', 'SemiMeta']
+  assert finals['Baseline'] == {'runs': 2, 'step': 300, 'final_mean': 32.0,
+                                'final_min': 30.0, 'final_max': 34.0}
+  # Only the steps both seeds reached are averaged.
+  assert finals['SemiMeta']['step'] == 300
+  assert finals['SemiMeta']['final_mean'] == 11.0
+  assert 'SemiMeta' in capsys.readouterr().out
+
+
+def test_plot_curves_default_labels_and_resumed_rows(tmp_path):
+  plot_curves = _load_plot_curves()
+  _fake_run(tmp_path / 'semimeta_s1', [50.0, 20.0])
+  _fake_run(tmp_path / 'semimeta_s2', [52.0, 22.0])
+  _fake_run(tmp_path / 'supervised', [70.0, 45.0])
+  # A resumed run re-evaluates step 200; the later row wins.
+  with open(tmp_path / 'supervised' / metrics.METRICS_FILE, 'a') as f:
+    f.write(json.dumps({'step': 200, 'eval/error_top1': 41.0}) + '\n')
+  groups = plot_curves.expand_runs(f'{tmp_path}/*', None)
+  counts = {label: len(dirs) for label, dirs in groups.items()}
+  assert counts == {'semimeta': 2, 'supervised': 1}
+  steps, errors = plot_curves.load_curve(str(tmp_path / 'supervised'))
+  assert steps.tolist() == [100, 200] and errors.tolist() == [70.0, 41.0]
+  assert plot_curves.default_label('runs/convlarge_digits2') == 'convlarge_digits2'
+  assert plot_curves.default_label('runs/cifar10-seed=3') == 'cifar10'
+  with pytest.raises(ValueError, match='labels'):
+    plot_curves.expand_runs(f'{tmp_path}/*', 'A,B')
+  with pytest.raises(ValueError, match='matches'):
+    plot_curves.expand_runs(f'{tmp_path}/missing*', None)
