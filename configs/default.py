@@ -18,7 +18,9 @@ def get_config():
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
-  config.data.data_dir = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets).
+  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets). A placeholder, so
+  # that `--config.data.data_dir=PATH` can set it.
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)
   config.data.download = False  # True lets TFDS download and prepare (needs internet).
   config.data.num_labels = 4000  # Total labeled examples, class-balanced; -1 = every label.
   config.data.label_fraction = 0.0  # If > 0, overrides num_labels with a per-class fraction.

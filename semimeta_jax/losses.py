@@ -9,11 +9,15 @@ def at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def cross_entropy_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Cross-entropy of each integer label under its row of `logits`."""
+  log_probs = jax.nn.log_softmax(at_least_float32(logits))
+  return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean cross-entropy of integer `labels` under `logits` (PyTorch's F.cross_entropy)."""
-  log_probs = jax.nn.log_softmax(at_least_float32(logits))
-  picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)
-  return -jnp.mean(picked)
+  return jnp.mean(cross_entropy_per_example(logits, labels))
 
 
 def kl_divergence(targets: jax.Array, logits: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """Learning-rate and consistency-weight schedules: functions of the step, usable by optax."""
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULES = ('step', 'cosine')
@@ -19,7 +20,9 @@ def warmup_step_decay(base_lr: float, warmup_steps: int, boundaries, factor: flo
     boundaries: steps after which the rate is multiplied by `factor`.
     factor: the decay factor.
   """
-  boundaries = jnp.asarray(sorted(boundaries) or [jnp.iinfo(jnp.int32).max], jnp.int32)
+  # numpy, not jnp: the schedule may be built inside a traced function and must not
+  # capture a tracer.
+  boundaries = np.asarray(sorted(boundaries) or [np.iinfo(np.int32).max], np.int32)
 
   def schedule(count):
     count = jnp.asarray(count)
