@@ -6,6 +6,7 @@ hosts, start the same command on every host: TPU pods and SLURM are detected by
 and --process_id.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -33,12 +34,12 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(logging.logging.Filter):
+class _QuietLibraries(std_logging.Filter):
   """Drops the INFO chatter of orbax and TFDS (every save logs dozens of lines)."""
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
-    return record.levelno >= logging.WARNING or not noisy
+    return record.levelno >= std_logging.WARNING or not noisy
 
 
 def _launched_on_several_hosts() -> bool:
@@ -51,7 +52,8 @@ def _launched_on_several_hosts() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # The ABSLHandler forwards records without applying its own filters.
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   explicit = _COORDINATOR.value is not None
   if _MULTIHOST.value == 'on' or (_MULTIHOST.value == 'auto' and (explicit or _launched_on_several_hosts())):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

@@ -155,12 +155,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = parallel.to_global(next(inp.train_batches), mesh)
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
-      rates = progress(step) or {}
       preempted = guard.should_stop(step)
       is_last = step == config.num_train_steps
       must_save = is_last or preempted or step % config.checkpoint_every_steps == 0
       if step % config.log_every_steps == 0 or must_save:
-        run.report_train_metrics(step, rates)  # Also the finiteness check before a save.
+        # Wait for the device first: dispatch runs ahead, and the rate must count finished steps.
+        jax.block_until_ready(step_metrics)
+        run.report_train_metrics(step, progress(step) or {})  # Also the finiteness check before a save.
       if step % config.eval_every_steps == 0 or is_last:
         run.evaluate(step, state, compiled_eval_steps)
       if must_save:
