@@ -37,7 +37,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_sizes(batch_sizes: dict[str, int], mesh: Mesh, process_count: int | None = None):
-  """Fails before any compute unless every global batch divides over devices and processes.
+  """Fails before any compute unless every global batch divides over the devices.
+
+  Every process has the same number of local devices, so a batch that divides
+  over all devices also gives each process a share that divides over its own.
 
   Args:
     batch_sizes: config field name -> global batch size.
@@ -58,10 +61,6 @@ def check_batch_sizes(batch_sizes: dict[str, int], mesh: Mesh, process_count: in
           f'config.{name}={size} does not divide over the {num_devices} devices of the mesh '
           f'({process_count} process(es) x {local_devices} local device(s)); use a multiple of '
           f'{num_devices}.')
-    if (size // process_count) % local_devices:
-      raise ValueError(
-          f'config.{name}={size}: the per-process share {size // process_count} does not divide '
-          f'over the {local_devices} local devices.')
 
 
 def to_global(local_batch: Any, mesh: Mesh) -> Any:

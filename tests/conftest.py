@@ -7,6 +7,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Eight simulated CPU devices for the multi-device tests; set before any test
+# starts the backend. Single-device tests use a one-device mesh or plain jit.
+jax.config.update('jax_num_cpu_devices', 8)
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position

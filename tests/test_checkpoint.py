@@ -4,16 +4,8 @@ import json
 import os
 import signal
 
-import jax
-
-try:
-  # Two CPU devices for the mesh test; a no-op error if another test module in
-  # this process already started the backend (the test then uses its devices).
-  jax.config.update('jax_num_cpu_devices', 2)
-except RuntimeError:
-  pass
-
 import chex
+import jax
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
