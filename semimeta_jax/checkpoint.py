@@ -36,6 +36,7 @@ RESUMABLE_FIELDS = frozenset({
     'data.prefetch_batches',
 })
 
+_TMP_MARKER = '.orbax-checkpoint-tmp'
 _CHECKPOINT_DIR = 'checkpoints'
 _CONFIG_FILE = 'config.json'
 
@@ -47,6 +48,21 @@ def _saved_fields(state: state_lib.TrainState) -> dict[str, Any]:
       for f in dataclasses.fields(state)
       if f.metadata.get('pytree_node', True)
   }
+
+
+def _remove_unfinished_saves(directory: epath.Path):
+  """Deletes the temporary directories a run killed mid-write leaves behind.
+
+  They are never valid checkpoints, and removing them keeps restores from
+  tripping on them. Process 0 deletes; the others wait for it.
+  """
+  if jax.process_index() == 0 and directory.exists():
+    for path in directory.iterdir():
+      if _TMP_MARKER in path.name:
+        logging.warning('Removing the unfinished checkpoint %s.', path)
+        path.rmtree()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('semimeta_jax:remove_unfinished_saves')
 
 
 class Checkpointer:
@@ -70,12 +86,13 @@ class Checkpointer:
       # Orbax's array writer refuses relative local paths (e.g. --workdir=runs/x).
       workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / _CHECKPOINT_DIR
+    _remove_unfinished_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
-        # A run killed mid-write leaves a temporary directory; it is never a
-        # valid checkpoint, and removing it keeps restores from tripping on it.
-        cleanup_tmp_directories=True,
+        # Done above, synchronously: orbax's own clean-up runs in a thread that
+        # would race with whatever the caller does next.
+        cleanup_tmp_directories=False,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -6,17 +6,21 @@ the training loop compiles whichever `make_train_step` returns.
 
 import functools
 
+from semimeta_jax.methods import mean_teacher
+from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
 from semimeta_jax.methods import supervised
 
 _METHODS = {
     'semimeta': semimeta.train_step,
     'supervised': supervised.train_step,
+    'pi_model': pi_model.train_step,
+    'mean_teacher': mean_teacher.train_step,
 }
 
 METHOD_NAMES = tuple(_METHODS)
 # Methods whose step reads the unlabeled stream.
-USES_UNLABELED = ('semimeta',)
+USES_UNLABELED = ('semimeta', 'pi_model', 'mean_teacher')
 
 
 def make_train_step(config, num_classes: int):
@@ -31,5 +35,8 @@ def make_train_step(config, num_classes: int):
 
 
 def uses_ema(config) -> bool:
-  """Whether the state keeps an exponential moving average of the weights."""
-  return config.ema_decay > 0
+  """Whether the state keeps an exponential moving average of the weights.
+
+  Mean Teacher always does: the average is its teacher.
+  """
+  return config.method == 'mean_teacher' or config.ema_decay > 0

@@ -1,0 +1,130 @@
+"""End to end under tfds mock data: train, evaluate, checkpoint, resume, preemption, NaN."""
+
+import json
+import os
+
+import chex
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from semimeta_jax import checkpoint
+from semimeta_jax import data
+from semimeta_jax import models
+from semimeta_jax import parallel
+from semimeta_jax import train
+from tests.conftest import tiny_config
+
+NUM_STEPS = 6
+
+
+def mock_config(tmp_path, **overrides):
+  """A tiny SemiMeta run on mock CIFAR-10: 6 steps, checkpoints at 3 and 6."""
+  return tiny_config(**{
+      'data.name': 'cifar10', 'data.num_labels': 10, 'data.data_dir': str(tmp_path / 'tfds'),
+      'labeled_batch_size': 8, 'unlabeled_batch_size': 8, 'eval_batch_size': 24,
+      'num_train_steps': NUM_STEPS, 'log_every_steps': 2, 'eval_every_steps': 3,
+      'checkpoint_every_steps': 3, **overrides})
+
+
+def run(config, workdir):
+  # 40 test examples: not a multiple of the eval batch, so the last batch is padded.
+  with tfds.testing.mock_data(num_examples=40):
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def saved_params(config, workdir, step=None):
+  mesh = parallel.make_mesh()
+  model = models.get_model(config, 10)
+  target = train.create_train_state(config, model, (32, 32, 3), mesh)
+  with checkpoint.Checkpointer(str(workdir), keep=3) as checkpointer:
+    return checkpointer.restore(target, step).params
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp('uninterrupted')
+  config = mock_config(tmp_path)
+  summary = run(config, tmp_path / 'run')
+  return config, tmp_path / 'run', summary
+
+
+def test_a_run_trains_evaluates_exactly_and_writes_its_records(uninterrupted):
+  _, workdir, summary = uninterrupted
+  assert summary['completed'] and summary['steps'] == NUM_STEPS
+  assert summary['num_eval_examples'] == 40
+  assert 0.0 <= summary['final_error_top1'] <= 100.0
+  with open(workdir / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  evals = [row for row in rows if 'eval/error_top1' in row]
+  assert [row['step'] for row in evals] == [3, 6]
+  assert all(row['eval/num_examples'] == 40 for row in evals)  # Every example once, padding masked.
+  train_rows = [row for row in rows if 'train/loss' in row]
+  assert [row['step'] for row in train_rows] == [2, 3, 4, 6]
+  assert 'train/pseudo_label_accuracy' in train_rows[-1]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
+  for name in ('summary.json', 'config.json', 'labeled_indices.json'):
+    assert (workdir / name).exists(), name
+
+
+def test_an_interrupted_and_resumed_run_ends_with_identical_parameters(uninterrupted, tmp_path):
+  config, reference_dir, _ = uninterrupted
+  workdir = tmp_path / 'run'
+  first = run(mock_config(tmp_path, num_train_steps=3), workdir)
+  assert first['steps'] == 3
+  resumed = run(mock_config(tmp_path), workdir)
+  assert resumed['steps'] == NUM_STEPS and resumed['completed']
+  chex.assert_trees_all_equal(saved_params(config, workdir), saved_params(config, reference_dir))
+
+
+def test_a_preempted_run_saves_then_resumes_to_the_same_parameters(uninterrupted, tmp_path, monkeypatch):
+  config, reference_dir, _ = uninterrupted
+  workdir = tmp_path / 'run'
+  monkeypatch.setattr(checkpoint.PreemptionGuard, 'should_stop', lambda self, step: step == 2)
+  summary = run(mock_config(tmp_path), workdir)
+  assert summary['preempted'] and summary['steps'] == 2
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  monkeypatch.undo()
+  run(mock_config(tmp_path), workdir)
+  chex.assert_trees_all_equal(saved_params(config, workdir), saved_params(config, reference_dir))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  build_input = data.build_input
+
+  def poisoned_input(*args, **kwargs):
+    inp = build_input(*args, **kwargs)
+
+    def batches(clean=inp.train_batches, start_step=kwargs.get('start_step', 0)):
+      for step, batch in enumerate(clean, start=start_step + 1):
+        if step == 5:
+          batch['labeled']['image'] = batch['labeled']['image'] * float('nan')
+        yield batch
+
+    inp.train_batches = batches()
+    return inp
+
+  monkeypatch.setattr(data, 'build_input', poisoned_input)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'non-finite between steps 4 and 6.*last good checkpoint \(step 3\)'):
+    run(mock_config(tmp_path), workdir)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+
+
+def test_a_workdir_holding_another_config_is_refused(uninterrupted, tmp_path):
+  config, workdir, _ = uninterrupted
+  changed = mock_config(tmp_path, seed=config.seed + 1)
+  with pytest.raises(checkpoint.ConfigChangedError, match='seed'):
+    run(changed, workdir)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
+
+
+def test_bad_input_fails_before_the_workdir_is_touched(tmp_path):
+  workdir = tmp_path / 'never'
+  with pytest.raises(ValueError, match='config.labeled_batch_size=12 does not divide'):
+    run(mock_config(tmp_path, labeled_batch_size=12, unlabeled_batch_size=12), workdir)
+  with pytest.raises(ValueError, match='config.hypergrad.mode'):
+    run(mock_config(tmp_path, **{'hypergrad.mode': 'second_order'}), workdir)
+  assert not workdir.exists()
+  assert jax.device_count() == 8  # The checks above were against eight devices.
