@@ -21,6 +21,7 @@ from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
+from semimeta_jax.methods import semimeta
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -145,6 +146,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compiled_eval_steps['eval_ema'] = parallel.jit_eval_step(
         functools.partial(evaluation.eval_step, use_ema=True), mesh)
 
+  diagnose = None
+  if config.hypergrad_diagnostics_every_steps and config.method == 'semimeta':
+    diagnose = parallel.jit_eval_step(
+        functools.partial(semimeta.hypergradient_fidelity, config=config), mesh)
+
   writer = metrics_lib.MetricWriter(workdir)
   run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step)
   progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
@@ -153,6 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = parallel.to_global(next(inp.train_batches), mesh)
+      if diagnose and step % config.hypergrad_diagnostics_every_steps == 0:
+        # On the state the step is about to update (it is donated to the step).
+        fidelity = jax.device_get(diagnose(state, batch))
+        writer.write_scalars(step, {f'hypergrad/{k}': float(v) for k, v in fidelity.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
       preempted = guard.should_stop(step)

@@ -144,3 +144,21 @@ class TestTrainForwardMode:
       np.testing.assert_allclose(forward, exact, rtol=1e-8, atol=1e-14)
       approx = hypergrad.first_order(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha)
       assert np.linalg.norm(approx - exact) / np.linalg.norm(exact) > 1e-3
+
+
+class TestHypergradientFidelity:
+
+  def test_exact_against_itself_is_one(self):
+    config = tiny_config(**{'hypergrad.mode': 'exact', 'hypergrad.forward_mode': 'train'})
+    fidelity = jax.jit(functools.partial(semimeta.hypergradient_fidelity, config=config))(
+        fresh_state(config), synthetic_batch(jax.random.key(6)))
+    np.testing.assert_allclose(fidelity['cosine'], 1.0, atol=1e-6)
+    np.testing.assert_allclose(fidelity['relative_error'], 0.0, atol=1e-6)
+
+  def test_first_order_in_train_mode_is_below_one(self):
+    config = tiny_config(**{'hypergrad.mode': 'first_order', 'hypergrad.forward_mode': 'train',
+                            'learning_rate': 0.5})
+    fidelity = jax.jit(functools.partial(semimeta.hypergradient_fidelity, config=config))(
+        fresh_state(config), synthetic_batch(jax.random.key(6)))
+    assert -1.0 <= float(fidelity['cosine']) < 0.9999
+    assert float(fidelity['relative_error']) > 1e-3

@@ -44,7 +44,7 @@ def saved_params(config, workdir, step=None):
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp('uninterrupted')
-  config = mock_config(tmp_path)
+  config = mock_config(tmp_path, hypergrad_diagnostics_every_steps=3)
   summary = run(config, tmp_path / 'run')
   return config, tmp_path / 'run', summary
 
@@ -62,6 +62,9 @@ def test_a_run_trains_evaluates_exactly_and_writes_its_records(uninterrupted):
   train_rows = [row for row in rows if 'train/loss' in row]
   assert [row['step'] for row in train_rows] == [2, 3, 4, 6]
   assert 'train/pseudo_label_accuracy' in train_rows[-1]
+  fidelity = [row for row in rows if 'hypergrad/cosine' in row]
+  assert [row['step'] for row in fidelity] == [3, 6]
+  assert all(-1.0 <= row['hypergrad/cosine'] <= 1.0 + 1e-6 for row in fidelity)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
   for name in ('summary.json', 'config.json', 'labeled_indices.json'):
     assert (workdir / name).exists(), name
@@ -114,7 +117,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def test_a_workdir_holding_another_config_is_refused(uninterrupted, tmp_path):
   config, workdir, _ = uninterrupted
-  changed = mock_config(tmp_path, seed=config.seed + 1)
+  changed = mock_config(tmp_path, seed=config.seed + 1, hypergrad_diagnostics_every_steps=3)
   with pytest.raises(checkpoint.ConfigChangedError, match='seed'):
     run(changed, workdir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']

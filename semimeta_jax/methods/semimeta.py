@@ -116,3 +116,29 @@ def train_step(state, batch, *, config, num_classes):
       'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
+
+
+def hypergradient_fidelity(state, batch, *, config):
+  """How close this run's hypergradient estimator is to the exact one, on one batch.
+
+  Computes g with `config.hypergrad.mode` and with `exact` (same state, batch,
+  forward and keys as the training step would use) and compares them.
+
+  Returns:
+    {'cosine': cos(g_mode, g_exact), 'relative_error': ||g_mode - g_exact|| / ||g_exact||}.
+  """
+  lr = schedules.learning_rate_schedule(config)(state.step)
+  exact_config = config.copy_and_resolve_references()
+  exact_config.hypergrad.mode = 'exact'
+  grads = []
+  for cfg in (config, exact_config):
+    _, grad, _ = meta_pseudo_labels(state, batch['labeled'], batch['unlabeled'], lr=lr,
+                                    key=state.step_key(common.DROPOUT_META), config=cfg)
+    grads.append(grad.ravel())
+  estimate, exact = grads
+  tiny = jnp.finfo(exact.dtype).tiny
+  norms = jnp.linalg.norm(estimate) * jnp.linalg.norm(exact)
+  return {
+      'cosine': jnp.vdot(estimate, exact) / jnp.maximum(norms, tiny),
+      'relative_error': jnp.linalg.norm(estimate - exact) / jnp.maximum(jnp.linalg.norm(exact), tiny),
+  }
