@@ -1,0 +1,127 @@
+"""The digits results table: every method (and hypergradient mode) over several seeds.
+
+Each run is `python -m semimeta_jax.main --config=configs/digits.py` in its own
+process, with the variant's overrides, into `<out>/<variant>/seed_<k>`; a run whose
+summary.json says it completed is not run again, so the script resumes where it
+stopped. It prints a markdown table of test error (mean and standard deviation
+over seeds) and writes it, with a CSV of every run, into `--out`.
+
+  python experiments/digits_results.py --out=results/digits \
+      --variants=labeled_only,semimeta,fully_supervised --seeds=0,1,2,3,4
+"""
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Variant -> command-line overrides of configs/digits.py.
+VARIANTS = {
+    'labeled_only': ['--config.method=supervised'],
+    'fully_supervised': ['--config.method=supervised', '--config.data.num_labels=-1'],
+    'pi_model': ['--config.method=pi_model', '--config.consistency_rampup=sigmoid',
+                 '--config.consistency_weight=10.0'],
+    'mean_teacher': ['--config.method=mean_teacher', '--config.consistency_rampup=sigmoid',
+                     '--config.consistency_weight=10.0', '--config.ema_decay=0.99',
+                     '--config.eval_with_ema=True'],
+    'semimeta': [],  # The config's own hypergradient mode (the official finite difference).
+    'semimeta_exact': ['--config.hypergrad.mode=exact'],
+    'semimeta_first_order': ['--config.hypergrad.mode=first_order'],
+    'semimeta_jvp': ['--config.hypergrad.mode=jvp'],
+    'semimeta_finite_difference': ['--config.hypergrad.mode=finite_difference'],
+}
+LABELS = {
+    'labeled_only': 'Labeled only (50 labels)',
+    'fully_supervised': 'Fully supervised (1497 labels)',
+    'pi_model': 'Pi-model',
+    'mean_teacher': 'Mean Teacher (EMA weights)',
+    'semimeta': 'SemiMeta (finite difference, official)',
+    'semimeta_exact': 'SemiMeta, exact',
+    'semimeta_first_order': 'SemiMeta, first order',
+    'semimeta_jvp': 'SemiMeta, jvp',
+    'semimeta_finite_difference': 'SemiMeta, finite difference',
+}
+
+
+def run_one(variant, seed, out, data_dir, extra):
+  """Runs (or reuses) one training run and returns its summary."""
+  workdir = out / variant / f'seed_{seed}'
+  summary_path = workdir / 'summary.json'
+  if summary_path.exists():
+    summary = json.loads(summary_path.read_text())
+    if summary.get('completed'):
+      return summary
+  command = [sys.executable, '-m', 'semimeta_jax.main', '--config=configs/digits.py',
+             f'--workdir={workdir}', f'--config.seed={seed}', *VARIANTS[variant], *extra]
+  if data_dir:
+    command.append(f'--config.data.data_dir={data_dir}')
+  started = time.time()
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / 'log.txt', 'w') as log:
+    result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  if result.returncode:
+    raise RuntimeError(f'{variant} seed {seed} failed; see {workdir / "log.txt"}')
+  summary = json.loads(summary_path.read_text())
+  print(f'{variant} seed {seed}: {summary["final_error_top1"]:.2f}% in {time.time() - started:.0f} s',
+        flush=True)
+  return summary
+
+
+def table(rows):
+  """Markdown: one line per variant, mean +- std over seeds of final and best error."""
+  lines = ['| method | seeds | test error % (final) | test error % (best) |', '|---|---|---|---|']
+  for variant in dict.fromkeys(row['variant'] for row in rows):
+    final = np.array([r['final_error_top1'] for r in rows if r['variant'] == variant])
+    best = np.array([r['best_error_top1'] for r in rows if r['variant'] == variant])
+    lines.append(f'| {LABELS[variant]} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
+                 f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} |')
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out', default='results/digits', help='Directory for runs and tables.')
+  parser.add_argument('--variants', default='labeled_only,semimeta,fully_supervised',
+                      help=f'Comma-separated, from: {",".join(VARIANTS)}.')
+  parser.add_argument('--seeds', default='0,1,2,3,4')
+  parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default).')
+  parser.add_argument('--override', action='append', default=[],
+                      help='Extra --config.x=y flag for every run (repeatable).')
+  args = parser.parse_args()
+  variants = args.variants.split(',')
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    parser.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
+  out = pathlib.Path(args.out).resolve()
+  seeds = [int(s) for s in args.seeds.split(',')]
+
+  rows = []
+  for variant in variants:
+    for seed in seeds:
+      summary = run_one(variant, seed, out, args.data_dir, args.override)
+      rows.append({'variant': variant, 'seed': seed, 'final_error_top1': summary['final_error_top1'],
+                   'best_error_top1': summary['best_error_top1'],
+                   'wall_seconds': summary['wall_seconds_this_run']})
+  markdown = table(rows)
+  print(markdown)
+  os.makedirs(out, exist_ok=True)
+  tag = '_'.join(variants) if len(variants) <= 3 else f'{len(variants)}_variants'
+  (out / f'table_{tag}.md').write_text(
+      f'Command: python experiments/digits_results.py --variants={args.variants} --seeds={args.seeds}'
+      + ''.join(f' --override={o}' for o in args.override) + f'\n\n{markdown}\n')
+  with open(out / f'runs_{tag}.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+if __name__ == '__main__':
+  main()
