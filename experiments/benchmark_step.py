@@ -1,0 +1,372 @@
+r"""Benchmarks the compiled training step: supervised, and SemiMeta in each hypergradient mode.
+
+For every mode it compiles `jax.jit(train_step, donate_argnums=0)` ahead of time (timing
+`.lower()` + `.compile()`), runs a few warm-up steps, then times N steps one by one and
+reports the median, with XLA's FLOP count of the compiled step, the achieved FLOP/s and
+two memory figures:
+  compiled MiB     from `compiled.memory_analysis()`: temp + argument + output - alias
+                   bytes (the donated state is aliased by the new state, so it counts once);
+                   available on every backend.
+  device peak MiB  `device.memory_stats()['peak_bytes_in_use']` after the timed steps
+                   (GPU/TPU only; '-' on CPU). It is a process high-water mark that cannot
+                   be reset, so every mode runs in its own subprocess.
+Each subprocess also gets its own XLA_FLAGS (XLA reads them once, at start-up), so
+`--xla_flags_variants` compares flag sets in one table.
+
+Inputs are synthetic (normal images, uniform labels): the input pipeline is not timed,
+and no TensorFlow is needed. Sizes:
+  default   ConvLarge (width 128), 128 labeled + 128 unlabeled 32x32x3 images, 10 classes.
+  --small   ConvLarge at width 32, 32 + 32 images of 32x32x3: the CIFAR network's layer
+            structure at 1/16 of its FLOPs, a few minutes in all on two CPU cores.
+Any size field can be overridden, e.g. the ImageNet-size step:
+
+  python experiments/benchmark_step.py --model resnet18 --image_size 224 --batch_size 64
+  python experiments/benchmark_step.py --small \
+    --xla_flags_variants='default;no_ynn_conv'
+
+SemiMeta runs the default config (mix-up, K = 1, evaluation-mode meta forward, where
+theta~ = theta and `jvp` / `finite_difference` skip the virtual step); `--forward_mode
+train` times the meta step with dropout and batch statistics on instead.
+
+images/s counts the images a step reads: labeled + unlabeled for SemiMeta, labeled only
+for the supervised step (which ignores the unlabeled batch). The table is printed and
+written to `<out_dir>/benchmark_step_<tag>.md` and `.csv`.
+"""
+
+import argparse
+import csv
+import datetime
+import functools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+# Make `semimeta_jax` and `configs` importable when run as a script from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MODES = ('supervised', 'exact', 'first_order', 'jvp', 'finite_difference')
+SIZES = {
+    'default': dict(model='convlarge', model_width=0, batch_size=128, image_size=32, channels=3,
+                    num_classes=10, steps=20, warmup_steps=3),
+    'small': dict(model='convlarge', model_width=32, batch_size=32, image_size=32, channels=3,
+                  num_classes=10, steps=10, warmup_steps=2),
+}
+# Named XLA_FLAGS sets; `--xla_flags_variants` also takes raw flag strings.
+XLA_FLAG_PRESETS = {
+    'default': '',
+    # Stops offloading single convolutions to YNNPACK; XLA:CPU's default kernels run them.
+    'no_ynn_conv': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
+}
+COLUMNS = (  # (header, row key, format)
+    ('device', 'device_kind', '{}'), ('XLA_FLAGS', 'xla_flags', '`{}`'), ('model', 'model', '{}'),
+    ('batch (l+u)', 'batch', '{}'), ('input', 'input', '{}'), ('method / mode', 'name', '{}'),
+    ('compile s', 'compile_s', '{:.2f}'), ('median step ms', 'median_step_ms', '{:.1f}'),
+    ('steps/s', 'steps_per_s', '{:.2f}'), ('images/s', 'images_per_s', '{:.0f}'),
+    ('GFLOP/step', 'gflop_per_step', '{:.4g}'), ('achieved GFLOP/s', 'achieved_gflop_per_s', '{:.1f}'),
+    ('compiled MiB', 'compiled_mib', '{:.1f}'), ('device peak MiB', 'device_peak_mib', '{:.1f}'),
+)
+CSV_FIELDS = (
+    'device_kind', 'platform', 'xla_flags', 'model', 'model_width', 'batch', 'input', 'num_classes',
+    'half_precision', 'method', 'mode', 'name', 'images_per_step', 'steps', 'warmup_steps',
+    'lower_s', 'compile_s', 'median_step_ms', 'min_step_ms', 'max_step_ms', 'steps_per_s',
+    'images_per_s', 'flops', 'gflop_per_step', 'achieved_gflop_per_s', 'compiled_mib',
+    'device_peak_mib', 'error')
+
+
+def make_config(mode: str, *, model: str, model_width: int, batch_size: int,
+                half_precision: bool = False, forward_mode: str = 'eval'):
+  """The default config running `mode` ('supervised' or a hypergradient mode) at one size.
+
+  `forward_mode` is the meta step's forward: 'eval' (official) makes theta~ = theta, so
+  `jvp` and `finite_difference` skip the virtual step; 'train' makes every mode take it.
+  """
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')
+  config = default.get_config()
+  config.method = 'supervised' if mode == 'supervised' else 'semimeta'
+  if mode != 'supervised':
+    config.hypergrad.mode = mode
+  config.hypergrad.forward_mode = forward_mode
+  config.model = model
+  config.model_width = model_width
+  config.labeled_batch_size = batch_size
+  config.unlabeled_batch_size = batch_size
+  config.half_precision = half_precision
+  # Full step sizes from step 0, as after warm-up: at lr = 0 the meta step would
+  # scale its hypergradient to nothing, which is not the step being benchmarked.
+  config.warmup_steps = 0
+  config.consistency_rampup_steps = 0
+  return config
+
+
+def synthetic_batch(key, batch_size: int, image_shape, num_classes: int):
+  """Labeled + unlabeled batches of normal images and uniform labels, training-loop layout."""
+  keys = jax.random.split(key, 4)
+  part = lambda k_image, k_label: {
+      'image': jax.random.normal(k_image, (batch_size, *image_shape)),
+      'label': jax.random.randint(k_label, (batch_size,), 0, num_classes)}
+  return {'labeled': part(keys[0], keys[1]), 'unlabeled': part(keys[2], keys[3])}
+
+
+def compiled_flops(compiled) -> float:
+  """XLA's FLOP count of a compiled computation (NaN if the backend gives none).
+
+  jax 0.10 returns one dict; older versions returned a list with one dict per
+  computation, so both are accepted.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops is not None and flops > 0 else float('nan')
+
+
+def compiled_bytes(compiled) -> float:
+  """Bytes the compiled step needs at once: temporaries, arguments and outputs, aliases once."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return float('nan')
+  return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes
+               + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _initial_state(config, model, image_shape, key):
+  """The step-0 TrainState, built by one compiled initialiser (eager init compiles op by op)."""
+  init = functools.partial(state_lib.init_train_state, config, model, image_shape,
+                           use_ema=methods.uses_ema(config))
+  # XLA:CPU spends many seconds optimising the unrolled threefry of every parameter's
+  # initialiser; this runs once and is not timed, so it is compiled without optimisation.
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+  return jax.jit(init).lower(key).compile(options)(key)
+
+
+def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_steps: int,
+                 seed: int = 0) -> dict:
+  """Compiles and times one training step on the default device.
+
+  Args:
+    config: a run configuration (see `make_config`).
+    num_classes: number of classes of the synthetic labels and the model head.
+    image_shape: (H, W, C) of one image.
+    steps: number of timed steps (the median is reported).
+    warmup_steps: untimed steps run after compiling.
+    seed: seed of the parameters and the synthetic batch.
+
+  Returns:
+    One table row: a dict with the keys of CSV_FIELDS (except 'error').
+  """
+  init_key, batch_key = jax.random.split(jax.random.key(seed))
+  model = models.get_model(config, num_classes)
+  state = _initial_state(config, model, tuple(image_shape), init_key)
+  batch_size = config.labeled_batch_size
+  batch = synthetic_batch(batch_key, batch_size, tuple(image_shape), num_classes)
+  step = jax.jit(methods.make_train_step(config, num_classes), donate_argnums=0)
+
+  start = time.perf_counter()
+  lowered = step.lower(state, batch)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+
+  # Every step is awaited, so each time is one step's latency, dispatch included.
+  times = []
+  for i in range(warmup_steps + steps):
+    tick = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup_steps:
+      times.append(time.perf_counter() - tick)
+
+  device = jax.devices()[0]
+  memory = device.memory_stats() or {}
+  peak = memory.get('peak_bytes_in_use')
+  median = float(np.median(times))
+  flops = compiled_flops(compiled)
+  uses_unlabeled = config.method in methods.USES_UNLABELED
+  images = batch_size * (2 if uses_unlabeled else 1)
+  height, width, channels = image_shape
+  return {
+      'device_kind': device.device_kind,
+      'platform': device.platform,
+      'xla_flags': os.environ.get('XLA_FLAGS', '').strip(),
+      'model': config.model + (f' (width {config.model_width})' if config.model_width else ''),
+      'model_width': config.model_width,
+      'batch': f'{batch_size}+{batch_size if uses_unlabeled else 0}',
+      'input': f'{height}x{width}x{channels}',
+      'num_classes': num_classes,
+      'half_precision': bool(config.half_precision),
+      'method': config.method,
+      'mode': config.hypergrad.mode if uses_unlabeled else '',
+      'name': f'semimeta / {config.hypergrad.mode}' if uses_unlabeled else config.method,
+      'images_per_step': images,
+      'steps': steps,
+      'warmup_steps': warmup_steps,
+      'lower_s': lowered_at - start,
+      'compile_s': compiled_at - start,
+      'median_step_ms': 1e3 * median,
+      'min_step_ms': 1e3 * min(times),
+      'max_step_ms': 1e3 * max(times),
+      'steps_per_s': 1.0 / median,
+      'images_per_s': images / median,
+      'flops': flops,
+      'gflop_per_step': flops / 1e9,
+      'achieved_gflop_per_s': flops / 1e9 / median,
+      'compiled_mib': compiled_bytes(compiled) / 2**20,
+      'device_peak_mib': float('nan') if peak is None else peak / 2**20,
+  }
+
+
+def _cell(row, key, fmt):
+  value = row.get(key)
+  if key == 'xla_flags':
+    return fmt.format(value) if value else '(none)'
+  if value is None or value == '' or isinstance(value, float) and not np.isfinite(value):
+    return '-'
+  return fmt.format(value)
+
+
+def render_markdown(rows) -> str:
+  """The rows as a markdown table (failed rows keep their identity and show the error)."""
+  lines = ['| ' + ' | '.join(header for header, _, _ in COLUMNS) + ' |',
+           '|' + '---|' * len(COLUMNS)]
+  for row in rows:
+    cells = [_cell(row, key, fmt) for _, key, fmt in COLUMNS]
+    if row.get('error'):
+      cells[-1] = f'failed: {row["error"]}'
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_results(rows, out_dir: str, tag: str, notes=()) -> tuple[str, str]:
+  """Writes `benchmark_step_<tag>.md` (notes, then the table) and `.csv`; returns both paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  md_path = os.path.join(out_dir, f'benchmark_step_{tag}.md')
+  csv_path = os.path.join(out_dir, f'benchmark_step_{tag}.csv')
+  with open(md_path, 'w') as f:
+    f.write(''.join(f'{line}\n' for line in notes) + ('\n' if notes else '') + render_markdown(rows))
+  with open(csv_path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval='', extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+  return md_path, csv_path
+
+
+def resolve_flag_variants(spec: str) -> list[str]:
+  """';'-separated XLA_FLAGS sets, each a preset name (XLA_FLAG_PRESETS) or a raw flag string."""
+  return [XLA_FLAG_PRESETS.get(item.strip(), item.strip()) for item in spec.split(';')]
+
+
+def _size_args(args) -> list[str]:
+  """The resolved size flags, passed on verbatim to each subprocess."""
+  names = ('model', 'model_width', 'batch_size', 'image_size', 'channels', 'num_classes', 'steps',
+           'warmup_steps', 'seed', 'forward_mode')
+  flags = [f'--{name}={getattr(args, name)}' for name in names]
+  return flags + (['--half_precision'] if args.half_precision else [])
+
+
+def _run_in_subprocess(args, mode: str, flags: str, rows_dir: str) -> dict:
+  """Measures one mode in a fresh process under XLA_FLAGS = inherited flags + `flags`."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()
+  rows_out = os.path.join(rows_dir, f'{len(os.listdir(rows_dir))}.json')
+  command = [sys.executable, os.path.abspath(__file__), '--single_variant', f'--modes={mode}',
+             f'--rows_out={rows_out}', *_size_args(args)]
+  result = subprocess.run(command, env=env, check=False)
+  if result.returncode != 0:
+    return {'xla_flags': env['XLA_FLAGS'], 'model': args.model, 'name': mode,
+            'error': f'exit status {result.returncode}'}
+  with open(rows_out) as f:
+    return json.load(f)[0]
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--small', action='store_true', help='CPU-sized defaults (SIZES["small"]).')
+  parser.add_argument('--modes', default=','.join(MODES), help=f'Comma-separated subset of {MODES}.')
+  for name, kind in (('model', str), ('model_width', int), ('batch_size', int), ('image_size', int),
+                     ('channels', int), ('num_classes', int), ('steps', int), ('warmup_steps', int)):
+    parser.add_argument(f'--{name}', type=kind, default=None, help='Overrides the size preset.')
+  parser.add_argument('--half_precision', action='store_true', help='bfloat16 activations.')
+  parser.add_argument('--forward_mode', default='eval', choices=('eval', 'train'),
+                      help="The meta step's forward (config.hypergrad.forward_mode).")
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--xla_flags_variants', default='default',
+                      help=f"';'-separated XLA_FLAGS sets; presets: {sorted(XLA_FLAG_PRESETS)}.")
+  parser.add_argument('--out_dir', default='results')
+  parser.add_argument('--tag', default=None, help='File name tag; default from model and size.')
+  parser.add_argument('--single_variant', action='store_true',
+                      help='Measure in this process under the current XLA_FLAGS (used internally).')
+  parser.add_argument('--rows_out', default=None, help='With --single_variant: JSON file for the rows.')
+  args = parser.parse_args(argv)
+  preset = SIZES['small' if args.small else 'default']
+  for name, value in preset.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  args.modes = [mode.strip() for mode in args.modes.split(',') if mode.strip()]
+  unknown = sorted(set(args.modes) - set(MODES))
+  if unknown:
+    parser.error(f'unknown modes {unknown}; expected a subset of {MODES}')
+  return args
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  image_shape = (args.image_size, args.image_size, args.channels)
+  if args.single_variant:
+    rows = []
+    for mode in args.modes:
+      config = make_config(mode, model=args.model, model_width=args.model_width,
+                           batch_size=args.batch_size, half_precision=args.half_precision,
+                           forward_mode=args.forward_mode)
+      row = measure_step(config, num_classes=args.num_classes, image_shape=image_shape,
+                         steps=args.steps, warmup_steps=args.warmup_steps, seed=args.seed)
+      print(f'[{row["xla_flags"] or "(no XLA_FLAGS)"}] {row["name"]}: compile {row["compile_s"]:.1f} s, '
+            f'median step {row["median_step_ms"]:.1f} ms', file=sys.stderr, flush=True)
+      rows.append(row)
+    if args.rows_out:
+      with open(args.rows_out, 'w') as f:
+        json.dump(rows, f)
+    return rows
+
+  with tempfile.TemporaryDirectory() as rows_dir:
+    rows = [_run_in_subprocess(args, mode, flags, rows_dir)
+            for flags in resolve_flag_variants(args.xla_flags_variants) for mode in args.modes]
+  platform = next((row['platform'] for row in rows if 'platform' in row), 'unknown')
+  width = f'_w{args.model_width}' if args.model_width else ''
+  half = '_bf16' if args.half_precision else ''
+  meta = '_train_meta' if args.forward_mode == 'train' else ''
+  tag = args.tag or f'{args.model}{width}_{args.image_size}px_b{args.batch_size}{half}{meta}_{platform}'
+  command = [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+  notes = [
+      f'Command: `python {" ".join(shlex.quote(a) for a in command)}`',
+      f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; '
+      f'host CPUs: {os.cpu_count()}; {args.num_classes} classes; synthetic inputs.',
+      f'SemiMeta: default config (mix-up, K = 1), {args.forward_mode}-mode meta forward'
+      + (' (theta~ = theta: jvp and finite_difference skip the virtual step).'
+         if args.forward_mode == 'eval' else '.'),
+      f'Median of {args.steps} timed steps after {args.warmup_steps} warm-up steps, each step awaited; '
+      'compile s = lower + XLA compile. GFLOP/step from XLA cost analysis of the compiled step.',
+      'compiled MiB = temp + argument + output - aliased bytes (memory_analysis); device peak MiB = '
+      "memory_stats()['peak_bytes_in_use'] of the subprocess that ran the row (GPU/TPU only).",
+      'images/s counts the images a step reads (the supervised step ignores the unlabeled batch).',
+  ]
+  md_path, csv_path = write_results(rows, args.out_dir, tag, notes)
+  print('\n'.join(notes) + '\n\n' + render_markdown(rows))
+  print(f'Wrote {md_path} and {csv_path}.')
+  return rows
+
+
+if __name__ == '__main__':
+  main()
