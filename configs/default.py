@@ -27,6 +27,9 @@ def get_config():
   config.data.unlabeled_includes_labeled = False  # Whether the unlabeled pool keeps the labeled examples.
   config.data.augment = True  # Per-dataset training augmentation (see data/augment.py).
   config.data.prefetch_batches = 2
+  config.data.pad_mode = 'constant'  # Pad-and-crop padding: constant (zeros, official) | reflect.
+  config.data.image_size = 224  # ImageNet crop size (other datasets keep their own size).
+  config.data.shuffle_buffer = 16384  # ImageNet record shuffle buffer (in-memory sets need none).
 
   # Global batch sizes (over all devices of all processes).
   config.labeled_batch_size = 128
@@ -37,6 +40,7 @@ def get_config():
   config.model_width = 0  # Base channel count; 0 = the model's own default.
   config.dropout_rate = 0.5  # Channel dropout of ConvLarge (PyTorch Dropout2d).
   config.half_precision = False  # bfloat16 activations (TPU/GPU); parameters stay float32.
+  config.zero_init_residual = False  # ResNets: zero the last BN scale of each residual block.
 
   # SGD with momentum and coupled L2 weight decay, as the official optimizer.
   config.learning_rate = 0.1
@@ -64,6 +68,11 @@ def get_config():
   config.consistency_weight = 1.0  # w in w(t) = w * min(1, t / rampup).
   config.consistency_rampup_steps = 4000
   config.consistency_rampup = 'linear'  # linear (SemiMeta) | sigmoid (Pi-model / Mean Teacher papers)
+
+  # On-device input perturbations of the Pi-model and Mean Teacher (two views per example).
+  config.input_noise_std = 0.15
+  config.max_translation = 2  # Pixels.
+  config.perturb_flip = False  # Independent horizontal flips per view (the pipeline flips both alike).
 
   # Exponential moving average of the weights: Mean Teacher's teacher, optional eval weights.
   config.ema_decay = 0.0  # 0 = no EMA (mean_teacher requires > 0).

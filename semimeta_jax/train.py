@@ -97,9 +97,6 @@ class _Run:
     headline = 'eval_ema' if self.config.eval_with_ema else 'eval'
     self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items() if k.startswith(headline + '/')}
     self.errors.append(self.last_eval['error_top1'])
-    if 'eval_ema/error_top1' in scalars:
-      # 'eval/error_top1' is always the headline weights, whichever they are.
-      scalars['eval/error_top1'] = self.last_eval['error_top1']
     self.writer.write_scalars(step, scalars)
     logging.info('step %d: test error %.2f%% (top-5 %.2f%%) on %d examples', step,
                  self.last_eval['error_top1'], self.last_eval['error_top5'],
@@ -180,6 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning('Saved step %d after a preemption request; rerun the same command to resume.',
                         step)
         break
+    if not run.last_eval and not preempted:
+      # Nothing left to train (a finished run started again): evaluate what was restored.
+      run.evaluate(step, state, compiled_eval_steps)
   finally:
     guard.close()
     checkpointer.wait_until_finished()
