@@ -33,22 +33,24 @@ VARIANTS = {
     'mean_teacher': ['--config.method=mean_teacher', '--config.consistency_rampup=sigmoid',
                      '--config.consistency_weight=10.0', '--config.ema_decay=0.99',
                      '--config.eval_with_ema=True', '--config.max_translation=1'],
-    'semimeta': [],  # The config's own hypergradient mode (the official finite difference).
+    # The config's own hypergradient mode, the official finite difference.
+    'semimeta': [],
     'semimeta_exact': ['--config.hypergrad.mode=exact'],
     'semimeta_first_order': ['--config.hypergrad.mode=first_order'],
     'semimeta_jvp': ['--config.hypergrad.mode=jvp'],
-    'semimeta_finite_difference': ['--config.hypergrad.mode=finite_difference'],
 }
+# The run of each hypergradient mode (finite_difference is the default 'semimeta').
+MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
+                 'jvp': 'semimeta_jvp', 'finite_difference': 'semimeta'}
 LABELS = {
     'labeled_only': 'Labeled only (50 labels)',
     'fully_supervised': 'Fully supervised (1497 labels)',
     'pi_model': 'Pi-model',
     'mean_teacher': 'Mean Teacher (EMA weights)',
-    'semimeta': 'SemiMeta (finite difference, official)',
+    'semimeta': 'SemiMeta, finite_difference (official)',
     'semimeta_exact': 'SemiMeta, exact',
-    'semimeta_first_order': 'SemiMeta, first order',
+    'semimeta_first_order': 'SemiMeta, first_order',
     'semimeta_jvp': 'SemiMeta, jvp',
-    'semimeta_finite_difference': 'SemiMeta, finite difference',
 }
 
 

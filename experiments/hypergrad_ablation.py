@@ -1,0 +1,395 @@
+r"""Exact vs approximate hypergradients: fidelity during a real run, step cost, final error.
+
+1. Fidelity. One run of `--config` (digits by default) is trained with a checkpoint at
+   every step in `--steps` (or an existing run is read from `--run_dir`). At each of
+   those steps the state is restored, the batches that step and the next ones of the
+   run would train on are rebuilt (`data.build_input(start_step=step)`), and g is
+   computed on each batch by all four estimators with the same state, batch and
+   dropout key. For each approximation (first_order, jvp, finite_difference) the
+   table gives its cosine similarity and relative error against `exact`, averaged over
+   `--num_batches` batches, in both meta forward modes ('eval', the official one, and
+   'train': dropout and batch statistics on) and for K in `--inner_steps`. The
+   reference `exact` unrolls K virtual steps; the approximations are K = 1 formulas,
+   so the K > 1 rows show how far they drift from a K-step meta objective.
+   At step 0 the warm-up learning rate (hence alpha and every g) is 0; that point
+   uses the learning rate of step 1.
+2. Step cost: compile time, median step time and XLA's memory_analysis bytes of the
+   full compiled training step of each mode (`benchmark_step.measure_step`).
+3. Final test error: each mode trained to the end for `--train_seeds` by
+   `digits_results.py` (configs/digits.py; `--skip_training` leaves this out).
+
+Writes ablation.md (all tables), fidelity.csv, step_cost.csv and fidelity.png into
+`--out`, and prints the tables:
+
+  python experiments/hypergrad_ablation.py --out=results/ablation --skip_training \
+      --config.data.data_dir=/tmp/tfds
+"""
+
+import csv
+import datetime
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+# Make `semimeta_jax`, `configs` and `experiments` importable when run as a script.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+matplotlib.use('Agg')  # Files only; no display is needed or assumed.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import benchmark_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import digits_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import hypergrad  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import schedules  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax.methods import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax.methods import semimeta  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+APPROXIMATIONS = ('first_order', 'jvp', 'finite_difference')
+FORWARD_MODES = ('eval', 'train')
+FIDELITY_FIELDS = ('step', 'lr', 'forward_mode', 'inner_steps', 'mode', 'cosine', 'cosine_min',
+                   'relative_error', 'relative_error_max', 'exact_norm', 'num_batches')
+COST_FIELDS = ('forward_mode', 'mode', 'inner_steps', 'compile_s', 'median_step_ms', 'compiled_mib',
+               'gflop_per_step')
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = REPO / 'configs' / 'digits.py'
+
+
+def variant_config(config, *, mode=None, forward_mode=None, inner_steps=None):
+  """A copy of `config` with the meta step's mode, forward mode and K replaced where given."""
+  config = config.copy_and_resolve_references()
+  for field, value in (('mode', mode), ('forward_mode', forward_mode), ('inner_steps', inner_steps)):
+    if value is not None:
+      config.hypergrad[field] = value
+  return config
+
+
+def _compare(estimate, exact):
+  """Cosine similarity and relative error of two flattened hypergradients."""
+  estimate, exact = estimate.ravel(), exact.ravel()
+  tiny = jnp.finfo(exact.dtype).tiny
+  exact_norm = jnp.linalg.norm(exact)
+  return {
+      'cosine': jnp.vdot(estimate, exact) / jnp.maximum(jnp.linalg.norm(estimate) * exact_norm, tiny),
+      'relative_error': jnp.linalg.norm(estimate - exact) / jnp.maximum(exact_norm, tiny),
+  }
+
+
+def fidelity(state, batch, lr, *, config):
+  """Every estimator of g against `exact` on one batch, as the training step would compute g.
+
+  Args:
+    state: the TrainState at theta_t.
+    batch: {'labeled', 'unlabeled'} global batch.
+    lr: the step's learning rate (alpha = lr unless config.hypergrad.inner_lr is set).
+    config: the run config; its `hypergrad.forward_mode` is the meta forward and its
+      `hypergrad.inner_steps` the K of the `exact` reference (the other modes are K = 1).
+
+  Returns:
+    {mode: {'cosine', 'relative_error'}} for every mode in `hypergrad.MODES` (`exact`
+    against itself included), plus {'exact_norm': ||g_exact||}.
+  """
+  key = state.step_key(common.DROPOUT_META)  # The training step's meta dropout draw.
+  grads = {}
+  for mode in hypergrad.MODES:
+    _, grads[mode], _ = semimeta.meta_pseudo_labels(
+        state, batch['labeled'], batch['unlabeled'], lr=lr, key=key,
+        config=variant_config(config, mode=mode))
+  result = {mode: _compare(g, grads['exact']) for mode, g in grads.items()}
+  result['exact_norm'] = jnp.linalg.norm(grads['exact'])
+  return result
+
+
+def meta_learning_rate(config, step: int) -> float:
+  """The learning rate of `step`, or of step 1 where it is 0 (warm-up start: g would be 0)."""
+  schedule = schedules.learning_rate_schedule(config)
+  lr = float(schedule(step))
+  return lr if lr > 0 else float(schedule(1))
+
+
+def train_fidelity_run(config, run_dir: str, steps):
+  """Trains `config` into `run_dir`, keeping a checkpoint at every step of `steps`.
+
+  A finished run is left as it is; an unfinished one resumes. Step 0 needs no
+  training (it is the seed's initial state), so `steps` = [0] trains nothing.
+
+  Returns:
+    Whether it trained.
+  """
+  positive = [s for s in steps if s > 0]
+  if max(positive, default=0) > config.num_train_steps:
+    raise ValueError(f'--steps {steps} go past config.num_train_steps={config.num_train_steps}.')
+  summary = pathlib.Path(run_dir) / 'summary.json'
+  if not positive or summary.exists() and json.loads(summary.read_text()).get('completed'):
+    return False
+  config = config.copy_and_resolve_references()
+  config.checkpoint_every_steps = math.gcd(*positive)
+  config.keep_checkpoints = config.num_train_steps // config.checkpoint_every_steps + 1
+  train.train_and_evaluate(config, run_dir)
+  return True
+
+
+def fidelity_rows(per_batch, *, step: int, lr: float, forward_mode: str, inner_steps: int):
+  """Rows (FIDELITY_FIELDS), one per mode, of `fidelity` results over batches: mean and worst case."""
+  rows = []
+  for mode in hypergrad.MODES:
+    cosines = np.array([r[mode]['cosine'] for r in per_batch], np.float64)
+    errors = np.array([r[mode]['relative_error'] for r in per_batch], np.float64)
+    rows.append({
+        'step': step, 'lr': lr, 'forward_mode': forward_mode, 'inner_steps': inner_steps,
+        'mode': mode, 'cosine': cosines.mean(), 'cosine_min': cosines.min(),
+        'relative_error': errors.mean(), 'relative_error_max': errors.max(),
+        'exact_norm': float(np.mean([r['exact_norm'] for r in per_batch])),
+        'num_batches': len(per_batch)})
+  return rows
+
+
+def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps, num_batches: int):
+  """Fidelity rows (FIDELITY_FIELDS) at each step of `steps` that `run_dir` has a state for.
+
+  Step 0 is the run's initial state (re-created from its seed); other steps are
+  restored from `run_dir`'s checkpoints, and a missing one is skipped with a warning.
+  """
+  info = data.dataset_info(config.data)
+  mesh = parallel.make_mesh()
+  fresh = train.create_train_state(config, models.get_model(config, info.num_classes),
+                                   info.image_shape, mesh)
+  # Nothing is saved here, so the retention count never deletes anything.
+  checkpointer = checkpoint.Checkpointer(run_dir, keep=max(config.keep_checkpoints, 1),
+                                         async_save=False)
+  saved = set(checkpointer.all_steps())
+  compiled = {(fwd, k): jax.jit(functools.partial(
+      fidelity, config=variant_config(config, forward_mode=fwd, inner_steps=k)))
+              for fwd in forward_modes for k in inner_steps}
+  rows = []
+  for step in steps:
+    if step and step not in saved:
+      logging.warning('No checkpoint %d in %s (it has %s); skipping it.', step, run_dir, sorted(saved))
+      continue
+    state = checkpointer.restore(fresh, step) if step else fresh
+    inp = data.build_input(config, run_dir, start_step=step)
+    batches = [parallel.to_global(next(inp.train_batches), mesh) for _ in range(num_batches)]
+    lr = meta_learning_rate(config, step)
+    for (fwd, k), fn in compiled.items():
+      per_batch = jax.device_get([fn(state, batch, lr) for batch in batches])
+      rows += fidelity_rows(per_batch, step=step, lr=lr, forward_mode=fwd, inner_steps=k)
+    logging.info('Fidelity measured at step %d.', step)
+  checkpointer.close()
+  return rows
+
+
+def measure_step_cost(config, *, forward_modes, inner_steps, steps: int):
+  """Compiled training-step cost rows (COST_FIELDS): each approximation once, `exact` per K."""
+  info = data.dataset_info(config.data)
+  rows = []
+  for fwd in forward_modes:
+    variants = [(mode, 1) for mode in APPROXIMATIONS] + [('exact', k) for k in inner_steps]
+    for mode, k in variants:
+      row = benchmark_step.measure_step(
+          variant_config(config, mode=mode, forward_mode=fwd, inner_steps=k),
+          num_classes=info.num_classes, image_shape=info.image_shape, steps=steps,
+          warmup_steps=2, seed=config.seed)
+      rows.append({'forward_mode': fwd, 'mode': mode, 'inner_steps': k,
+                   **{name: row[name] for name in COST_FIELDS[3:]}})
+  return rows
+
+
+def fidelity_table(rows) -> str:
+  """Markdown: one line per (forward mode, K, approximation); a cell per step, 'cosine / rel. error'."""
+  steps = sorted({row['step'] for row in rows})
+  cells = {(r['forward_mode'], r['inner_steps'], r['mode'], r['step']): r for r in rows}
+  lines = ['| meta forward | K | mode | ' + ' | '.join(f'step {s}' for s in steps) + ' |',
+           '|---|---|---|' + '---|' * len(steps)]
+  for fwd, k in dict.fromkeys((r['forward_mode'], r['inner_steps']) for r in rows):
+    for mode in APPROXIMATIONS:
+      values = [cells.get((fwd, k, mode, s)) for s in steps]
+      text = ['-' if v is None else f'{v["cosine"]:.5f} / {v["relative_error"]:.2e}' for v in values]
+      lines.append(f'| {fwd} | {k} | {mode} | ' + ' | '.join(text) + ' |')
+  return '\n'.join(lines)
+
+
+def cost_table(rows) -> str:
+  """Markdown: compile time, step time and compiled memory of each mode's training step."""
+  lines = ['| meta forward | mode | K | compile s | median step ms | compiled MiB | GFLOP/step |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["forward_mode"]} | {r["mode"]} | {r["inner_steps"]} | {r["compile_s"]:.1f} | '
+                 f'{r["median_step_ms"]:.1f} | {r["compiled_mib"]:.1f} | {r["gflop_per_step"]:.3g} |')
+  return '\n'.join(lines)
+
+
+def render_report(header, rows, cost_rows, errors, *, num_batches: int, cost_steps: int) -> str:
+  """The markdown report: `header` lines, then the fidelity, step-cost and final-error sections."""
+  sections = list(header) + [
+      f'## Hypergradient fidelity: cosine / relative error against `exact`\n\nMean over {num_batches} '
+      'batches per step (the batches the run trains on from that step). `exact` unrolls K virtual '
+      'steps; the approximations are K = 1 formulas. Where theta~ stays near theta (evaluation-mode '
+      'meta forward, small learning rate), K steps move theta~ about K times as far, so g_exact is '
+      'close to K times the K = 1 value and the relative error near 1 - 1/K: at K > 1 it measures '
+      'scale, the cosine direction. The step-0 point uses the learning rate of step 1 (the warm-up '
+      'starts at 0).\n\n' + fidelity_table(rows)]
+  if cost_rows:
+    sections.append(f'## Training-step cost\n\nFull compiled training step (synthetic batch), median of '
+                    f'{cost_steps} steps; compiled MiB from XLA memory_analysis (temp + arguments + '
+                    'outputs - aliased). The approximations do not depend on K.\n\n'
+                    + cost_table(cost_rows))
+  if errors:
+    sections.append(f'## Final test error\n\n{errors}')
+  return '\n\n'.join(sections) + '\n'
+
+
+def plot_fidelity(rows, path: str):
+  """Cosine and relative error vs training step, a column per K, two rows per forward mode."""
+  forward_modes = list(dict.fromkeys(r['forward_mode'] for r in rows))
+  inner_steps = sorted({r['inner_steps'] for r in rows})
+  metrics = (('cosine', 'cosine to exact'), ('relative_error', 'relative error'))
+  fig, axes = plt.subplots(2 * len(forward_modes), len(inner_steps), squeeze=False, sharex=True,
+                           figsize=(4 * len(inner_steps), 2.6 * 2 * len(forward_modes)))
+  for i, fwd in enumerate(forward_modes):
+    for j, k in enumerate(inner_steps):
+      for m, (metric, label) in enumerate(metrics):
+        ax = axes[2 * i + m, j]
+        for mode in APPROXIMATIONS:
+          points = sorted((r['step'], r[metric]) for r in rows
+                          if (r['forward_mode'], r['inner_steps'], r['mode']) == (fwd, k, mode))
+          if points:
+            x, y = zip(*points)
+            # Exact agreement gives a relative error of 0, which a log axis cannot show.
+            y = np.maximum(y, 1e-9) if metric == 'relative_error' else y
+            ax.plot(x, y, marker='o', label=mode)
+        if metric == 'relative_error':
+          ax.set_yscale('log')
+        ax.set_title(f'{fwd} forward, K = {k}', fontsize=9)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+  for ax in axes[-1]:
+    ax.set_xlabel('training step')
+  axes[0, 0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_csv(rows, fields, path: str):
+  """Writes `rows` (dicts) as a CSV with the columns `fields`."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def train_final_errors(seeds, out: pathlib.Path, overrides) -> str:
+  """Trains every mode to the end for `seeds` (digits_results runs, resumable); its table."""
+  rows = []
+  for mode in hypergrad.MODES:
+    variant = digits_results.MODE_VARIANTS[mode]
+    for seed in seeds:
+      summary = digits_results.run_one(variant, seed, out, None, overrides)
+      rows.append({'variant': variant, 'seed': seed, 'final_error_top1': summary['final_error_top1'],
+                   'best_error_top1': summary['best_error_top1']})
+  write_csv(rows, list(rows[0]), str(out / 'final_errors.csv'))
+  return digits_results.table(rows)
+
+
+def _define_flags():
+  """The command line; defined on demand so that importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', str(DIGITS_CONFIG), 'Run configuration file.')
+  flags.DEFINE_string('out', 'results/ablation', 'Directory for the tables, CSVs, plot and runs.')
+  flags.DEFINE_string('run_dir', None, 'A finished run of --config to read checkpoints from; its '
+                      'unfinished saves are removed (default: train one into <out>/fidelity_run).')
+  flags.DEFINE_list('steps', ['0', '250', '500', '1000'], 'Training steps to measure at.')
+  flags.DEFINE_integer('num_batches', 4, 'Batches averaged per step.')
+  flags.DEFINE_list('inner_steps', ['1', '2', '3'], 'K of the exact reference.')
+  flags.DEFINE_list('forward_modes', list(FORWARD_MODES), 'Meta forward modes.')
+  flags.DEFINE_integer('cost_steps', 10, 'Timed steps per mode for the step cost (0: skip).')
+  flags.DEFINE_list('train_seeds', ['0', '1', '2', '3', '4'], 'Seeds of the final-error runs.')
+  flags.DEFINE_bool('skip_training', False, 'Leave out the final-error training runs.')
+
+
+def main(argv):
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  config_path = pathlib.Path(config_flags.get_config_filename(FLAGS['config'])).resolve()
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  if not FLAGS.skip_training and config_path != DIGITS_CONFIG:
+    raise app.UsageError('The final-error runs (digits_results.py) train configs/digits.py; '
+                         'pass --skip_training with another --config.')
+  unknown = sorted(set(FLAGS.forward_modes) - set(FORWARD_MODES))
+  if unknown:
+    raise app.UsageError(f'Unknown --forward_modes {unknown}; expected a subset of {FORWARD_MODES}.')
+  steps = sorted({int(s) for s in FLAGS.steps})
+  inner_steps = [int(k) for k in FLAGS.inner_steps]
+  out = pathlib.Path(FLAGS.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  timings = {}
+
+  started = time.time()
+  run_dir = FLAGS.run_dir
+  if run_dir is None:
+    run_dir = str(out / 'fidelity_run')
+    if train_fidelity_run(config, run_dir, steps):
+      timings['fidelity run training'] = time.time() - started
+  saved_config = pathlib.Path(run_dir) / 'config.json'
+  if saved_config.exists():
+    differences = checkpoint.config_differences(json.loads(saved_config.read_text()),
+                                              json.loads(config.to_json_best_effort()))
+    if differences:
+      logging.warning('--config differs from the config %s was trained with: %s', run_dir, differences)
+  started = time.time()
+  rows = measure_fidelity(config, run_dir, steps, forward_modes=FLAGS.forward_modes,
+                          inner_steps=inner_steps, num_batches=FLAGS.num_batches)
+  timings['fidelity measurement'] = time.time() - started
+  started = time.time()
+  cost_rows = []
+  if FLAGS.cost_steps > 0:
+    cost_rows = measure_step_cost(config, forward_modes=FLAGS.forward_modes, inner_steps=inner_steps,
+                                  steps=FLAGS.cost_steps)
+    timings['step cost'] = time.time() - started
+  errors = None
+  if not FLAGS.skip_training:
+    started = time.time()
+    extra = [f'--config.{name}={value}' for name, value in overrides.items()
+             if name != 'hypergrad.mode']  # Each variant sets its own mode.
+    errors = train_final_errors([int(s) for s in FLAGS.train_seeds], out / 'runs', extra)
+    timings['final-error runs'] = time.time() - started
+
+  header = [
+      f'Command: `python {" ".join(sys.argv)}`',
+      f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s); host CPUs: {os.cpu_count()}; '
+      f'config {config_path.name}, run {run_dir}.',
+      'Wall time: ' + '; '.join(f'{name} {seconds:.0f} s' for name, seconds in timings.items()) + '.']
+  markdown = render_report(header, rows, cost_rows, errors, num_batches=FLAGS.num_batches,
+                           cost_steps=FLAGS.cost_steps)
+  (out / 'ablation.md').write_text(markdown)
+  write_csv(rows, FIDELITY_FIELDS, str(out / 'fidelity.csv'))
+  if cost_rows:
+    write_csv(cost_rows, COST_FIELDS, str(out / 'step_cost.csv'))
+  plot_fidelity([r for r in rows if r['mode'] != 'exact'], str(out / 'fidelity.png'))
+  print(markdown)
+  print(f'Wrote ablation.md, fidelity.csv{", step_cost.csv" if cost_rows else ""} and fidelity.png '
+        f'into {out}.')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,55 @@
+"""Smoke test of the exact-vs-approximate hypergradient ablation on a tiny model."""
+
+import functools
+
+import jax
+import pytest
+
+from experiments import hypergrad_ablation
+from semimeta_jax import models
+from semimeta_jax import state as state_lib
+from tests.conftest import synthetic_batch, tiny_config
+
+
+@pytest.fixture(scope='module')
+def train_mode_fidelity():
+  """Fidelity rows at K = 1 and K = 2 with dropout and batch statistics on (theta~ != theta)."""
+  config = tiny_config(**{'hypergrad.forward_mode': 'train', 'learning_rate': 0.5})
+  state = state_lib.init_train_state(config, models.get_model(config, 10), (8, 8, 1),
+                                     jax.random.key(0))
+  batches = [synthetic_batch(jax.random.key(i)) for i in (1, 2)]
+  rows = []
+  for k in (1, 2):
+    fn = jax.jit(functools.partial(
+        hypergrad_ablation.fidelity,
+        config=hypergrad_ablation.variant_config(config, inner_steps=k)))
+    per_batch = jax.device_get([fn(state, batch, 0.5) for batch in batches])
+    rows += hypergrad_ablation.fidelity_rows(per_batch, step=0, lr=0.5, forward_mode='train',
+                                             inner_steps=k)
+  return {(row['inner_steps'], row['mode']): row for row in rows}
+
+
+def test_exact_is_its_own_reference_and_jvp_is_exact_at_one_inner_step(train_mode_fidelity):
+  for k in (1, 2):
+    exact = train_mode_fidelity[(k, 'exact')]
+    assert exact['cosine'] == pytest.approx(1.0, abs=1e-6)
+    assert exact['relative_error'] < 1e-6
+    assert exact['exact_norm'] > 0
+  jvp = train_mode_fidelity[(1, 'jvp')]
+  assert jvp['cosine_min'] > 0.999 and jvp['relative_error_max'] < 0.05
+  # The K = 1 formulas cannot follow a two-step virtual update, nor first order a one-step one.
+  assert train_mode_fidelity[(2, 'jvp')]['relative_error'] > 10 * jvp['relative_error']
+  assert train_mode_fidelity[(1, 'first_order')]['relative_error'] > 10 * jvp['relative_error']
+
+
+def test_table_and_plot_render(train_mode_fidelity, tmp_path):
+  rows = list(train_mode_fidelity.values())
+  lines = hypergrad_ablation.fidelity_table(rows).splitlines()
+  assert lines[0] == '| meta forward | K | mode | step 0 |'
+  # Header, separator, one line per approximation for each K; `exact` is the reference, not a line.
+  assert len(lines) == 2 + 2 * len(hypergrad_ablation.APPROXIMATIONS)
+  jvp = train_mode_fidelity[(1, 'jvp')]
+  assert f'| train | 1 | jvp | {jvp["cosine"]:.5f} / {jvp["relative_error"]:.2e} |' in lines
+  path = tmp_path / 'fidelity.png'
+  hypergrad_ablation.plot_fidelity([r for r in rows if r['mode'] != 'exact'], str(path))
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
