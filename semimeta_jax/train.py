@@ -41,8 +41,8 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {name: float(value) for name, value in jax.device_get(stacked).items()}
 
 
-def _earlier_evaluations(workdir: str, up_to_step: int) -> list[float]:
-  """Top-1 errors this workdir logged at or before `up_to_step` (for best-so-far on resume)."""
+def _earlier_evaluations(workdir: str, up_to_step: int, key: str) -> list[float]:
+  """The `key` errors this workdir logged at or before `up_to_step` (for best-so-far on resume)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -50,8 +50,8 @@ def _earlier_evaluations(workdir: str, up_to_step: int) -> list[float]:
   with open(path) as f:
     for line in f:
       row = json.loads(line)
-      if row.get('step', up_to_step + 1) <= up_to_step and row.get('eval/error_top1') is not None:
-        errors.append(row['eval/error_top1'])
+      if row.get('step', up_to_step + 1) <= up_to_step and row.get(key) is not None:
+        errors.append(row[key])
   return errors
 
 
@@ -63,7 +63,8 @@ class _Run:
     self.inp, self.writer, self.checkpointer = inp, writer, checkpointer
     self.pending: list[dict[str, jax.Array]] = []
     self.last_checked_step = start_step
-    self.errors = _earlier_evaluations(workdir, start_step)
+    self.headline = 'eval_ema' if config.eval_with_ema else 'eval'
+    self.errors = _earlier_evaluations(workdir, start_step, f'{self.headline}/error_top1')
     self.last_eval: dict[str, float] = {}
 
   def report_train_metrics(self, step: int, extra: dict[str, float]):
@@ -94,8 +95,8 @@ class _Run:
       result = evaluation.evaluate(eval_step, state, self.inp.eval_batches(), self.mesh)
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
       scalars[f'{prefix}/seconds'] = time.time() - started
-    headline = 'eval_ema' if self.config.eval_with_ema else 'eval'
-    self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items() if k.startswith(headline + '/')}
+    self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items()
+                      if k.startswith(self.headline + '/')}
     self.errors.append(self.last_eval['error_top1'])
     self.writer.write_scalars(step, scalars)
     logging.info('step %d: test error %.2f%% (top-5 %.2f%%) on %d examples', step,
