@@ -171,9 +171,8 @@ def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps,
   mesh = parallel.make_mesh()
   fresh = train.create_train_state(config, models.get_model(config, info.num_classes),
                                    info.image_shape, mesh)
-  # Nothing is saved here, so the retention count never deletes anything.
   checkpointer = checkpoint.Checkpointer(run_dir, keep=max(config.keep_checkpoints, 1),
-                                         async_save=False)
+                                         async_save=False, read_only=True)
   saved = set(checkpointer.all_steps())
   compiled = {(fwd, k): jax.jit(functools.partial(
       fidelity, config=variant_config(config, forward_mode=fwd, inner_steps=k)))
@@ -312,8 +311,8 @@ def _define_flags():
   """The command line; defined on demand so that importing this module defines no flags."""
   config_flags.DEFINE_config_file('config', str(DIGITS_CONFIG), 'Run configuration file.')
   flags.DEFINE_string('out', 'results/ablation', 'Directory for the tables, CSVs, plot and runs.')
-  flags.DEFINE_string('run_dir', None, 'A finished run of --config to read checkpoints from; its '
-                      'unfinished saves are removed (default: train one into <out>/fidelity_run).')
+  flags.DEFINE_string('run_dir', None, 'A run of --config to read checkpoints from (read only; '
+                      'default: train one into <out>/fidelity_run).')
   flags.DEFINE_list('steps', ['0', '250', '500', '1000'], 'Training steps to measure at.')
   flags.DEFINE_integer('num_batches', 4, 'Batches averaged per step.')
   flags.DEFINE_list('inner_steps', ['1', '2', '3'], 'K of the exact reference.')

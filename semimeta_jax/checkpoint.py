@@ -72,7 +72,7 @@ class Checkpointer:
   at the end); `save` writes whenever it is called.
   """
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True, read_only: bool = False):
     """Opens (or creates) the checkpoint directory.
 
     Args:
@@ -80,20 +80,24 @@ class Checkpointer:
       keep: how many of the most recent checkpoints to keep.
       async_save: write in a background thread; `save` then returns once the
         arrays are copied off the devices, so training can go on.
+      read_only: only restore (e.g. from a run that may still be training):
+        neither create the directory nor remove another writer's unfinished save.
     """
     workdir = os.fspath(workdir)
     if '://' not in workdir:
       # Orbax's array writer refuses relative local paths (e.g. --workdir=runs/x).
       workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / _CHECKPOINT_DIR
-    _remove_unfinished_saves(self.directory)
+    if not read_only:
+      _remove_unfinished_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         # Done above, synchronously: orbax's own clean-up runs in a thread that
         # would race with whatever the caller does next.
         cleanup_tmp_directories=False,
-        create=True)
+        read_only=read_only,
+        create=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: state_lib.TrainState, *, force: bool = False) -> bool:

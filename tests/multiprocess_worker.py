@@ -129,7 +129,8 @@ def _restore(args):
   replicated = parallel.replicated(parallel.make_mesh())
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                         jax.eval_shape(init, jax.random.key(config.seed)))
-  with checkpoint.Checkpointer(args.workdir, keep=config.keep_checkpoints) as checkpointer:
+  with checkpoint.Checkpointer(args.workdir, keep=config.keep_checkpoints,
+                             read_only=True) as checkpointer:
     step = checkpointer.latest_step()
     state = checkpointer.restore(target)
   _write(args.out, _host_copies(_saved_tree(state)), {'restored_step': step})

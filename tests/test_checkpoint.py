@@ -116,10 +116,18 @@ def test_restart_after_failed_run_restores_last_good_step(tmp_path):
       ckpt.save(step, state)
   # Step 3 went non-finite, so the loop never saved it; the process then died
   # in the middle of writing, leaving a temporary directory behind.
-  (tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp-1234').mkdir()
+  unfinished = tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp-1234'
+  unfinished.mkdir()
+  # A reader (another run may be writing) restores without touching it.
+  with checkpoint.Checkpointer(tmp_path, keep=5, read_only=True) as reader:
+    assert reader.latest_step() == 2
+    chex.assert_trees_all_equal(_leaves(reader.restore(_make_state())), _leaves(good[2]))
+  assert unfinished.exists()
+  # The writer that resumes removes it.
   with checkpoint.Checkpointer(tmp_path, keep=5) as ckpt:
     assert ckpt.latest_step() == 2
     restored = ckpt.restore(_make_state())
+  assert not unfinished.exists()
   chex.assert_trees_all_equal(_leaves(restored), _leaves(good[2]))
 
 

@@ -37,7 +37,7 @@ def saved_params(config, workdir, step=None):
   mesh = parallel.make_mesh()
   model = models.get_model(config, 10)
   target = train.create_train_state(config, model, (32, 32, 3), mesh)
-  with checkpoint.Checkpointer(str(workdir), keep=3) as checkpointer:
+  with checkpoint.Checkpointer(str(workdir), keep=3, read_only=True) as checkpointer:
     return checkpointer.restore(target, step).params
 
 
