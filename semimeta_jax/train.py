@@ -2,11 +2,11 @@
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,11 +43,11 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _earlier_evaluations(workdir: str, up_to_step: int, key: str) -> list[float]:
   """The `key` errors this workdir logged at or before `up_to_step` (for best-so-far on resume)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / metrics_lib.METRICS_FILE
+  if not path.exists():
     return []
   errors = []
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       row = json.loads(line)
       if row.get('step', up_to_step + 1) <= up_to_step and row.get(key) is not None:
@@ -123,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   parallel.check_batch_sizes({name: config[name] for name in
                               ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')}, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or remote (gs://...).
   checkpoint.check_workdir_config(workdir, config, allow_change=config.allow_config_change)
   logging.info('%d process(es), %d device(s) (%s); dataset %s: %d train / %d test, %d classes',
                jax.process_count(), jax.device_count(), jax.devices()[0].platform, info.name,
