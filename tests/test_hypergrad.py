@@ -11,7 +11,7 @@ import pytest
 
 from semimeta_jax import hypergrad
 
-PARITY_FILE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'parity' / 'semimeta_reference_mlp.npz'
+PARITY_FILE = pathlib.Path(__file__).resolve().parent / 'data' / 'semimeta_reference_mlp.npz'
 EXACT_MODES = ('exact', 'first_order', 'jvp')
 
 
