@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from semimeta_jax import errors
 from semimeta_jax import state as state_lib
 
 # Config fields that may change when a run is resumed without changing what it
@@ -261,7 +262,7 @@ class PreemptionGuard:
     self.close()
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(errors.UserError, ValueError):
   """The config differs from the one a run directory was started with."""
 
 

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from semimeta_jax import errors
 from semimeta_jax import hypergrad
 from semimeta_jax import methods
 from semimeta_jax import models
@@ -10,7 +11,7 @@ from semimeta_jax import schedules
 FORWARD_MODES = ('eval', 'train')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A configuration field has a value the run cannot use."""
 
 

@@ -13,6 +13,7 @@ import os
 from etils import epath
 import tensorflow_datasets as tfds
 
+from semimeta_jax import errors
 from semimeta_jax.data import digits
 
 # Short names accepted in `config.data.name`.
@@ -20,7 +21,7 @@ ALIASES = {'svhn': 'svhn_cropped', 'imagenet': 'imagenet2012'}
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """The dataset's prepared TFDS files are not in the configured data_dir."""
 
 

@@ -14,10 +14,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from semimeta_jax import errors
+
 SPLIT_FILENAME = 'labeled_indices.json'
 
 
-class SplitMismatchError(ValueError):
+class SplitMismatchError(errors.UserError, ValueError):
   """The run directory's saved split does not match the configuration."""
 
 

@@ -1,0 +1,10 @@
+"""The error a user can fix, as opposed to a bug.
+
+`main` prints a `UserError` as one line on stderr and exits with code 2 (no
+traceback: a traceback is for bugs). Every check that rejects the user's input
+(a config value, a path, a dataset, a run directory) raises a subclass.
+"""
+
+
+class UserError(Exception):
+  """A mistake in the command, config, data or run directory; the message says the fix."""
