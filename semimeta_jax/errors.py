@@ -8,3 +8,7 @@ traceback: a traceback is for bugs). Every check that rejects the user's input
 
 class UserError(Exception):
   """A mistake in the command, config, data or run directory; the message says the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """A configuration field has a value the run cannot use; the message names the field."""

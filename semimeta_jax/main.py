@@ -1,28 +1,45 @@
-"""Command line: `python -m semimeta_jax.main --config=configs/digits.py --workdir=DIR`.
+"""Trains and evaluates a semi-supervised model.
 
-Any config field can be overridden, e.g. `--config.hypergrad.mode=exact`. On several
+Usage:
+  python -m semimeta_jax.main --config=configs/digits.py --workdir=runs/digits [--config.FIELD=VALUE ...]
+
+Every field of the config file can be overridden on the command line, nested
+fields with dots: `--config.hypergrad.mode=exact --config.seed=3
+--config.data.data_dir=/data/tfds`. Add `--dry_run` to print the resolved config
+(every field and its value) and the run plan (steps, epochs over the labeled
+and unlabeled pools, devices, workdir) and exit without writing anything.
+
+Rerunning a command resumes its workdir from the last checkpoint. On several
 hosts, start the same command on every host: TPU pods and SLURM are detected by
-`jax.distributed.initialize()`; elsewhere pass --coordinator_address, --num_processes
-and --process_id.
+`jax.distributed.initialize()`; elsewhere pass --coordinator_address,
+--num_processes and --process_id.
+
+A mistake in the command, the config, the data or the workdir is reported in
+one line on stderr with exit code 2.
 """
 
-import logging as std_logging
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+# Before TensorFlow or JAX load: their C++ start-up INFO lines (oneDNN notices,
+# absl::InitializeLog warnings) say nothing a user can act on.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Config files live in configs/ beside the package; make them importable from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from semimeta_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training configuration file, e.g. configs/digits.py; override its fields with '
+    '--config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the summary.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Print the resolved config and the run plan, then exit without writing anything.')
 _MULTIHOST = flags.DEFINE_enum(
     'multihost', 'auto', ['auto', 'on', 'off'],
     "jax.distributed: 'on' always initialises it (auto-detected cluster), 'auto' when a "
@@ -31,38 +48,25 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (multi-host).')
 
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and TFDS (every save logs dozens of lines)."""
-
-  def filter(self, record):
-    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
-    return record.levelno >= std_logging.WARNING or not noisy
-
-
-def _launched_on_several_hosts() -> bool:
-  """A SLURM job with several tasks, or a TPU pod slice with several workers."""
-  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    return True
-  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
-
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # The ABSLHandler forwards records without applying its own filters.
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
-  explicit = _COORDINATOR.value is not None
-  if _MULTIHOST.value == 'on' or (_MULTIHOST.value == 'auto' and (explicit or _launched_on_several_hosts())):
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  logging.info('JAX process %d of %d, %d local / %d global devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    cli.fail(f'unexpected arguments {argv[1:]}; every option is a --flag (see --help).')
+  cli.quiet_libraries()
+  cli.import_tensorflow_quietly()
+  with cli.user_errors_exit():
+    workdir = cli.check_workdir(_WORKDIR.value)
+    cli.check_config(_CONFIG.value)
+    cli.initialize_distributed(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+    if _DRY_RUN.value:
+      print(cli.describe_run(_CONFIG.value, workdir))
+      return
+    # Imported here: it loads TensorFlow (seconds), which --help and argument errors do not need.
+    from semimeta_jax import train  # pylint: disable=g-import-not-at-top
+    summary = train.train_and_evaluate(_CONFIG.value, workdir)
+  cli.print_outcome(summary, workdir)
 
 
 if __name__ == '__main__':
-  jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -29,8 +29,8 @@ class MetricWriter:
   """Writes scalars to TensorBoard (and the log) and to `<workdir>/metrics.jsonl`.
 
   Each `write_scalars` call appends one JSON object, `{"step": s, name: value,
-  ...}`, to metrics.jsonl, so a resumed run appends to the same file; rows of
-  steps that a resumed run repeats appear twice, and readers keep the last.
+  ...}`, to metrics.jsonl, so a resumed run appends to the same file (call
+  `drop_rows_after` first, so that the steps it repeats are not logged twice).
   Non-finite values are written as null in the JSON file (TensorBoard gets them
   as they are).
   """
@@ -183,3 +183,54 @@ def write_summary(workdir: str, summary: Mapping[str, Any], *,
   workdir.mkdir(parents=True, exist_ok=True)
   text = json.dumps(dict(summary), default=_json_default, sort_keys=True, indent=2)
   (workdir / SUMMARY_FILE).write_text(text + '\n')
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl` ([] if absent).
+
+  A torn last line (a run killed in the middle of writing it) is dropped with a
+  warning naming the file; an unreadable line elsewhere is an error.
+  """
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number != len(lines):
+        raise ValueError(f'{path}, line {number}: not a JSON row ({e}).') from e
+      logging.warning('Dropping the torn last line of %s (a run stopped while writing it).', path)
+  return rows
+
+
+def drop_rows_after(workdir: str, step: int, *, enabled: bool | None = None):
+  """Keeps only the metrics.jsonl rows of steps <= `step` (the resumed checkpoint's).
+
+  A run resumed from checkpoint `step` recomputes and logs every later step
+  again, so their earlier rows (and a torn last line) are removed first.
+  """
+  enabled = jax.process_index() == 0 if enabled is None else enabled
+  path = epath.Path(workdir) / METRICS_FILE
+  if not enabled or not path.exists():
+    return
+  kept = [row for row in read_rows(workdir) if row.get('step', 0) <= step]
+  text = ''.join(json.dumps(row) + '\n' for row in kept)
+  if text != path.read_text():
+    tmp = path.parent / f'{METRICS_FILE}.tmp'
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+  """The run's previous `summary.json`, or None (absent or unreadable)."""
+  path = epath.Path(workdir) / SUMMARY_FILE
+  try:
+    return json.loads(path.read_text()) if path.exists() else None
+  except json.JSONDecodeError:
+    logging.warning('Ignoring the unreadable %s.', path)
+    return None

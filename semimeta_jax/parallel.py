@@ -17,6 +17,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from semimeta_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -55,9 +57,9 @@ def check_batch_sizes(batch_sizes: dict[str, int], mesh: Mesh, process_count: in
   local_devices = num_devices // process_count
   for name, size in batch_sizes.items():
     if size <= 0:
-      raise ValueError(f'config.{name}={size} must be positive.')
+      raise errors.ConfigError(f'config.{name}={size} must be positive.')
     if size % num_devices:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.{name}={size} does not divide over the {num_devices} devices of the mesh '
           f'({process_count} process(es) x {local_devices} local device(s)); use a multiple of '
           f'{num_devices}.')

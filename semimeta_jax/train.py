@@ -1,7 +1,6 @@
 """The training program: mesh, data, state, restore, loop, evaluation, checkpoints, summary."""
 
 import functools
-import json
 import time
 from typing import Any
 
@@ -43,16 +42,8 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _earlier_evaluations(workdir: str, up_to_step: int, key: str) -> list[float]:
   """The `key` errors this workdir logged at or before `up_to_step` (for best-so-far on resume)."""
-  path = epath.Path(workdir) / metrics_lib.METRICS_FILE
-  if not path.exists():
-    return []
-  errors = []
-  with path.open() as f:
-    for line in f:
-      row = json.loads(line)
-      if row.get('step', up_to_step + 1) <= up_to_step and row.get(key) is not None:
-        errors.append(row[key])
-  return errors
+  return [row[key] for row in metrics_lib.read_rows(workdir)
+          if row.get('step', up_to_step + 1) <= up_to_step and row.get(key) is not None]
 
 
 class _Run:
@@ -149,7 +140,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     diagnose = parallel.jit_eval_step(
         functools.partial(semimeta.hypergradient_fidelity, config=config), mesh)
 
-  writer = metrics_lib.MetricWriter(workdir)
+  finished = start_step >= config.num_train_steps
+  # A finished run started again is evaluated and reported, not logged again:
+  # its metrics rows and TensorBoard events are already complete.
+  writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
+  if not finished:
+    metrics_lib.drop_rows_after(workdir, start_step)
   run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step)
   progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
   guard = checkpoint.PreemptionGuard()
@@ -187,11 +183,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     writer.close()
 
+  this_run = time.time() - started
+  previous = metrics_lib.read_summary(workdir) or {}
   summary = {
       'steps': step,
       'completed': step == config.num_train_steps,
       'preempted': preempted,
-      'wall_seconds_this_run': time.time() - started,
+      'wall_seconds_this_run': this_run,
+      # Every run of this workdir, so a resumed or re-evaluated run keeps the total.
+      'wall_seconds_total': previous.get('wall_seconds_total', previous.get('wall_seconds_this_run', 0.0)) + this_run,
       'final_error_top1': run.last_eval.get('error_top1'),
       'final_error_top5': run.last_eval.get('error_top5'),
       'best_error_top1': min(run.errors) if run.errors else None,

@@ -11,8 +11,7 @@ from semimeta_jax import schedules
 FORWARD_MODES = ('eval', 'train')
 
 
-class ConfigError(errors.UserError, ValueError):
-  """A configuration field has a value the run cannot use."""
+ConfigError = errors.ConfigError
 
 
 def _require(condition: bool, field: str, value, expectation: str):

@@ -7,9 +7,12 @@ the dataset, where it looked and the commands that prepare it. `digits` is the
 exception: it ships with scikit-learn and is built offline on first use.
 """
 
+import contextlib
 import dataclasses
+import io
 import os
 
+from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
@@ -100,7 +103,7 @@ def get_spec(data_config):
   """
   name = ALIASES.get(data_config.name, data_config.name)
   if name not in _SPECS:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Unknown dataset config.data.name={data_config.name!r}; expected one '
         f'of {sorted(NAMES + tuple(ALIASES))}.')
   spec = _SPECS[name]
@@ -129,32 +132,33 @@ def _instructions(spec, builder):
   root = builder.data_dir_root
   if spec.name == 'imagenet2012':
     manual = os.path.join(root, 'downloads', 'manual')
-    return (
-        'TFDS cannot download ImageNet; prepare it once:\n'
-        '  1. download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
-        'from https://image-net.org/download-images (needs an account);\n'
-        f'  2. put both files in {manual}/\n'
-        f'  3. run:  tfds build imagenet2012 --data_dir={root}\n'
-        '     (or rerun with --config.data.download=True, which runs that '
-        'build).')
-  return (
-      'Prepare it on a machine with internet access:\n'
-      f'  tfds build {spec.name} --data_dir={root}\n'
-      f'and copy {os.path.join(root, spec.name)} here if that machine is '
-      'another one, or rerun with --config.data.download=True.')
+    return ('TFDS cannot download ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
+            f'(image-net.org, needs an account) in {manual}/ and run '
+            f'`tfds build imagenet2012 --data_dir={root}`.')
+  return (f'Prepare it with `tfds build {spec.name} --data_dir={root}` on a machine with internet '
+          f'access (then copy {os.path.join(root, spec.name)} here), or rerun with '
+          '--config.data.download=True.')
 
 
 def not_found_error(spec, builder, reason):
-  """Returns the `DatasetNotFoundError` for `spec`, saying how to fix it."""
+  """Returns the `DatasetNotFoundError` for `spec`: what, where, and the fix, in three lines."""
   return DatasetNotFoundError(
-      f'Dataset {spec.name!r} (TFDS {spec.name}:{builder.version}, '
-      f'{spec.sizes[0]} train / {spec.sizes[1]} test examples) is not '
-      f'available: {reason}\nLooked in {builder.data_dir} (data_dir='
-      f'{builder.data_dir_root}).\n' + _instructions(spec, builder))
+      f'dataset {spec.name!r} (TFDS {spec.name}:{builder.version}) is not available: {reason}\n'
+      f'Looked in {builder.data_dir} (config.data.data_dir={builder.data_dir_root}).\n'
+      + _instructions(spec, builder))
 
 
 def _prepare(spec, builder):
   """Runs TFDS's download-and-prepare (ImageNet: its manual files first)."""
+  if spec.name == 'digits':
+    logging.info('Preparing the digits dataset from the copy bundled with scikit-learn (no '
+                 'download) into %s.', builder.data_dir)
+    # TFDS announces a "download" and draws progress bars on stdout; nothing is
+    # downloaded and the build takes a second.
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+    return
   if spec.name == 'imagenet2012':
     manual = epath.Path(builder.data_dir_root) / 'downloads' / 'manual'
     missing = [f for f in IMAGENET_MANUAL_FILES if not (manual / f).exists()]
@@ -245,3 +249,21 @@ def dataset_info(data_config):
       image_shape=spec.image_shape,
       num_train=split_size(builder, spec.train_split),
       num_test=split_size(builder, spec.test_split))
+
+
+def prepared_sizes(data_config):
+  """(num_train, num_test) of the prepared dataset, or None if it is not prepared.
+
+  Reads TFDS metadata only; unlike `dataset_info` it never prepares anything
+  (not even `digits`), so a dry run writes nothing.
+  """
+  spec = get_spec(data_config)
+  data_dir = _data_dir(data_config)
+  if spec.name == 'digits':
+    builder = digits.Digits(data_dir=data_dir)
+  else:
+    builder = tfds.builder(spec.name, data_dir=data_dir)
+  if not _is_prepared(builder, spec):
+    return None
+  return (split_size(builder, spec.train_split),
+          split_size(builder, spec.test_split))

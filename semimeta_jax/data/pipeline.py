@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from semimeta_jax import errors
 from semimeta_jax.data import augment
 from semimeta_jax.data import datasets
 from semimeta_jax.data import evaluation
@@ -66,12 +67,12 @@ def _check_config(config, process_index, process_count, start_step):
   for field in _BATCH_FIELDS:
     size = config[field]
     if size <= 0 or size % process_count:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.{field}={size} must be a positive multiple of the process '
           f'count ({process_count}): each process takes an equal share.')
   pad_mode = config.data.get('pad_mode', 'constant')
   if pad_mode not in augment.PAD_MODES:
-    raise ValueError(f'config.data.pad_mode={pad_mode!r} must be one of '
+    raise errors.ConfigError(f'config.data.pad_mode={pad_mode!r} must be one of '
                      f'{sorted(augment.PAD_MODES)}.')
 
 
@@ -186,7 +187,7 @@ def _pools(config, num_train, labeled):
   unlabeled = splits.unlabeled_indices(
       num_train, labeled, config.data.unlabeled_includes_labeled)
   if not unlabeled.size:
-    raise ValueError(
+    raise errors.ConfigError(
         'The unlabeled pool is empty (every training example is labeled); '
         'set config.data.unlabeled_includes_labeled=True or '
         "config.method='supervised'.")

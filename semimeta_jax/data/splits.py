@@ -37,18 +37,18 @@ def check_label_config(num_labels, label_fraction, num_classes):
   """
   if label_fraction:
     if not 0.0 < label_fraction <= 1.0:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.data.label_fraction={label_fraction} must be in (0, 1] '
           '(or 0 to use config.data.num_labels).')
     return
   if num_labels == -1:
     return
   if num_labels <= 0:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.num_labels={num_labels} must be positive, or -1 for '
         'every label.')
   if num_labels % num_classes:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.num_labels={num_labels} is not divisible by the '
         f'{num_classes} classes; class-balanced labels need a multiple of '
         f'{num_classes}.')
@@ -84,7 +84,7 @@ def draw_labeled_indices(labels, num_classes, *, num_labels, label_fraction,
     wanted = np.full(num_classes, num_labels // num_classes, np.int64)
     short = np.flatnonzero(wanted > counts)
     if short.size:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.data.num_labels={num_labels} asks for {wanted[0]} labels '
           f'per class, but class {short[0]} has only {counts[short[0]]} '
           'training examples.')

@@ -1,0 +1,221 @@
+"""The command line's contract with the user: help, one-line errors, the run plan, the outcome.
+
+A mistake the user can fix (a flag, a config field, a config file, a workdir, a
+dataset) is one line on stderr, `error: ...`, and exit code 2, before anything
+is written; a traceback means a bug.
+"""
+
+import contextlib
+import difflib
+import importlib.util
+import logging as std_logging
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import flags
+from absl import logging
+
+from semimeta_jax import errors
+
+USAGE_ERROR_EXIT_CODE = 2
+_HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
+
+
+def fail(message: str):
+  """Prints `error: message` on stderr and exits with code 2."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(USAGE_ERROR_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def user_errors_exit():
+  """Turns a `UserError` raised inside the block into `fail(message)`."""
+  try:
+    yield
+  except errors.UserError as e:
+    fail(str(e))
+
+
+def _print_help(argv: Sequence[str]):
+  main_module = sys.modules['__main__']
+  print((main_module.__doc__ or '').strip())
+  print('\nFlags:')
+  print(flags.FLAGS.module_help(main_module))
+  if '--helpfull' in argv:
+    print(flags.FLAGS.get_help())
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of `--name=V` or `--name V` in `argv` (the last one wins), else None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      value = arg.split('=', 1)[1]
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _load_config_file(path: str):
+  """Calls `get_config()` of the config file at `path` (the check before absl parses it)."""
+  spec = importlib.util.spec_from_file_location('_semimeta_jax_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f'could not load the config file {path}: {type(e).__name__}: {e}')
+
+
+def _field_names(config, prefix: str = '') -> list[str]:
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if hasattr(value, 'items'):
+      names.extend(_field_names(value, f'{prefix}{key}.'))
+  return names
+
+
+def _check_overrides(argv: Sequence[str], config_path: str):
+  """Refuses an override of a field the config does not have, suggesting the closest one."""
+  config = _load_config_file(config_path)
+  known = set(_field_names(config))
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    field = arg[len('--config.'):].split('=', 1)[0]
+    if field not in known:
+      close = difflib.get_close_matches(field, sorted(known), n=1)
+      hint = f' (did you mean {close[0]!r}?)' if close else ''
+      fail(f'unknown config field {field!r}{hint}; `--dry_run` lists every field of {config_path}.')
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's flags parser, with `--help` exiting 0 and every parse error in one line (exit 2)."""
+  if any(arg in _HELP_FLAGS for arg in argv[1:]):
+    _print_help(argv)
+    sys.exit(0)
+  config_path = _flag_value(argv, 'config')
+  if not config_path:
+    fail('--config is required, e.g. --config=configs/digits.py (see --help).')
+  if not os.path.isfile(config_path):
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+    listing = ', '.join(sorted(f for f in os.listdir(here) if f.endswith('.py'))) if os.path.isdir(
+        here) else ''
+    fail(f'config file {config_path!r} not found' + (f'; the configs in {here} are {listing}.'
+                                                       if listing else '.'))
+  _check_overrides(argv, config_path)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.config_with_absl()  # --jax_* flags, e.g. --jax_platforms=cpu.
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f'{e} (see --help).')
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags reports an override it cannot apply with its own exceptions.
+    fail(f'{type(e).__name__}: {e}'.replace('\n', ' '))
+
+
+def check_workdir(workdir: str | None) -> str:
+  """The workdir as an absolute path (local) or URL, or a one-line error if unusable."""
+  if workdir is None or not workdir.strip():
+    fail('--workdir is required and must not be empty, e.g. --workdir=runs/digits.')
+  if '://' in workdir:
+    return workdir  # gs://... : checked when first written.
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    fail(f'--workdir={workdir}: {path} exists and is not a directory.')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    fail(f'--workdir={workdir}: {existing} is not a writable directory.')
+  return path
+
+
+def check_config(config):
+  """Validates every field that needs no data or devices (raises `ConfigError`)."""
+  from semimeta_jax import validation  # pylint: disable=g-import-not-at-top
+  validation.validate_config(config)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax, TFDS and JAX's backend probing (every save logs dozens)."""
+
+  _NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge')
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in self._NOISY)
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
+def quiet_libraries():
+  """Silences library INFO logs; the run's own INFO lines (progress, errors) stay."""
+  # The ABSLHandler forwards records without applying its own filters.
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+
+
+def import_tensorflow_quietly():
+  """Imports TensorFlow (if installed) with its C++ start-up lines kept off the terminal.
+
+  TensorFlow writes its oneDNN notice through C++ logging while loading, which
+  neither TF_CPP_MIN_LOG_LEVEL nor Python can filter, so stderr's file
+  descriptor is pointed at /dev/null for the import alone. An import error
+  still raises (after stderr is restored) when the data layer imports it.
+  """
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pass
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def _launched_on_several_hosts() -> bool:
+  """A SLURM job with several tasks, or a TPU pod slice with several workers."""
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return True
+  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def initialize_distributed(mode: str, coordinator: str | None, num_processes: int | None,
+                           process_id: int | None):
+  """Starts jax.distributed when asked or detected, and logs the devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if mode == 'on' or (mode == 'auto' and (coordinator is not None or _launched_on_several_hosts())):
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  logging.info('JAX process %d of %d, %d local / %d global devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
+
+
+def describe_run(config, workdir: str) -> str:
+  """The resolved config and the run plan, as printed by `--dry_run` (reads, never writes)."""
+  from semimeta_jax import plan  # pylint: disable=g-import-not-at-top
+  return f'# Resolved config\n{config}\n# Run plan\n{plan.run_plan(config, workdir)}'
+
+
+def print_outcome(summary: dict[str, Any], workdir: str):
+  """The last lines of a run: where it stopped, its test error and where to look."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  error = summary.get('final_error_top1')
+  state = ('finished' if summary.get('completed') else
+           'stopped after a preemption request' if summary.get('preempted') else 'stopped')
+  lines = [f'Run {state} at step {summary.get("steps")}.']
+  if error is not None:
+    best = summary.get('best_error_top1')
+    lines.append(f'Final test error {error:.2f}% (best {best:.2f}%) on '
+                 f'{summary.get("num_eval_examples")} test examples.')
+  if summary.get('preempted'):
+    lines.append('Rerun the same command to resume.')
+  lines.append(f'Summary: {os.path.join(workdir, "summary.json")}')
+  lines.append(f'Curves:  tensorboard --logdir={workdir}   (also {os.path.join(workdir, "metrics.jsonl")})')
+  print('\n'.join(lines))

@@ -1,0 +1,76 @@
+"""The run plan that `--dry_run` prints: what a command would do, computed without writing."""
+
+import os
+
+from etils import epath
+import jax
+
+from semimeta_jax import methods
+
+
+def _labeled_count(data, num_train: int, num_classes: int) -> int:
+  """How many training examples the split labels (the class-balanced budget, before drawing)."""
+  if data.label_fraction:
+    return max(num_classes, round(data.label_fraction * num_train))
+  return num_train if data.num_labels == -1 else data.num_labels
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the finished checkpoints in `workdir`, read from the directory names."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def run_plan(config, workdir: str) -> str:
+  """Describes the run: data, pools, steps, epochs, devices and the workdir's state.
+
+  Args:
+    config: the validated config.
+    workdir: the run directory (only read).
+
+  Returns:
+    Lines of text.
+  """
+  from semimeta_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  spec = datasets.get_spec(config.data)
+  sizes = datasets.prepared_sizes(config.data)
+  prepared = sizes is not None
+  num_train, num_test = sizes if prepared else spec.sizes
+  num_labeled = _labeled_count(config.data, num_train, spec.num_classes)
+  steps = config.num_train_steps
+  lines = [
+      f'dataset       {spec.name}: {num_train} train / {num_test} test, {spec.num_classes} classes'
+      + ('' if prepared else ' (documented sizes: not prepared in the data_dir yet'
+         + ('; it is built offline from scikit-learn on first use)' if spec.name == 'digits'
+            else '; the run will stop and say how to prepare it)')),
+      f'method        {config.method}' + (f' (hypergradient {config.hypergrad.mode}, '
+                                          f'K={config.hypergrad.inner_steps}, meta forward '
+                                          f'{config.hypergrad.forward_mode})'
+                                          if config.method == 'semimeta' else ''),
+      f'model         {config.model}' + (' in bfloat16' if config.half_precision else ''),
+      f'steps         {steps} (checkpoint every {config.checkpoint_every_steps}, evaluate every '
+      f'{config.eval_every_steps}, log every {config.log_every_steps})',
+      f'labeled       {num_labeled} examples, batch {config.labeled_batch_size}: '
+      f'{steps * config.labeled_batch_size / max(num_labeled, 1):.1f} epochs',
+  ]
+  if config.method in methods.USES_UNLABELED:
+    pool = num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
+    lines.append(f'unlabeled     {pool} examples, batch {config.unlabeled_batch_size}: '
+                 f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs')
+  devices = jax.device_count()
+  lines.append(f'devices       {devices} x {jax.devices()[0].platform} in {jax.process_count()} '
+               f'process(es); per device: {config.labeled_batch_size / devices:g} labeled + '
+               f'{config.unlabeled_batch_size / devices:g} unlabeled')
+  done = _checkpoint_steps(workdir)
+  if not os.path.exists(workdir) and '://' not in workdir:
+    state = 'new (will be created)'
+  elif done:
+    state = (f'holds checkpoints up to step {done[-1]}: ' +
+             ('finished; rerunning evaluates it again' if done[-1] >= steps else
+              f'resumes from step {done[-1]}'))
+  else:
+    state = 'exists, no checkpoint yet: starts at step 0'
+  lines.append(f'workdir       {workdir}: {state}')
+  return '\n'.join(lines)
