@@ -1,9 +1,10 @@
 """The digits results table: every method (and hypergradient mode) over several seeds.
 
 Each run is `python -m semimeta_jax.main --config=configs/digits.py` in its own
-process, with the variant's overrides, into `<out>/<variant>/seed_<k>`; a run whose
-summary.json says it completed is not run again, so the script resumes where it
-stopped. It prints a markdown table of test error (mean and standard deviation
+process, with the variant's overrides, into `<out>/<variant>/seed_<k>`. A run whose
+summary.json says it completed with exactly the requested config is reused, so the
+script resumes where it stopped; one that was run with another config (say, another
+label budget) is an error rather than a silent mix of two experiments. It prints a markdown table of test error (mean and standard deviation
 over seeds) and writes it, with a CSV of every run, into `--out`.
 
   python experiments/digits_results.py --out=results/digits \
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,9 +45,10 @@ VARIANTS = {
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
                  'jvp': 'semimeta_jvp', 'finite_difference': 'semimeta'}
+# Row labels; {labels} is the number of labeled examples the runs actually used.
 LABELS = {
-    'labeled_only': 'Labeled only (50 labels)',
-    'fully_supervised': 'Fully supervised (1497 labels)',
+    'labeled_only': 'Labeled only ({labels} labels)',
+    'fully_supervised': 'Fully supervised ({labels} labels)',
     'pi_model': 'Pi-model',
     'mean_teacher': 'Mean Teacher (EMA weights)',
     'semimeta': 'SemiMeta, finite_difference (official)',
@@ -54,21 +58,68 @@ LABELS = {
 }
 
 
+def _field_overrides(flags_list):
+  """{'a.b': 'value'} of `--config.a.b=value` flags."""
+  fields = {}
+  for flag in flags_list:
+    if not flag.startswith('--config.') or '=' not in flag:
+      raise ValueError(f'{flag!r} is not of the form --config.FIELD=VALUE')
+    name, value = flag[len('--config.'):].split('=', 1)
+    fields[name] = value
+  return fields
+
+
+def check_overrides(variant, extra):
+  """Refuses an --override that contradicts a field the variant sets itself."""
+  own = _field_overrides(VARIANTS[variant])
+  for name, value in _field_overrides(extra).items():
+    if name in own and own[name] != value:
+      raise ValueError(f'--override=--config.{name}={value} contradicts variant {variant!r}, which '
+                       f'sets --config.{name}={own[name]}; drop the variant or the override.')
+
+
+def resolve_config(flags_list):
+  """The config `main` would run: configs/digits.py with `flags_list` applied (ml_collections' parser)."""
+  values = flags.FlagValues()
+  argv = ['digits_results', f'--config={REPO / "configs" / "digits.py"}', *flags_list]
+  # The overrides are found in `sys_argv` when the flag is defined, as in `main`'s sys.argv.
+  config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
+  values(argv)
+  return json.loads(values.config.to_json_best_effort())
+
+
+def _differences(saved, wanted, prefix=''):
+  diffs = []
+  for key in sorted(set(saved) | set(wanted)):
+    a, b = saved.get(key, '<missing>'), wanted.get(key, '<missing>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += _differences(a, b, f'{prefix}{key}.')
+    elif a != b:
+      diffs.append(f'{prefix}{key}: ran {a!r}, requested {b!r}')
+  return diffs
+
+
 def run_one(variant, seed, out, data_dir, extra):
   """Runs (or reuses) one training run and returns its summary."""
   workdir = out / variant / f'seed_{seed}'
   summary_path = workdir / 'summary.json'
+  overrides = [f'--config.seed={seed}', *VARIANTS[variant], *extra]
+  if data_dir:
+    overrides.append(f'--config.data.data_dir={data_dir}')
+  wanted = resolve_config(overrides)
   if summary_path.exists():
     summary = json.loads(summary_path.read_text())
+    diffs = _differences(summary['config'], wanted)
+    if diffs:
+      raise RuntimeError(f'{workdir} holds a run of another config ({"; ".join(diffs)}); use another '
+                         '--out, or delete that directory to run it again.')
     if summary.get('completed'):
       return summary
   command = [sys.executable, '-m', 'semimeta_jax.main', '--config=configs/digits.py',
-             f'--workdir={workdir}', f'--config.seed={seed}', *VARIANTS[variant], *extra]
-  if data_dir:
-    command.append(f'--config.data.data_dir={data_dir}')
+             f'--workdir={workdir}', *overrides]
   started = time.time()
   workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / 'log.txt', 'w') as log:
+  with open(workdir / 'log.txt', 'a') as log:
     result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   if result.returncode:
     raise RuntimeError(f'{variant} seed {seed} failed; see {workdir / "log.txt"}')
@@ -84,7 +135,9 @@ def table(rows):
   for variant in dict.fromkeys(row['variant'] for row in rows):
     final = np.array([r['final_error_top1'] for r in rows if r['variant'] == variant])
     best = np.array([r['best_error_top1'] for r in rows if r['variant'] == variant])
-    lines.append(f'| {LABELS[variant]} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
+    labels = sorted({r['num_labeled'] for r in rows if r['variant'] == variant})
+    label = LABELS[variant].format(labels='/'.join(map(str, labels)))
+    lines.append(f'| {label} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
                  f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} |')
   return '\n'.join(lines)
 
@@ -103,16 +156,25 @@ def main():
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     parser.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
+  for variant in variants:
+    try:
+      check_overrides(variant, args.override)
+    except ValueError as e:
+      parser.error(str(e))
   out = pathlib.Path(args.out).resolve()
   seeds = [int(s) for s in args.seeds.split(',')]
 
   rows = []
   for variant in variants:
     for seed in seeds:
-      summary = run_one(variant, seed, out, args.data_dir, args.override)
+      try:
+        summary = run_one(variant, seed, out, args.data_dir, args.override)
+      except RuntimeError as e:
+        parser.exit(2, f'error: {e}\n')
       rows.append({'variant': variant, 'seed': seed, 'final_error_top1': summary['final_error_top1'],
                    'best_error_top1': summary['best_error_top1'],
-                   'wall_seconds': summary['wall_seconds_this_run']})
+                   'num_labeled': summary['num_labeled'],
+                   'wall_seconds': summary.get('wall_seconds_total', summary['wall_seconds_this_run'])})
   markdown = table(rows)
   print(markdown)
   os.makedirs(out, exist_ok=True)
