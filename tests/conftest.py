@@ -9,7 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The tests compile many small programs once each: XLA's CPU optimisation passes
 # cost more compile time than they save at these sizes (the multi-process test
 # measured 20 s -> 4-9 s per step compile). Set before the backend starts.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+# On a GPU, XLA may reduce with atomics in an order that changes between two
+# runs of one program; tests that compare two runs bit for bit need it fixed.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+                           ' --xla_gpu_deterministic_ops=true').strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -18,6 +21,17 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.config.update('jax_num_cpu_devices', 8)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def cpu_devices(count: int):
+  """`count` of the simulated CPU devices, also on a machine whose default backend is a GPU.
+
+  The multi-device tests check the logic of a mesh (shardings, collectives,
+  equality to one device); a one-GPU machine still has the eight CPU devices.
+  """
+  devices = jax.devices('cpu')[:count]
+  assert len(devices) == count, f'need {count} CPU devices, have {jax.devices("cpu")}'
+  return devices
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from semimeta_jax import checkpoint
+from tests import conftest
 from semimeta_jax import state as state_lib
 
 
@@ -90,8 +91,7 @@ def test_existing_step_is_skipped_unless_forced(tmp_path):
 
 
 def test_restore_keeps_replicated_mesh_sharding(tmp_path):
-  devices = jax.devices()[:2]
-  assert len(devices) == 2
+  devices = conftest.cpu_devices(2)
   mesh = jax.sharding.Mesh(np.array(devices), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = _advance(_make_state(use_ema=True), 2)
