@@ -194,7 +194,7 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
   peak = memory.get('peak_bytes_in_use')
   median = float(np.median(times))
   flops = compiled_flops(compiled)
-  uses_unlabeled = config.method in methods.USES_UNLABELED
+  uses_unlabeled = methods.get(config.method).uses_unlabeled
   images = batch_size * (2 if uses_unlabeled else 1)
   height, width, channels = image_shape
   return {

@@ -8,3 +8,17 @@ traceback: a traceback is for bugs). Every check that rejects the user's input
 
 class UserError(Exception):
   """A mistake in the command, config, data or run directory; the message says the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """A configuration field has a value the run cannot use."""
+
+
+def require(condition: bool, field: str, value, expectation: str) -> None:
+  """Raises `ConfigError` naming `config.<field>` unless `condition` holds.
+
+  Shared by `validation.py` and every method's, model's and dataset's own
+  `validate`, so all configuration errors read alike.
+  """
+  if not condition:
+    raise ConfigError(f'config.{field}={value!r}: {expectation}.')
