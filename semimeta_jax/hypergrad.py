@@ -186,15 +186,8 @@ def relu_normalize(y: jax.Array, fallback: jax.Array) -> jax.Array:
 
 
 def simplex_projection(y: jax.Array) -> jax.Array:
-  """Euclidean projection of each row onto the probability simplex (sort-based, exact)."""
-  num_classes = y.shape[-1]
-  sorted_desc = -jnp.sort(-y, axis=-1)
-  cumulative = jnp.cumsum(sorted_desc, axis=-1) - 1.0
-  ranks = jnp.arange(1, num_classes + 1, dtype=y.dtype)
-  support = sorted_desc - cumulative / ranks > 0
-  rho = jnp.sum(support, axis=-1, keepdims=True)  # >= 1 always.
-  threshold = jnp.take_along_axis(cumulative, rho - 1, axis=-1) / rho.astype(y.dtype)
-  return jax.nn.relu(y - threshold)
+  """Euclidean projection of each row onto the probability simplex (optax's, row by row)."""
+  return jax.vmap(optax.projections.projection_simplex)(y)
 
 
 def update_pseudo_labels(pseudo: jax.Array, grad: jax.Array, *, beta, projection: str = 'relu_normalize'):
