@@ -4,9 +4,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from semimeta_jax import methods
 from semimeta_jax import models
+from semimeta_jax import validation
 from semimeta_jax.methods import temporal_ensembling as te
 from tests.conftest import synthetic_batch, tiny_config
 
@@ -94,3 +96,9 @@ def test_step_trains_traces_once_and_keeps_the_ensemble_of_its_predictions():
   got, got_has = te.targets(state.extra, jnp.arange(num_train), MOMENTUM)
   np.testing.assert_array_equal(np.asarray(got_has), has)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('field,value', [('ensemble_momentum', 1.0), ('max_translation', -1)])
+def test_a_bad_temporal_ensembling_field_is_named(field, value):
+  with pytest.raises(validation.ConfigError, match=f'config.{field}='):
+    validation.validate_config(tiny_config(method='temporal_ensembling', **{field: value}))

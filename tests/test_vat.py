@@ -5,9 +5,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from semimeta_jax import methods
 from semimeta_jax import models
+from semimeta_jax import validation
 from semimeta_jax.methods import common
 from semimeta_jax.methods import vat
 from tests.conftest import synthetic_batch, tiny_config
@@ -82,3 +84,10 @@ def test_vat_ent_step_trains_traces_once_and_adds_its_terms():
     assert m['consistency_loss'] > 0 and m['entropy_loss'] > 0
     np.testing.assert_allclose(m['loss'], m['supervised_loss'] + m['consistency_loss'] + m['entropy_loss'],
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize('field,value', [('vat_epsilon', 0.0), ('vat_xi', -1.0),
+                                         ('vat_power_iterations', 0), ('entropy_weight', -1.0)])
+def test_a_bad_vat_field_is_named(field, value):
+  with pytest.raises(validation.ConfigError, match=f'config.{field}='):
+    validation.validate_config(tiny_config(method='vat', **{field: value}))
