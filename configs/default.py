@@ -79,7 +79,7 @@ def get_config():
 
   # VAT: r_adv = vat_epsilon * direction found by power iteration from a vat_xi-sized probe.
   config.vat_epsilon = 6.0  # L2 radius per example (official CIFAR-10 value, ZCA inputs).
-  config.vat_xi = 1e-6  # Finite-difference probe of the power iteration.
+  config.vat_xi = 1e-6  # Finite-difference probe (paper); 0 = exact Hessian-vector product (float32-safe).
   config.vat_power_iterations = 1
   config.entropy_weight = 0.0  # > 0: VAT+Ent, the entropy of the unlabeled predictions (paper: 1).
 

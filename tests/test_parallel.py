@@ -34,7 +34,10 @@ def one_step(config, mesh, batch):
 def test_eight_devices_match_one(method, mode):
   assert jax.device_count() >= 8
   # Train-mode forward in the meta step too, so batch statistics enter every term.
-  config = tiny_config(method=method, **{'hypergrad.mode': mode, 'hypergrad.forward_mode': 'train'})
+  # VAT with the exact Hessian-vector product: its float32 finite difference at xi = 1e-6 is
+  # rounding noise (see methods/vat.py), which a different reduction order reshuffles.
+  config = tiny_config(method=method, vat_xi=0.0,
+                       **{'hypergrad.mode': mode, 'hypergrad.forward_mode': 'train'})
   batch = jax.tree.map(np.asarray, synthetic_batch(jax.random.key(1)))
   state8, metrics8 = one_step(config, parallel.make_mesh(jax.devices()[:8]), batch)
   state1, metrics1 = one_step(config, parallel.make_mesh(jax.devices()[:1]), batch)

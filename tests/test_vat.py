@@ -24,7 +24,8 @@ class _MLP(nn.Module):
     return nn.Dense(4, param_dtype=jnp.float64)(h)
 
 
-def test_power_iteration_finds_the_dominant_eigenvector_of_the_kl_hessian():
+@pytest.mark.parametrize('xi', [1e-6, 0.0], ids=['finite_difference', 'exact_hvp'])
+def test_power_iteration_finds_the_dominant_eigenvector_of_the_kl_hessian(xi):
   with jax.enable_x64(True):
     model = _MLP()
     x = jax.random.normal(jax.random.key(0), (3, 4, 4, 1), jnp.float64)
@@ -32,7 +33,7 @@ def test_power_iteration_finds_the_dominant_eigenvector_of_the_kl_hessian():
     logits_fn = lambda inputs: model.apply(params, inputs)
     clean = logits_fn(x)
     direction = jax.jit(lambda key: vat.adversarial_direction(
-        logits_fn, x, clean, key, xi=1e-6, power_iterations=60))(jax.random.key(2))
+        logits_fn, x, clean, key, xi=xi, power_iterations=60))(jax.random.key(2))
     for i in range(x.shape[0]):
       # The reference: KL(p(x_i) || p(x_i + r)) written out here, its Hessian at r = 0
       # by jax.hessian, its top eigenvector by numpy.

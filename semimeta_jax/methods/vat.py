@@ -7,6 +7,11 @@ vanish), so r_adv is eps times H's dominant eigenvector, found by power iteratio
 with finite differences: from a random unit d, repeat
 `vat_power_iterations` times d <- normalise(grad_r KL(xi d)) (grad = xi H d), then
 r_adv = eps d. The clean prediction is held fixed (stop_gradient) throughout.
+`vat_xi = 0` takes the finite difference's limit exactly, H d by forward-over-reverse
+differentiation: in float32 the paper's xi = 1e-6 moves the logits of a small
+network by less than their rounding (measured on the tests' 4-channel ConvLarge:
+cosine to the exact H d between -0.9 and 0.98 per example, against > 0.99 at
+xi = 1e-4), so the exact product is the faithful reading of the method there.
 
 One training step:
   1. CE on the labeled batch (training mode; its forward updates the batch-norm
@@ -39,7 +44,7 @@ def validate(config) -> None:
   """The VAT fields: eps > 0, xi > 0, at least one power iteration, entropy weight >= 0."""
   require = errors.require
   require(config.vat_epsilon > 0, 'vat_epsilon', config.vat_epsilon, 'must be > 0')
-  require(config.vat_xi > 0, 'vat_xi', config.vat_xi, 'must be > 0')
+  require(config.vat_xi >= 0, 'vat_xi', config.vat_xi, 'must be >= 0 (0 = exact Hessian-vector product)')
   require(isinstance(config.vat_power_iterations, int) and config.vat_power_iterations >= 1,
           'vat_power_iterations', config.vat_power_iterations, 'must be an integer >= 1')
   require(config.entropy_weight >= 0, 'entropy_weight', config.entropy_weight, 'must be >= 0')
@@ -65,17 +70,24 @@ def adversarial_direction(logits_fn, x, clean_logits, key, *, xi: float, power_i
     x: [B, ...] inputs.
     clean_logits: logits_fn(x), held fixed.
     key: PRNG key of the random start.
-    xi: the finite-difference probe size.
+    xi: static; the finite-difference probe size, or 0 for the exact Hessian-vector
+      product. In float32, xi = 1e-6 (the paper's) moves the logits of a small
+      network by less than their rounding, and the direction is mostly noise.
     power_iterations: static; number of power-iteration steps.
 
   Returns:
     [B, ...] directions, each of unit L2 norm (no gradient flows through them).
   """
+  kl = lambda r: kl_to_clean(clean_logits, logits_fn(x + r))
   d = normalize(jax.random.normal(key, x.shape, x.dtype))
   for _ in range(power_iterations):
-    # grad_r of the batch-summed KL at r = xi d is xi H d per example (times 1/B).
-    kl = lambda r: kl_to_clean(clean_logits, logits_fn(x + r))
-    d = normalize(jax.lax.stop_gradient(jax.grad(kl)(xi * d)))
+    if xi > 0:
+      # The paper's finite difference: grad_r KL at r = xi d is xi H d (per example, times 1/B).
+      h_d = jax.grad(kl)(xi * d)
+    else:
+      # Its xi -> 0 limit, exactly: the Hessian-vector product, forward over reverse.
+      h_d = jax.jvp(jax.grad(kl), (jnp.zeros_like(x),), (d,))[1]
+    d = normalize(jax.lax.stop_gradient(h_d))
   return d
 
 
