@@ -11,8 +11,8 @@ def get_config():
   """Returns the default configuration (official CIFAR-10 hyperparameters)."""
   config = ml_collections.ConfigDict()
 
-  # semimeta | supervised | pi_model | mean_teacher. `supervised` with
-  # data.num_labels=-1 is the fully-supervised baseline.
+  # semimeta | supervised | pi_model | mean_teacher | temporal_ensembling | vat (see
+  # semimeta_jax/methods). `supervised` with data.num_labels=-1 is the fully-supervised baseline.
   config.method = 'semimeta'
   config.seed = 0
 
@@ -73,6 +73,28 @@ def get_config():
   config.input_noise_std = 0.15
   config.max_translation = 2  # Pixels.
   config.perturb_flip = False  # Independent horizontal flips per view (the pipeline flips both alike).
+
+  # Temporal Ensembling: Z <- a Z + (1 - a) z per example at each visit, target Z / (1 - a^visits).
+  config.ensemble_momentum = 0.6  # The paper's alpha.
+
+  # VAT: r_adv = vat_epsilon * direction found by power iteration from a vat_xi-sized probe.
+  config.vat_epsilon = 6.0  # L2 radius per example (official CIFAR-10 value, ZCA inputs).
+  config.vat_xi = 1e-6  # Finite-difference probe (paper); 0 = exact Hessian-vector product (float32-safe).
+  config.vat_power_iterations = 1
+  config.entropy_weight = 0.0  # > 0: VAT+Ent, the entropy of the unlabeled predictions (paper: 1).
+
+  # fast-SWA (any method): after the main schedule, `cycles` cosine cycles of `cycle_steps` from
+  # lr_max to lr_min (the last steps of num_train_steps), weights averaged every
+  # `average_every_steps`; batch-norm statistics of the average recomputed over
+  # `bn_update_batches` recent training batches before each evaluation (eval_swa/...).
+  config.fast_swa = ml_collections.ConfigDict()
+  config.fast_swa.cycles = 0  # 0 = off.
+  config.fast_swa.cycle_steps = 0
+  config.fast_swa.average_every_steps = 0
+  config.fast_swa.lr_max = 0.0
+  config.fast_swa.lr_min = 0.0
+  config.fast_swa.bn_update_batches = 0
+  config.fast_swa.headline = True  # The run's reported error is the averaged weights' (else the raw).
 
   # Exponential moving average of the weights: Mean Teacher's teacher, optional eval weights.
   config.ema_decay = 0.0  # 0 = no EMA (mean_teacher requires > 0).

@@ -49,12 +49,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODES = ('supervised', 'exact', 'first_order', 'jvp', 'finite_difference')
 SIZES = {
@@ -114,10 +114,11 @@ def make_config(mode: str, *, model: str, model_width: int, batch_size: int,
 def synthetic_batch(key, batch_size: int, image_shape, num_classes: int):
   """Labeled + unlabeled batches of normal images and uniform labels, training-loop layout."""
   keys = jax.random.split(key, 4)
-  part = lambda k_image, k_label: {
+  part = lambda k_image, k_label, first: {
       'image': jax.random.normal(k_image, (batch_size, *image_shape)),
-      'label': jax.random.randint(k_label, (batch_size,), 0, num_classes)}
-  return {'labeled': part(keys[0], keys[1]), 'unlabeled': part(keys[2], keys[3])}
+      'label': jax.random.randint(k_label, (batch_size,), 0, num_classes),
+      'index': first + jnp.arange(batch_size, dtype=jnp.int32)}  # Train-split indices.
+  return {'labeled': part(keys[0], keys[1], 0), 'unlabeled': part(keys[2], keys[3], batch_size)}
 
 
 def compiled_flops(compiled) -> float:
@@ -144,8 +145,9 @@ def compiled_bytes(compiled) -> float:
 
 def _initial_state(config, model, image_shape, key):
   """The step-0 TrainState, built by one compiled initialiser (eager init compiles op by op)."""
-  init = functools.partial(state_lib.init_train_state, config, model, image_shape,
-                           use_ema=methods.uses_ema(config))
+  # Per-example buffers (Temporal Ensembling) over the synthetic batch's indices.
+  init = functools.partial(methods.init_train_state, config, model, image_shape,
+                           num_train=2 * config.labeled_batch_size, num_classes=model.num_classes)
   # XLA:CPU spends many seconds optimising the unrolled threefry of every parameter's
   # initialiser; this runs once and is not timed, so it is compiled without optimisation.
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
@@ -194,7 +196,7 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
   peak = memory.get('peak_bytes_in_use')
   median = float(np.median(times))
   flops = compiled_flops(compiled)
-  uses_unlabeled = config.method in methods.USES_UNLABELED
+  uses_unlabeled = methods.get(config.method).uses_unlabeled
   images = batch_size * (2 if uses_unlabeled else 1)
   height, width, channels = image_shape
   return {

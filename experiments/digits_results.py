@@ -9,6 +9,22 @@ over seeds) and writes it, with a CSV of every run, into `--out`.
 
   python experiments/digits_results.py --out=results/digits \
       --variants=labeled_only,semimeta,fully_supervised --seeds=0,1,2,3,4
+
+The comparison methods' settings are their papers', scaled to 8x8 digits as the
+Pi-model's and Mean Teacher's were: consistency weights and ramps as those two
+(sigmoid ramp, w_max 10, 1-pixel shifts); Temporal Ensembling's alpha = 0.6 as
+published; VAT's weight 1 without ramp and eps = 2.0, MNIST's radius (standardised
+8x8 digits have about an MNIST digit's L2 norm, ~8 against ~9), one power
+iteration with xi -> 0 taken exactly (`vat_xi=0`: the Hessian-vector product; the
+paper's xi = 1e-6 is below float32 rounding here, see methods/vat.py); VAT+Ent adds the entropy at weight 1; fast-SWA appends 3 cosine
+cycles of 150 steps (the paper's 30-epoch cycles after 180 epochs, in proportion
+to this 1000-step main run) from lr 0.05 down to the main schedule's final 0.001,
+averaging every 25 steps (about one unlabeled epoch, as the paper's per-epoch
+averages) and recomputing batch-norm statistics over 23 batches (one epoch).
+
+The estimator ablation (`semimeta_*_train`, `semimeta_exact_k*`) trains with the
+meta forward in training mode, where theta~ != theta and the estimators differ
+(K > 1 changes nothing in evaluation mode, where every virtual step is a no-op).
 """
 
 import argparse
@@ -36,11 +52,37 @@ VARIANTS = {
     'mean_teacher': ['--config.method=mean_teacher', '--config.consistency_rampup=sigmoid',
                      '--config.consistency_weight=10.0', '--config.ema_decay=0.99',
                      '--config.eval_with_ema=True', '--config.max_translation=1'],
+    'temporal_ensembling': ['--config.method=temporal_ensembling', '--config.consistency_rampup=sigmoid',
+                            '--config.consistency_weight=10.0', '--config.max_translation=1',
+                            '--config.ensemble_momentum=0.6'],
+    'vat': ['--config.method=vat', '--config.consistency_weight=1.0',
+            '--config.consistency_rampup_steps=0', '--config.vat_epsilon=2.0', '--config.vat_xi=0.0'],
+    'vat_ent': ['--config.method=vat', '--config.consistency_weight=1.0',
+                '--config.consistency_rampup_steps=0', '--config.vat_epsilon=2.0', '--config.vat_xi=0.0',
+                '--config.entropy_weight=1.0'],
+    'mean_teacher_fast_swa': ['--config.method=mean_teacher', '--config.consistency_rampup=sigmoid',
+                              '--config.consistency_weight=10.0', '--config.ema_decay=0.99',
+                              '--config.eval_with_ema=True', '--config.max_translation=1',
+                              '--config.num_train_steps=1450', '--config.fast_swa.cycles=3',
+                              '--config.fast_swa.cycle_steps=150',
+                              '--config.fast_swa.average_every_steps=25',
+                              '--config.fast_swa.lr_max=0.05', '--config.fast_swa.lr_min=0.001',
+                              '--config.fast_swa.bn_update_batches=23'],
     # The config's own hypergradient mode, the official finite difference.
     'semimeta': [],
     'semimeta_exact': ['--config.hypergrad.mode=exact'],
     'semimeta_first_order': ['--config.hypergrad.mode=first_order'],
     'semimeta_jvp': ['--config.hypergrad.mode=jvp'],
+    # The estimator ablation: training-mode meta forward, where the estimators differ.
+    'semimeta_train': ['--config.hypergrad.forward_mode=train'],
+    'semimeta_exact_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.forward_mode=train'],
+    'semimeta_first_order_train': ['--config.hypergrad.mode=first_order',
+                                   '--config.hypergrad.forward_mode=train'],
+    'semimeta_jvp_train': ['--config.hypergrad.mode=jvp', '--config.hypergrad.forward_mode=train'],
+    'semimeta_exact_k2_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.inner_steps=2',
+                                '--config.hypergrad.forward_mode=train'],
+    'semimeta_exact_k3_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.inner_steps=3',
+                                '--config.hypergrad.forward_mode=train'],
 }
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
@@ -55,6 +97,16 @@ LABELS = {
     'semimeta_exact': 'SemiMeta, exact',
     'semimeta_first_order': 'SemiMeta, first_order',
     'semimeta_jvp': 'SemiMeta, jvp',
+    'temporal_ensembling': 'Temporal Ensembling',
+    'vat': 'VAT',
+    'vat_ent': 'VAT+Ent',
+    'mean_teacher_fast_swa': 'MT+fast-SWA (averaged weights)',
+    'semimeta_train': 'SemiMeta, finite_difference, train-mode meta forward',
+    'semimeta_exact_train': 'SemiMeta, exact (K = 1), train-mode meta forward',
+    'semimeta_first_order_train': 'SemiMeta, first_order, train-mode meta forward',
+    'semimeta_jvp_train': 'SemiMeta, jvp, train-mode meta forward',
+    'semimeta_exact_k2_train': 'SemiMeta, exact K = 2, train-mode meta forward',
+    'semimeta_exact_k3_train': 'SemiMeta, exact K = 3, train-mode meta forward',
 }
 
 
@@ -130,15 +182,17 @@ def run_one(variant, seed, out, data_dir, extra):
 
 
 def table(rows):
-  """Markdown: one line per variant, mean +- std over seeds of final and best error."""
-  lines = ['| method | seeds | test error % (final) | test error % (best) |', '|---|---|---|---|']
+  """Markdown: one line per variant, mean +- std over seeds of final and best error, and run time."""
+  lines = ['| method | seeds | test error % (final) | test error % (best) | s / run |',
+           '|---|---|---|---|---|']
   for variant in dict.fromkeys(row['variant'] for row in rows):
     final = np.array([r['final_error_top1'] for r in rows if r['variant'] == variant])
     best = np.array([r['best_error_top1'] for r in rows if r['variant'] == variant])
     labels = sorted({r['num_labeled'] for r in rows if r['variant'] == variant})
     label = LABELS[variant].format(labels='/'.join(map(str, labels)))
+    seconds = np.array([r['wall_seconds'] for r in rows if r['variant'] == variant])
     lines.append(f'| {label} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
-                 f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} |')
+                 f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} | {seconds.mean():.0f} |')
   return '\n'.join(lines)
 
 

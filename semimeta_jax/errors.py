@@ -12,3 +12,13 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A configuration field has a value the run cannot use; the message names the field."""
+
+
+def require(condition: bool, field: str, value, expectation: str) -> None:
+  """Raises `ConfigError` naming `config.<field>` unless `condition` holds.
+
+  Shared by `validation.py` and every method's, model's and dataset's own
+  `validate`, so all configuration errors read alike.
+  """
+  if not condition:
+    raise ConfigError(f'config.{field}={value!r}: {expectation}.')

@@ -8,19 +8,24 @@ from semimeta_jax import parallel
 from semimeta_jax.methods import common
 
 
-def eval_step(state, batch, *, use_ema: bool = False):
+def eval_step(state, batch, *, use_ema: bool = False, use_swa: bool = False):
   """Masked sums over one global batch {'image', 'label', 'mask'}.
 
   Args:
     state: the TrainState.
     batch: a global evaluation batch; rows with mask False are padding.
     use_ema: evaluate the EMA weights instead of the raw ones.
+    use_swa: evaluate fast-SWA's averaged weights with their recomputed statistics.
 
   Returns:
     {'correct_top1', 'correct_top5', 'loss_sum', 'count'} as float32 scalars.
   """
-  params, stats = ((state.ema_params, state.ema_batch_stats) if use_ema
-                   else (state.params, state.batch_stats))
+  if use_swa:
+    params, stats = state.swa['params'], state.swa['batch_stats']
+  elif use_ema:
+    params, stats = state.ema_params, state.ema_batch_stats
+  else:
+    params, stats = state.params, state.batch_stats
   logits = common.eval_forward(state, params, batch['image'], batch_stats=stats)
   mask = batch['mask'].astype(jnp.float32)
   masked_sum = lambda values: jnp.sum(values * mask)

@@ -35,9 +35,9 @@ MODES = ('exact', 'first_order', 'jvp', 'finite_difference')
 PROJECTIONS = ('relu_normalize', 'simplex')
 
 
-def inner_loss(params: Params, apply_fn: ApplyFn, x_u: jax.Array, pseudo: jax.Array) -> jax.Array:
+def inner_loss(params: Params, apply_fn: ApplyFn, x_u: jax.Array, ytil: jax.Array) -> jax.Array:
   """L_u: the unlabeled loss of `params` against the pseudo-labels."""
-  return losses.probability_mse(apply_fn(params, x_u), pseudo)
+  return losses.probability_mse(apply_fn(params, x_u), ytil)
 
 
 def outer_loss(params: Params, apply_fn: ApplyFn, x_l: jax.Array, y_l: jax.Array) -> jax.Array:
@@ -45,26 +45,26 @@ def outer_loss(params: Params, apply_fn: ApplyFn, x_l: jax.Array, y_l: jax.Array
   return losses.cross_entropy(apply_fn(params, x_l), y_l)
 
 
-def virtual_step(params: Params, apply_fn: ApplyFn, x_u: jax.Array, pseudo: jax.Array, *,
+def virtual_step(params: Params, apply_fn: ApplyFn, x_u: jax.Array, ytil: jax.Array, *,
                  alpha: jax.Array, inner_steps: int = 1) -> Params:
-  """theta~: `inner_steps` SGD steps of size `alpha` on L_u, differentiable in `pseudo`."""
+  """theta~: `inner_steps` SGD steps of size `alpha` on L_u, differentiable in `ytil`."""
   for _ in range(inner_steps):
-    grads = jax.grad(inner_loss)(params, apply_fn, x_u, pseudo)
+    grads = jax.grad(inner_loss)(params, apply_fn, x_u, ytil)
     params = jax.tree.map(lambda p, g: p - alpha * g, params, grads)
   return params
 
 
-def exact(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *, alpha, inner_steps: int = 1):
+def exact(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, inner_steps: int = 1):
   """Exact hypergradient by differentiating through the unrolled virtual steps."""
 
   def bilevel_objective(y):
     adapted = virtual_step(params, apply_fn, x_u, y, alpha=alpha, inner_steps=inner_steps)
     return outer_loss(adapted, apply_fn, x_l, y_l)
 
-  return jax.grad(bilevel_objective)(pseudo)
+  return jax.grad(bilevel_objective)(ytil)
 
 
-def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *, alpha):
+def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha):
   """The paper's first-order approximation: L_l(theta~) ~ L_l(theta) + <grad L_l(theta), theta~ - theta>."""
   v = jax.lax.stop_gradient(jax.grad(outer_loss)(params, apply_fn, x_l, y_l))
 
@@ -72,18 +72,18 @@ def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *, alp
     inner_grads = jax.grad(inner_loss)(params, apply_fn, x_u, y)
     return -alpha * optax.tree.vdot(v, inner_grads)
 
-  return jax.grad(linearised_objective)(pseudo)
+  return jax.grad(linearised_objective)(ytil)
 
 
-def _outer_direction(apply_fn, params, x_l, y_l, x_u, pseudo, *, alpha, theta_tilde_is_theta):
+def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tilde_is_theta):
   """u = grad L_l(theta~), skipping the virtual step when it is known to be a no-op."""
   if theta_tilde_is_theta:
     return jax.grad(outer_loss)(params, apply_fn, x_l, y_l)
-  adapted = virtual_step(params, apply_fn, x_u, pseudo, alpha=alpha)
+  adapted = virtual_step(params, apply_fn, x_u, ytil, alpha=alpha)
   return jax.grad(outer_loss)(adapted, apply_fn, x_l, y_l)
 
 
-def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *, alpha,
+def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
         theta_tilde_is_theta: bool = False):
   """Exact K = 1 hypergradient in forward mode: g_i = (2 alpha / B_u) J_i u.
 
@@ -96,20 +96,20 @@ def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *, alpha,
       forward (the official evaluation-mode meta step), where grad L_u = 0 and
       theta~ = theta, to skip the virtual step.
   """
-  u = _outer_direction(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,
+  u = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
                        theta_tilde_is_theta=theta_tilde_is_theta)
   probs = lambda p: jax.nn.softmax(losses.at_least_float32(apply_fn(p, x_u)))
   _, jacobian_times_u = jax.jvp(probs, (params,), (u,))
   return (2.0 * alpha / x_u.shape[0]) * jacobian_times_u
 
 
-def finite_difference_direction(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *,
+def finite_difference_direction(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
                                 alpha, epsilon: float, theta_tilde_is_theta: bool = False):
   """The official direction d = (softmax(f(theta + eps v)) - softmax(f(theta - eps v))) / eps.
 
   v = grad L_l(theta~) and eps = epsilon / ||v||; d approximates 2 J_i v.
   """
-  v = _outer_direction(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,
+  v = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
                        theta_tilde_is_theta=theta_tilde_is_theta)
   # A zero labeled gradient (a perfect fit) gives d = 0, not a division by zero.
   eps = epsilon / jnp.maximum(optax.tree.norm(v), jnp.finfo(jnp.float32).tiny)
@@ -118,15 +118,15 @@ def finite_difference_direction(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u
   return (probs(shifted(1.0)) - probs(shifted(-1.0))) / eps
 
 
-def finite_difference(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *, alpha,
+def finite_difference(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
                       epsilon: float, theta_tilde_is_theta: bool = False):
   """The official estimator in hypergradient units: g = (alpha / B_u) d."""
-  d = finite_difference_direction(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,
+  d = finite_difference_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
                                   epsilon=epsilon, theta_tilde_is_theta=theta_tilde_is_theta)
   return (alpha / x_u.shape[0]) * d
 
 
-def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, pseudo, *,
+def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
                   alpha, inner_steps: int = 1, epsilon: float = 1e-2,
                   theta_tilde_is_theta: bool = False) -> jax.Array:
   """g = d L_l(theta~(ytil)) / d ytil by the estimator `mode` (one of MODES).
@@ -138,7 +138,7 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, p
     params: theta.
     x_l, y_l: the labeled batch (integer labels).
     x_u: the unlabeled batch.
-    pseudo: ytil, [B_u, num_classes].
+    ytil: the pseudo-labels before the meta step, [B_u, num_classes].
     alpha: the virtual step size (inner learning rate).
     inner_steps: static; K unrolled virtual steps (`exact` only; the other
       estimators are K = 1 formulas).
@@ -146,17 +146,17 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, p
     theta_tilde_is_theta: static; see `jvp`. Ignored by `exact` and `first_order`.
 
   Returns:
-    g with the shape of `pseudo`.
+    g with the shape of `ytil`.
   """
   if mode == 'exact':
-    return exact(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha, inner_steps=inner_steps)
+    return exact(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, inner_steps=inner_steps)
   if mode == 'first_order':
-    return first_order(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha)
+    return first_order(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha)
   if mode == 'jvp':
-    return jvp(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,
+    return jvp(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
                theta_tilde_is_theta=theta_tilde_is_theta)
   if mode == 'finite_difference':
-    return finite_difference(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha, epsilon=epsilon,
+    return finite_difference(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, epsilon=epsilon,
                              theta_tilde_is_theta=theta_tilde_is_theta)
   raise ValueError(f'Unknown hypergradient mode {mode!r}; expected one of {MODES}.')
 
@@ -186,22 +186,15 @@ def relu_normalize(y: jax.Array, fallback: jax.Array) -> jax.Array:
 
 
 def simplex_projection(y: jax.Array) -> jax.Array:
-  """Euclidean projection of each row onto the probability simplex (sort-based, exact)."""
-  num_classes = y.shape[-1]
-  sorted_desc = -jnp.sort(-y, axis=-1)
-  cumulative = jnp.cumsum(sorted_desc, axis=-1) - 1.0
-  ranks = jnp.arange(1, num_classes + 1, dtype=y.dtype)
-  support = sorted_desc - cumulative / ranks > 0
-  rho = jnp.sum(support, axis=-1, keepdims=True)  # >= 1 always.
-  threshold = jnp.take_along_axis(cumulative, rho - 1, axis=-1) / rho.astype(y.dtype)
-  return jax.nn.relu(y - threshold)
+  """Euclidean projection of each row onto the probability simplex (optax's, row by row)."""
+  return jax.vmap(optax.projections.projection_simplex)(y)
 
 
-def update_pseudo_labels(pseudo: jax.Array, grad: jax.Array, *, beta, projection: str = 'relu_normalize'):
+def update_pseudo_labels(ytil: jax.Array, grad: jax.Array, *, beta, projection: str = 'relu_normalize'):
   """yhat = project(ytil - beta * g) with `projection` one of PROJECTIONS."""
-  stepped = pseudo - beta * grad
+  stepped = ytil - beta * grad
   if projection == 'relu_normalize':
-    return relu_normalize(stepped, fallback=pseudo)
+    return relu_normalize(stepped, fallback=ytil)
   if projection == 'simplex':
     return simplex_projection(stepped)
   raise ValueError(f'Unknown pseudo-label projection {projection!r}; expected one of {PROJECTIONS}.')

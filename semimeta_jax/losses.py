@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:
@@ -10,9 +11,9 @@ def at_least_float32(x: jax.Array) -> jax.Array:
 
 
 def cross_entropy_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Cross-entropy of each integer label under its row of `logits`."""
-  log_probs = jax.nn.log_softmax(at_least_float32(logits))
-  return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  """Cross-entropy of each integer label under its row of `logits` (optax's)."""
+  return optax.losses.softmax_cross_entropy_with_integer_labels(at_least_float32(logits),
+                                                                labels.astype(jnp.int32))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -27,8 +28,7 @@ def kl_divergence(targets: jax.Array, logits: jax.Array) -> jax.Array:
   entropy term only makes the reported value zero at a perfect fit.
   """
   log_probs = jax.nn.log_softmax(at_least_float32(logits))
-  per_example = jnp.sum(jax.scipy.special.xlogy(targets, targets) - targets * log_probs, axis=-1)
-  return jnp.mean(per_example)
+  return jnp.mean(optax.losses.kl_divergence(log_probs, targets))
 
 
 def probability_mse(logits: jax.Array, targets: jax.Array) -> jax.Array:

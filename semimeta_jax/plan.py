@@ -55,7 +55,7 @@ def run_plan(config, workdir: str) -> str:
       f'labeled       {num_labeled} examples, batch {config.labeled_batch_size}: '
       f'{steps * config.labeled_batch_size / max(num_labeled, 1):.1f} epochs',
   ]
-  if config.method in methods.USES_UNLABELED:
+  if methods.get(config.method).uses_unlabeled:
     pool = num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
     lines.append(f'unlabeled     {pool} examples, batch {config.unlabeled_batch_size}: '
                  f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs')

@@ -35,18 +35,48 @@ def warmup_step_decay(base_lr: float, warmup_steps: int, boundaries, factor: flo
   return schedule
 
 
-def learning_rate_schedule(config) -> optax.Schedule:
-  """The learning-rate schedule named by `config.lr_schedule`."""
+def fast_swa_tail_steps(config) -> int:
+  """Steps of fast-SWA's cyclic tail: the last ones of `num_train_steps` (0 when off)."""
+  swa = config.fast_swa
+  return swa.cycles * swa.cycle_steps if swa.cycles > 0 else 0
+
+
+def cyclic_cosine(start: int, cycle_steps: int, lr_max: float, lr_min: float) -> optax.Schedule:
+  """fast-SWA's tail from step `start` on: every cycle a cosine from lr_max down to lr_min."""
+
+  def schedule(count):
+    phase = jnp.mod(jnp.asarray(count) - start, cycle_steps).astype(jnp.float32) / cycle_steps
+    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + jnp.cos(jnp.pi * phase))
+
+  return schedule
+
+
+def _main_schedule(config, main_steps: int) -> optax.Schedule:
   if config.lr_schedule == 'step':
     return warmup_step_decay(config.learning_rate, config.warmup_steps,
                              config.lr_decay_boundaries, config.lr_decay_factor)
   if config.lr_schedule == 'cosine':
-    # ImageNet recipe: linear warm-up, then cosine decay to zero at the last step.
+    # ImageNet recipe: linear warm-up, then cosine decay to zero at the end of the main schedule.
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate,
         warmup_steps=config.warmup_steps,
-        decay_steps=max(config.num_train_steps, config.warmup_steps + 1), end_value=0.0)
+        decay_steps=max(main_steps, config.warmup_steps + 1), end_value=0.0)
   raise ValueError(f'config.lr_schedule={config.lr_schedule!r}; expected one of {SCHEDULES}.')
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """The learning-rate schedule named by `config.lr_schedule`, then fast-SWA's tail if on.
+
+  The main schedule fills the first `num_train_steps - fast_swa_tail_steps` steps.
+  """
+  tail = fast_swa_tail_steps(config)
+  main = _main_schedule(config, config.num_train_steps - tail)
+  if not tail:
+    return main
+  start = config.num_train_steps - tail
+  swa = config.fast_swa
+  cyclic = cyclic_cosine(start, swa.cycle_steps, swa.lr_max, swa.lr_min)
+  return lambda count: jnp.where(jnp.asarray(count) < start, main(count), cyclic(count))
 
 
 def consistency_weight_schedule(config) -> optax.Schedule:

@@ -23,6 +23,11 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: exponential moving average of `params` (Mean Teacher's teacher,
       optional evaluation weights); `None` when no EMA is kept.
     ema_batch_stats: the batch statistics that go with `ema_params`.
+    extra: the method's own state (e.g. Temporal Ensembling's per-example
+      ensemble), `{}` when it keeps none.
+    swa: fast-SWA's running average {'params', 'batch_stats', 'count'} (the
+      statistics recomputed for the averaged weights before each evaluation);
+      `None` when fast-SWA is off.
     rng: raw uint32 key data of the run's base key; per-step keys are
       `fold_in(key, step)`, so a resumed run draws the same randomness.
     apply_fn: `model.apply` (static, not saved).
@@ -35,12 +40,14 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: optax.OptState
   ema_params: PyTree
   ema_batch_stats: PyTree
+  extra: PyTree
+  swa: PyTree
   rng: jax.Array
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, *, apply_fn, params, batch_stats, tx, rng, use_ema=False):
+  def create(cls, *, apply_fn, params, batch_stats, tx, rng, use_ema=False, extra=None, use_swa=False):
     """Builds a fresh state at step 0.
 
     Args:
@@ -50,6 +57,8 @@ class TrainState(flax.struct.PyTreeNode):
       tx: the optimizer.
       rng: a typed or raw PRNG key, the base of every per-step key.
       use_ema: whether to keep an EMA copy of params and batch statistics.
+      extra: the method's own state (default `{}`).
+      use_swa: whether to keep fast-SWA's average of the weights.
     """
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)
@@ -61,6 +70,9 @@ class TrainState(flax.struct.PyTreeNode):
         opt_state=tx.init(params),
         ema_params=copy(params) if use_ema else None,
         ema_batch_stats=copy(batch_stats) if use_ema else None,
+        extra={} if extra is None else extra,
+        swa=({'params': copy(params), 'batch_stats': copy(batch_stats),
+              'count': jnp.zeros((), jnp.int32)} if use_swa else None),
         rng=rng,
         apply_fn=apply_fn,
         tx=tx)
@@ -99,7 +111,8 @@ class TrainState(flax.struct.PyTreeNode):
         ema_batch_stats=ema_batch_stats)
 
 
-def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use_ema=False) -> TrainState:
+def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use_ema=False, extra=None,
+                     use_swa=False) -> TrainState:
   """Initialises a model's variables and optimizer at step 0.
 
   Args:
@@ -109,6 +122,8 @@ def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use
     rng: the run's base key (typed).
     tx: the optimizer; default: SGD with coupled weight decay from `config`.
     use_ema: keep an EMA copy of the weights.
+    extra: the method's own state (`methods.init_train_state` fills it).
+    use_swa: keep fast-SWA's average of the weights.
   """
   init_key, dropout_key, base_key = jax.random.split(rng, 3)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
@@ -119,4 +134,6 @@ def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use
       batch_stats=variables.get('batch_stats', {}),
       tx=tx if tx is not None else schedules.sgd_with_coupled_weight_decay(config),
       rng=base_key,
-      use_ema=use_ema)
+      use_ema=use_ema,
+      extra=extra,
+      use_swa=use_swa)

@@ -1,5 +1,6 @@
 """The training program: mesh, data, state, restore, loop, evaluation, checkpoints, summary."""
 
+import collections
 import functools
 import time
 from typing import Any
@@ -20,17 +21,22 @@ from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
-from semimeta_jax.methods import semimeta
+from semimeta_jax.methods import fast_swa
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
-def create_train_state(config, model, image_shape, mesh) -> state_lib.TrainState:
-  """The step-0 state of `config.seed`, created directly replicated over `mesh`."""
-  init = functools.partial(state_lib.init_train_state, config, model, image_shape,
-                           use_ema=methods.uses_ema(config))
+def create_train_state(config, model, image_shape, mesh, *, num_train=0,
+                       num_classes=0) -> state_lib.TrainState:
+  """The step-0 state of `config.seed`, created directly replicated over `mesh`.
+
+  It holds what the method keeps (EMA, per-example buffers over `num_train`
+  examples and `num_classes` classes) and fast-SWA's average when that is on.
+  """
+  init = functools.partial(methods.init_train_state, config, model, image_shape,
+                           num_train=num_train, num_classes=num_classes)
   return parallel.jit_replicated_init(init, mesh)(jax.random.key(config.seed))
 
 
@@ -54,7 +60,10 @@ class _Run:
     self.inp, self.writer, self.checkpointer = inp, writer, checkpointer
     self.pending: list[dict[str, jax.Array]] = []
     self.last_checked_step = start_step
-    self.headline = 'eval_ema' if config.eval_with_ema else 'eval'
+    if fast_swa.enabled(config) and config.fast_swa.headline:
+      self.headline = 'eval_swa'
+    else:
+      self.headline = 'eval_ema' if config.eval_with_ema else 'eval'
     self.errors = _earlier_evaluations(workdir, start_step, f'{self.headline}/error_top1')
     self.last_eval: dict[str, float] = {}
 
@@ -78,21 +87,36 @@ class _Run:
     self.last_checked_step = step
     self.writer.write_scalars(step, {f'train/{k}': v for k, v in {**means, **extra}.items()})
 
-  def evaluate(self, step: int, state, compiled_eval_steps):
-    """Evaluates every weight set (raw, and EMA when kept) and logs the errors."""
+  def evaluate(self, step: int, state, compiled_eval_steps, swa_statistics=None, recent_batches=()):
+    """Evaluates every weight set (raw; EMA and fast-SWA when kept) and logs the errors.
+
+    fast-SWA's average is evaluated once it holds a snapshot, after its batch-norm
+    statistics are recomputed over `recent_batches`. Returns the state (with those
+    statistics, so that a checkpoint carries them).
+    """
+    weight_sets = dict(compiled_eval_steps)
+    if 'eval_swa' in weight_sets:
+      if int(jax.device_get(state.swa['count'])) and recent_batches:
+        state = fast_swa.with_recomputed_batch_stats(
+            state, [swa_statistics(state, batch) for batch in recent_batches])
+      else:
+        del weight_sets['eval_swa']  # No average yet (or no batch since a resume).
     scalars = {}
-    for prefix, eval_step in compiled_eval_steps.items():
+    for prefix, eval_step in weight_sets.items():
       started = time.time()
       result = evaluation.evaluate(eval_step, state, self.inp.eval_batches(), self.mesh)
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
       scalars[f'{prefix}/seconds'] = time.time() - started
+    self.writer.write_scalars(step, scalars)
+    if self.headline not in weight_sets:
+      return state
     self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items()
                       if k.startswith(self.headline + '/')}
     self.errors.append(self.last_eval['error_top1'])
-    self.writer.write_scalars(step, scalars)
     logging.info('step %d: test error %.2f%% (top-5 %.2f%%) on %d examples', step,
                  self.last_eval['error_top1'], self.last_eval['error_top5'],
                  self.last_eval['num_examples'])
+    return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -120,25 +144,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count(), jax.device_count(), jax.devices()[0].platform, info.name,
                info.num_train, info.num_test, info.num_classes)
 
+  method = methods.get(config.method)
   model = models.get_model(config, info.num_classes)
-  state = create_train_state(config, model, info.image_shape, mesh)
+  state = create_train_state(config, model, info.image_shape, mesh, num_train=info.num_train,
+                             num_classes=info.num_classes)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     state = checkpointer.restore(state, start_step)
     logging.info('Resumed from the checkpoint at step %d.', start_step)
 
-  inp = data.build_input(config, workdir, start_step=start_step)
+  inp = data.build_input(config, workdir, start_step=start_step, uses_unlabeled=method.uses_unlabeled)
   train_step = parallel.jit_train_step(methods.make_train_step(config, info.num_classes), mesh)
   compiled_eval_steps = {'eval': parallel.jit_eval_step(evaluation.eval_step, mesh)}
   if state.ema_params is not None:
     compiled_eval_steps['eval_ema'] = parallel.jit_eval_step(
         functools.partial(evaluation.eval_step, use_ema=True), mesh)
+  swa_statistics, recent_batches = None, ()
+  if state.swa is not None:
+    compiled_eval_steps['eval_swa'] = parallel.jit_eval_step(
+        functools.partial(evaluation.eval_step, use_swa=True), mesh)
+    swa_statistics = parallel.jit_eval_step(fast_swa.batch_statistics, mesh)
+    # The statistics pass reads the last training batches: no second stream to keep in step.
+    recent_batches = collections.deque(maxlen=config.fast_swa.bn_update_batches)
 
-  diagnose = None
-  if config.hypergrad_diagnostics_every_steps and config.method == 'semimeta':
-    diagnose = parallel.jit_eval_step(
-        functools.partial(semimeta.hypergradient_fidelity, config=config), mesh)
+  diagnose, diagnose_every = None, method.diagnostics_every_steps(config)
+  if diagnose_every and method.diagnostics is not None:
+    diagnose = parallel.jit_eval_step(functools.partial(method.diagnostics, config=config), mesh)
 
   finished = start_step >= config.num_train_steps
   # A finished run started again is evaluated and reported, not logged again:
@@ -153,10 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = parallel.to_global(next(inp.train_batches), mesh)
-      if diagnose and step % config.hypergrad_diagnostics_every_steps == 0:
+      if swa_statistics is not None:
+        recent_batches.append(batch)
+      if diagnose and step % diagnose_every == 0:
         # On the state the step is about to update (it is donated to the step).
-        fidelity = jax.device_get(diagnose(state, batch))
-        writer.write_scalars(step, {f'hypergrad/{k}': float(v) for k, v in fidelity.items()})
+        values = jax.device_get(diagnose(state, batch))
+        writer.write_scalars(step, {f'{method.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
       preempted = guard.should_stop(step)
@@ -167,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.block_until_ready(step_metrics)
         run.report_train_metrics(step, progress(step) or {})  # Also the finiteness check before a save.
       if step % config.eval_every_steps == 0 or is_last:
-        run.evaluate(step, state, compiled_eval_steps)
+        state = run.evaluate(step, state, compiled_eval_steps, swa_statistics, recent_batches)
       if must_save:
         checkpointer.save(step, state)
       if preempted:
@@ -176,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
     if not run.last_eval and not preempted:
       # Nothing left to train (a finished run started again): evaluate what was restored.
-      run.evaluate(step, state, compiled_eval_steps)
+      state = run.evaluate(step, state, compiled_eval_steps, swa_statistics, recent_batches)
   finally:
     guard.close()
     checkpointer.wait_until_finished()

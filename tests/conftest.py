@@ -15,6 +15,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_opt
                            ' --xla_gpu_deterministic_ops=true').strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Eight simulated CPU devices for the multi-device tests; set before any test
 # starts the backend. Single-device tests use a one-device mesh or plain jit.
@@ -60,9 +61,11 @@ def tiny_config(**overrides):
 def synthetic_batch(key, batch_size=16, image_shape=(8, 8, 1), num_classes=10):
   """A labeled + unlabeled batch in the training loop's layout."""
   keys = jax.random.split(key, 4)
-  part = lambda k1, k2: {'image': jax.random.normal(k1, (batch_size, *image_shape)),
-                         'label': jax.random.randint(k2, (batch_size,), 0, num_classes)}
-  return {'labeled': part(keys[0], keys[1]), 'unlabeled': part(keys[2], keys[3])}
+  # Train-split indices: the labeled examples first, then the unlabeled ones.
+  part = lambda k1, k2, first: {'image': jax.random.normal(k1, (batch_size, *image_shape)),
+                                'label': jax.random.randint(k2, (batch_size,), 0, num_classes),
+                                'index': first + jnp.arange(batch_size, dtype=jnp.int32)}
+  return {'labeled': part(keys[0], keys[1], 0), 'unlabeled': part(keys[2], keys[3], batch_size)}
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from semimeta_jax import methods
 from semimeta_jax import models
 from semimeta_jax import schedules
 from semimeta_jax import state as state_lib
+from semimeta_jax import validation
 from semimeta_jax.methods import augment
 from semimeta_jax.methods import mean_teacher
 from semimeta_jax.methods import pi_model
@@ -178,6 +179,8 @@ def test_pi_consistency_is_zero_exactly_when_the_views_coincide(noise, expect_ze
 def test_mean_teacher_requires_an_ema_decay():
   config = baseline_config('mean_teacher', ema_decay=0.0)
   assert methods.uses_ema(config)
-  step = methods.make_train_step(config, 10)
-  with pytest.raises(ValueError, match='ema_decay'):
-    step(fresh_state(config), synthetic_batch(jax.random.key(5)))
+  # One check, through the registry: config validation and building the step both refuse it.
+  with pytest.raises(validation.ConfigError, match='config.ema_decay=0.0'):
+    validation.validate_config(config)
+  with pytest.raises(validation.ConfigError, match='ema_decay'):
+    methods.make_train_step(config, 10)

@@ -178,7 +178,7 @@ def test_evaluation_counts_every_example_once(data_dir, process_count):
 
 def test_supervised_has_no_unlabeled_stream(data_dir):
   config = _config(data_dir, method='supervised', num_labels=-1)
-  inp = data.build_input(config, None, process_index=0, process_count=1)
+  inp = data.build_input(config, None, process_index=0, process_count=1, uses_unlabeled=False)
   assert inp.unlabeled_indices is None
   assert set(next(inp.train_batches)) == {'labeled'}
   assert len(inp.labeled_indices) == 1497

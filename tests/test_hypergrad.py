@@ -211,6 +211,17 @@ class TestProjections:
     np.testing.assert_allclose(projected.sum(-1), 1.0, atol=1e-12)
     assert projected.min() >= 0.0
 
+  def test_optax_projection_equals_the_former_sort_based_one(self):
+    """optax's projection replaced this project's sort-based formula: same numbers."""
+    y = jnp.asarray(np.asarray(jax.random.normal(jax.random.key(2), (200, 10))) * 0.7)
+    sorted_desc = -jnp.sort(-y, axis=-1)
+    cumulative = jnp.cumsum(sorted_desc, axis=-1) - 1.0
+    ranks = jnp.arange(1, y.shape[-1] + 1, dtype=y.dtype)
+    rho = jnp.sum(sorted_desc - cumulative / ranks > 0, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(cumulative, rho - 1, axis=-1) / rho.astype(y.dtype)
+    np.testing.assert_allclose(hypergrad.simplex_projection(y), jax.nn.relu(y - threshold),
+                               rtol=0, atol=1e-12)
+
   def test_simplex_projection_keeps_distributions(self):
     dist = jax.nn.softmax(jax.random.normal(jax.random.key(1), (10, 5)))
     np.testing.assert_allclose(hypergrad.simplex_projection(dist), dist, atol=1e-12)

@@ -111,7 +111,7 @@ def train_dataset(images, labels, streams, *, start_step, process_index,
 
   Returns:
     `tf.data.Dataset` of {stream name: {'image': float32 [b, H, W, C],
-    'label': int32 [b]}}, b = global_batch // process_count.
+    'label': int32 [b], 'index': int32 [b]}}, b = global_batch // process_count.
   """
   images = tf.constant(images)
   labels = tf.constant(labels, tf.int32)
@@ -126,7 +126,9 @@ def train_dataset(images, labels, streams, *, start_step, process_index,
           tf.gather(images, index), batch_draws(stream, step, rows),
           augment_kind, spec.pad, pad_mode)
       out[name] = {'image': augment.normalize(batch, spec.mean, spec.std),
-                   'label': tf.gather(labels, index)}
+                   'label': tf.gather(labels, index),
+                   # Train-split index: per-example state (Temporal Ensembling) is keyed by it.
+                   'index': tf.cast(index, tf.int32)}
     return out
 
   ds = tf.data.Dataset.range(start_step, _LAST_STEP)

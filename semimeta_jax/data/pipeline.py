@@ -36,9 +36,10 @@ class Input:
     info: the `DatasetInfo` (sizes as read).
     labeled_indices: ascending train-split indices of the labeled examples.
     unlabeled_indices: ascending train-split indices of the unlabeled pool
-      (None for the supervised method, which has no unlabeled stream).
+      (None when the method reads no unlabeled stream).
     train_batches: iterator over host-local numpy batches from the start step:
-      {'labeled': {'image', 'label'}, 'unlabeled': {'image', 'label'}}.
+      {'labeled': {'image', 'label', 'index'}, 'unlabeled': {...}}; 'index' is
+      each example's train-split index.
     num_eval_examples: size of the evaluation split.
   """
   info: datasets.DatasetInfo
@@ -91,7 +92,7 @@ def _hide_gpus_from_tensorflow():
 
 
 def build_input(config, workdir, *, start_step=0, process_index=None,
-                process_count=None):
+                process_count=None, uses_unlabeled=True):
   """Builds the training streams and evaluation batches of a run.
 
   Args:
@@ -104,6 +105,8 @@ def build_input(config, workdir, *, start_step=0, process_index=None,
     start_step: global step of the first training batch.
     process_index: this process; default `jax.process_index()`.
     process_count: number of processes; default `jax.process_count()`.
+    uses_unlabeled: whether to build the unlabeled stream (the method's
+      `uses_unlabeled`).
 
   Returns:
     An `Input`.
@@ -140,7 +143,7 @@ def build_input(config, workdir, *, start_step=0, process_index=None,
       workdir, labels, dataset=spec.name, num_classes=spec.num_classes,
       num_labels=data.num_labels, label_fraction=data.label_fraction,
       seed=config.seed, num_train=num_train, write=process_index == 0)
-  pools = _pools(config, num_train, labeled)
+  pools = _pools(config, num_train, labeled, uses_unlabeled)
 
   augment_kind = spec.augment if data.augment else 'none'
   if spec.in_memory:
@@ -179,18 +182,18 @@ def build_input(config, workdir, *, start_step=0, process_index=None,
                num_eval_examples=num_test, make_eval_batches=make_eval)
 
 
-def _pools(config, num_train, labeled):
+def _pools(config, num_train, labeled, uses_unlabeled):
   """{stream: (train indices, global batch size, stream id)} of the run."""
   pools = {'labeled': (labeled, config.labeled_batch_size, _LABELED)}
-  if config.method == 'supervised':
+  if not uses_unlabeled:
     return pools
   unlabeled = splits.unlabeled_indices(
       num_train, labeled, config.data.unlabeled_includes_labeled)
   if not unlabeled.size:
     raise errors.ConfigError(
         'The unlabeled pool is empty (every training example is labeled); '
-        'set config.data.unlabeled_includes_labeled=True or '
-        "config.method='supervised'.")
+        'set config.data.unlabeled_includes_labeled=True or choose a method '
+        'that reads no unlabeled stream.')
   pools['unlabeled'] = (unlabeled, config.unlabeled_batch_size, _UNLABELED)
   return pools
 

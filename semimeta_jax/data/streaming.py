@@ -78,13 +78,13 @@ def scan_labels(builder, split, num_examples, num_readers=None):
 
 
 def _encoded_examples(builder, split, start, stop, keep):
-  """(index, encoded image, label) of the kept records of [start, stop)."""
+  """(encoded image, label, split index) of the kept records of [start, stop)."""
   ds = _read_range(builder, split, start, stop,
                    {'image': tfds.decode.SkipDecoding()})
   ds = ds.enumerate(start=start)
   keep = tf.constant(keep)
   ds = ds.filter(lambda i, ex: keep[i - start])
-  return ds.map(lambda i, ex: (ex['image'], ex['label']))
+  return ds.map(lambda i, ex: (ex['image'], ex['label'], i))
 
 
 def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
@@ -107,7 +107,8 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
     shuffle_buffer: examples in the shuffle buffer of each epoch.
 
   Returns:
-    `tf.data.Dataset` of {'image': float32 [b, H, W, C], 'label': int32 [b]}.
+    `tf.data.Dataset` of {'image': float32 [b, H, W, C], 'label': int32 [b],
+    'index': int32 [b]}.
 
   Raises:
     ValueError: the share holds none of the pool's records.
@@ -140,10 +141,12 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
                            ds.skip(first % size))
 
   def decode(position, example):
-    encoded, label = example
+    encoded, label, index = example
     seed = tf.stack([tf.constant(augment_seed, tf.int64), position])
     return {'image': preprocess(encoded, seed),
-            'label': tf.cast(label, tf.int32)}
+            'label': tf.cast(label, tf.int32),
+            # Train-split index: per-example state (Temporal Ensembling) is keyed by it.
+            'index': tf.cast(index, tf.int32)}
 
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch_size, drop_remainder=True)

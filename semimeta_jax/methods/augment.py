@@ -18,9 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Defaults of the optional config fields read by `from_config`.
-DEFAULT_NOISE_STD = 0.15
-DEFAULT_MAX_TRANSLATION = 2
+from semimeta_jax import errors
 
 
 def translate(images: jax.Array, offsets: jax.Array, max_translation: int) -> jax.Array:
@@ -73,14 +71,24 @@ def perturb(key: jax.Array, images: jax.Array, *, max_translation: int, flip: bo
   return images
 
 
+def validate(config) -> None:
+  """The perturbation fields of every method that perturbs its inputs here.
+
+  Raises:
+    errors.ConfigError: naming the field.
+  """
+  errors.require(config.input_noise_std >= 0, 'input_noise_std', config.input_noise_std, 'must be >= 0')
+  errors.require(isinstance(config.max_translation, int) and config.max_translation >= 0,
+                 'max_translation', config.max_translation, 'must be an integer >= 0')
+
+
 def from_config(config):
   """`perturb` with its options read from the config: `(key, images) -> images`.
 
-  Reads the optional fields `input_noise_std` (default 0.15), `max_translation`
-  (default 2) and `perturb_flip` (default False).
+  Reads `input_noise_std`, `max_translation` and `perturb_flip` (configs/default.py).
   """
   return functools.partial(
       perturb,
-      max_translation=int(config.get('max_translation', DEFAULT_MAX_TRANSLATION)),
-      flip=bool(config.get('perturb_flip', False)),
-      noise_std=float(config.get('input_noise_std', DEFAULT_NOISE_STD)))
+      max_translation=int(config.max_translation),
+      flip=bool(config.perturb_flip),
+      noise_std=float(config.input_noise_std))

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from semimeta_jax import errors
 from semimeta_jax import losses
 from semimeta_jax import schedules
 from semimeta_jax.methods import augment
+from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import pi_model
 
@@ -41,12 +43,16 @@ from semimeta_jax.methods import pi_model
 STUDENT_VIEW, TEACHER_VIEW = 0, 1
 
 
-def check_config(config):
-  """Raises ValueError unless `config.ema_decay` is in (0, 1)."""
-  if not 0.0 < config.ema_decay < 1.0:
-    raise ValueError(
-        f'method=mean_teacher needs 0 < config.ema_decay < 1 (the teacher is the EMA of the '
-        f'student, e.g. 0.999); got {config.ema_decay}.')
+def validate(config):
+  """The teacher is the EMA of the student: `config.ema_decay` must be in (0, 1).
+
+  Raises:
+    errors.ConfigError: naming the field.
+  """
+  augment.validate(config)
+  errors.require(0.0 < config.ema_decay < 1.0, 'ema_decay', config.ema_decay,
+                 'mean_teacher needs 0 < ema_decay < 1 (the teacher is the EMA of the student, '
+                 'e.g. 0.999)')
 
 
 def teacher_decay(config, step: jax.Array) -> jax.Array:
@@ -93,14 +99,14 @@ def objective(params, teacher_params, state, batch, *, weight, config):
 def train_step(state, batch, *, config, num_classes):
   """One Mean Teacher update. Pure: (state, batch) -> (state, metrics).
 
+  `config` is checked by `validate` (through the registry) before the step is built.
+
   Raises:
-    ValueError: if `config.ema_decay` is not in (0, 1), or the state keeps no EMA
-      (build it with `use_ema=methods.uses_ema(config)`).
+    ValueError: if the state keeps no EMA (build it with `methods.init_train_state`).
   """
   del num_classes  # The labels carry it.
-  check_config(config)
   if state.ema_params is None:
-    raise ValueError('method=mean_teacher needs a TrainState with an EMA (use_ema=True).')
+    raise ValueError('Mean Teacher needs a TrainState with an EMA (use_ema=True).')
   labeled, unlabeled = batch['labeled'], batch['unlabeled']
   num_labeled = labeled['image'].shape[0]
   lr = schedules.learning_rate_schedule(config)(state.step)
@@ -125,3 +131,7 @@ def train_step(state, batch, *, config, num_classes):
       'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
+
+
+METHOD = base.Method(name='mean_teacher', train_step=train_step, uses_unlabeled=True,
+                     validate=validate, keeps_ema=lambda config: True)

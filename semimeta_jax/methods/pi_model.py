@@ -33,6 +33,7 @@ import optax
 from semimeta_jax import losses
 from semimeta_jax import schedules
 from semimeta_jax.methods import augment
+from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 
 NUM_VIEWS = 2
@@ -102,3 +103,7 @@ def train_step(state, batch, *, config, num_classes):
       'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
+
+
+METHOD = base.Method(name='pi_model', train_step=train_step, uses_unlabeled=True,
+                     validate=augment.validate)

@@ -16,10 +16,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from semimeta_jax import errors
 from semimeta_jax import hypergrad
 from semimeta_jax import losses
 from semimeta_jax import schedules
+from semimeta_jax.methods import base
 from semimeta_jax.methods import common
+
+FORWARD_MODES = ('eval', 'train')
+
+
+def validate(config) -> None:
+  """The `hypergrad` block and the mix-up fields.
+
+  Raises:
+    errors.ConfigError: naming the first unusable field.
+  """
+  require, hg = errors.require, config.hypergrad
+  for field, choices in (('mode', hypergrad.MODES), ('forward_mode', FORWARD_MODES),
+                         ('projection', hypergrad.PROJECTIONS)):
+    require(hg[field] in choices, f'hypergrad.{field}', hg[field], f'expected one of {choices}')
+  require(isinstance(hg.inner_steps, int) and hg.inner_steps >= 1, 'hypergrad.inner_steps',
+          hg.inner_steps, 'must be an integer >= 1')
+  require(hg.inner_steps == 1 or hg.mode == 'exact', 'hypergrad.inner_steps', hg.inner_steps,
+          f'K > 1 unrolled steps need hypergrad.mode="exact" (mode {hg.mode!r} is a K = 1 formula)')
+  require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
+  require(hg.meta_lr >= 0, 'hypergrad.meta_lr', hg.meta_lr, 'must be >= 0 (0 = the official value)')
+  require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
+  if config.mixup:
+    require(config.mixup_alpha > 0, 'mixup_alpha', config.mixup_alpha, 'must be > 0')
+    require(config.labeled_batch_size == config.unlabeled_batch_size, 'unlabeled_batch_size',
+            config.unlabeled_batch_size,
+            f'mix-up pairs the i-th labeled with the i-th unlabeled example, so it must equal '
+            f'config.labeled_batch_size={config.labeled_batch_size}')
 
 
 def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
@@ -38,8 +67,8 @@ def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
   """
   hg = config.hypergrad
   x_u = unlabeled['image']
-  pseudo_init = jax.nn.softmax(losses.at_least_float32(common.eval_forward(state, state.params, x_u)))
-  pseudo_init = jax.lax.stop_gradient(pseudo_init)
+  ytil = jax.nn.softmax(losses.at_least_float32(common.eval_forward(state, state.params, x_u)))
+  ytil = jax.lax.stop_gradient(ytil)
 
   if hg.forward_mode == 'eval':
     apply_fn = functools.partial(common.eval_forward, state)
@@ -54,20 +83,23 @@ def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
   # grad L_u(theta, ytil) = 0 and theta~ = theta: jvp/finite_difference skip it.
   theta_tilde_is_theta = hg.forward_mode == 'eval'
   grad = hypergrad.hypergradient(
-      hg.mode, apply_fn, state.params, labeled['image'], labeled['label'], x_u, pseudo_init,
+      hg.mode, apply_fn, state.params, labeled['image'], labeled['label'], x_u, ytil,
       alpha=alpha, inner_steps=hg.inner_steps, epsilon=hg.epsilon,
       theta_tilde_is_theta=theta_tilde_is_theta)
-  pseudo = hypergrad.update_pseudo_labels(pseudo_init, grad, beta=beta, projection=hg.projection)
-  return pseudo_init, grad, pseudo
+  yhat = hypergrad.update_pseudo_labels(ytil, grad, beta=beta, projection=hg.projection)
+  return ytil, grad, yhat
 
 
-def mixup(labeled, unlabeled_image, pseudo, *, num_classes, alpha, key):
-  """The official mix-up: the i-th labeled with the i-th unlabeled example, lambda_i ~ Beta(a, a)."""
-  lam = jax.random.beta(key, alpha, alpha, (labeled['image'].shape[0],))
+def mixup(labeled, unlabeled_image, yhat, *, num_classes, concentration, key):
+  """The official mix-up: the i-th labeled with the i-th unlabeled example, lambda_i ~ Beta(a, a).
+
+  `concentration` is a = `config.mixup_alpha` (named apart from the inner step alpha).
+  """
+  lam = jax.random.beta(key, concentration, concentration, (labeled['image'].shape[0],))
   lam_image = lam.reshape((-1,) + (1,) * (labeled['image'].ndim - 1))
   image = lam_image * labeled['image'] + (1.0 - lam_image) * unlabeled_image
   onehot = jax.nn.one_hot(labeled['label'], num_classes)
-  target = lam[:, None] * onehot + (1.0 - lam[:, None]) * pseudo
+  target = lam[:, None] * onehot + (1.0 - lam[:, None]) * yhat
   return image, target
 
 
@@ -78,13 +110,13 @@ def train_step(state, batch, *, config, num_classes):
   weight = schedules.consistency_weight_schedule(config)(state.step)
   key = state.step_key
 
-  pseudo_init, grad, pseudo = meta_pseudo_labels(
+  ytil, grad, yhat = meta_pseudo_labels(
       state, labeled, unlabeled, lr=lr, key=key(common.DROPOUT_META), config=config)
 
   def loss_fn(params):
     if config.mixup:
-      image, target = mixup(labeled, unlabeled['image'], pseudo, num_classes=num_classes,
-                            alpha=config.mixup_alpha, key=key(common.MIXUP))
+      image, target = mixup(labeled, unlabeled['image'], yhat, num_classes=num_classes,
+                            concentration=config.mixup_alpha, key=key(common.MIXUP))
       logits, stats = common.train_forward(state, params, image, state.batch_stats,
                                            key(common.DROPOUT_LABELED))
       supervised = losses.kl_divergence(target, logits)
@@ -95,7 +127,7 @@ def train_step(state, batch, *, config, num_classes):
     # A second forward with its own batch statistics, as the official step does.
     unlabeled_logits, stats = common.train_forward(state, params, unlabeled['image'], stats,
                                                    key(common.DROPOUT_UNLABELED))
-    consistency = losses.probability_mse(unlabeled_logits, pseudo)
+    consistency = losses.probability_mse(unlabeled_logits, yhat)
     return supervised + weight * consistency, (stats, supervised, consistency, unlabeled_logits)
 
   grads, (stats, supervised, consistency, unlabeled_logits) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -107,10 +139,10 @@ def train_step(state, batch, *, config, num_classes):
       'consistency_loss': consistency,
       'learning_rate': lr,
       'consistency_weight': weight,
-      'pseudo_label_entropy': losses.entropy(pseudo),
-      'pseudo_label_accuracy': common.accuracy(pseudo, truth),
-      'initial_pseudo_label_accuracy': common.accuracy(pseudo_init, truth),
-      'pseudo_label_change': jnp.mean(jnp.sum(jnp.abs(pseudo - pseudo_init), axis=-1)),
+      'pseudo_label_entropy': losses.entropy(yhat),
+      'pseudo_label_accuracy': common.accuracy(yhat, truth),
+      'initial_pseudo_label_accuracy': common.accuracy(ytil, truth),
+      'pseudo_label_change': jnp.mean(jnp.sum(jnp.abs(yhat - ytil), axis=-1)),
       'hypergradient_norm': jnp.linalg.norm(grad),
       'unlabeled_accuracy': common.accuracy(unlabeled_logits, truth),
       'grad_norm': optax.tree.norm(grads),
@@ -142,3 +174,13 @@ def hypergradient_fidelity(state, batch, *, config):
       'cosine': jnp.vdot(estimate, exact) / jnp.maximum(norms, tiny),
       'relative_error': jnp.linalg.norm(estimate - exact) / jnp.maximum(jnp.linalg.norm(exact), tiny),
   }
+
+
+METHOD = base.Method(
+    name='semimeta',
+    train_step=train_step,
+    uses_unlabeled=True,
+    validate=validate,
+    diagnostics=hypergradient_fidelity,
+    diagnostics_every_steps=lambda config: config.hypergrad_diagnostics_every_steps,
+    diagnostics_prefix='hypergrad')

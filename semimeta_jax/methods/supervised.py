@@ -5,6 +5,7 @@ import optax
 
 from semimeta_jax import losses
 from semimeta_jax import schedules
+from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 
 
@@ -32,3 +33,7 @@ def train_step(state, batch, *, config, num_classes):
       'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
+
+
+# Labeled-only, or fully supervised with data.num_labels=-1: no unlabeled stream either way.
+METHOD = base.Method(name='supervised', train_step=train_step, uses_unlabeled=False)

@@ -39,7 +39,7 @@ def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     config: reads `model` (one of `MODEL_NAMES`), `model_width` (0 keeps the model's own
       default width), `dropout_rate` (ConvLarge only), `half_precision` (bfloat16
       activations; parameters and logits stay float32) and, for the ResNets, the optional
-      `zero_init_residual` (default False).
+      `zero_init_residual`.
     num_classes: number of output logits.
 
   Returns:
@@ -57,5 +57,5 @@ def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   if name in _TAKES_DROPOUT:
     kwargs['dropout_rate'] = config.dropout_rate
   if name in _TAKES_ZERO_INIT_RESIDUAL:
-    kwargs['zero_init_residual'] = config.get('zero_init_residual', False)
+    kwargs['zero_init_residual'] = config.zero_init_residual
   return _MODELS[name](num_classes=num_classes, **kwargs)

@@ -47,6 +47,10 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
   return init
 
 
+# Flax's momentum of the running averages (PyTorch's 0.1); fast-SWA's statistics pass reads it.
+BN_MOMENTUM = 0.9
+
+
 def batch_norm(train: bool, dtype: Dtype) -> Callable[..., nn.BatchNorm]:
   """Returns a BatchNorm constructor with PyTorch's defaults.
 
@@ -70,7 +74,7 @@ def batch_norm(train: bool, dtype: Dtype) -> Callable[..., nn.BatchNorm]:
   return functools.partial(
       nn.BatchNorm,
       use_running_average=not train,
-      momentum=0.9,
+      momentum=BN_MOMENTUM,
       epsilon=1e-5,
       dtype=dtype,
   )

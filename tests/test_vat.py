@@ -1,0 +1,94 @@
+"""VAT: the adversarial direction is the dominant eigenvector of the KL's Hessian; the step trains."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semimeta_jax import methods
+from semimeta_jax import models
+from semimeta_jax import validation
+from semimeta_jax.methods import common
+from semimeta_jax.methods import vat
+from tests.conftest import synthetic_batch, tiny_config
+
+
+class _MLP(nn.Module):
+  """Per-example network (no batch norm), so each example's KL Hessian is its own block."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(12, param_dtype=jnp.float64)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(4, param_dtype=jnp.float64)(h)
+
+
+@pytest.mark.parametrize('xi', [1e-6, 0.0], ids=['finite_difference', 'exact_hvp'])
+def test_power_iteration_finds_the_dominant_eigenvector_of_the_kl_hessian(xi):
+  with jax.enable_x64(True):
+    model = _MLP()
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 1), jnp.float64)
+    params = model.init(jax.random.key(1), x)
+    logits_fn = lambda inputs: model.apply(params, inputs)
+    clean = logits_fn(x)
+    direction = jax.jit(lambda key: vat.adversarial_direction(
+        logits_fn, x, clean, key, xi=xi, power_iterations=60))(jax.random.key(2))
+    for i in range(x.shape[0]):
+      # The reference: KL(p(x_i) || p(x_i + r)) written out here, its Hessian at r = 0
+      # by jax.hessian, its top eigenvector by numpy.
+      p = jax.nn.softmax(clean[i])
+
+      def kl(r, i=i, p=p):
+        log_q = jax.nn.log_softmax(logits_fn((x[i] + r.reshape(x.shape[1:]))[None])[0])
+        return jnp.sum(p * (jnp.log(p) - log_q))
+
+      hessian = np.asarray(jax.hessian(kl)(jnp.zeros(x[i].size, jnp.float64)))
+      eigenvalues, eigenvectors = np.linalg.eigh(hessian)
+      assert eigenvalues[-1] > 1.5 * eigenvalues[-2] > 0  # A gap, so the test can tell.
+      found = np.asarray(direction[i]).ravel()
+      np.testing.assert_allclose(np.linalg.norm(found), 1.0, rtol=1e-9)
+      np.testing.assert_allclose(abs(found @ eigenvectors[:, -1]), 1.0, atol=1e-6)
+
+
+def test_the_clean_prediction_receives_no_gradient():
+  clean = jax.random.normal(jax.random.key(3), (5, 10))
+  perturbed = jax.random.normal(jax.random.key(4), (5, 10))
+  grad_clean, grad_perturbed = jax.grad(vat.kl_to_clean, argnums=(0, 1))(clean, perturbed)
+  assert np.all(np.asarray(grad_clean) == 0)
+  assert np.any(np.asarray(grad_perturbed) != 0)
+
+
+def _traceable(step):
+  chex.clear_trace_counter()
+  return lambda state, batch: step(state, batch)
+
+
+def test_vat_ent_step_trains_traces_once_and_adds_its_terms():
+  config = tiny_config(method='vat', dropout_rate=0.0, learning_rate=0.1, vat_epsilon=1.0,
+                       entropy_weight=1.0, consistency_weight=1.0)
+  model = models.get_model(config, 10)
+  state = methods.init_train_state(config, model, (8, 8, 1), jax.random.key(0))
+  batch = synthetic_batch(jax.random.key(5))
+  step = jax.jit(chex.assert_max_traces(_traceable(methods.make_train_step(config, 10)), n=1))
+  # Only the labeled forward moves the running averages; the unlabeled ones leave them alone.
+  labeled_stats = jax.jit(lambda s: common.train_forward(
+      s, s.params, batch['labeled']['image'], s.batch_stats, s.step_key(common.DROPOUT_LABELED))[1])(state)
+  history = []
+  for _ in range(20):
+    state, metrics = step(state, batch)
+    history.append(jax.tree.map(float, metrics))
+    if len(history) == 1:
+      chex.assert_trees_all_close(state.batch_stats, labeled_stats, rtol=1e-6)
+  assert history[-1]['supervised_loss'] < 0.75 * history[0]['supervised_loss'], history
+  for m in history:
+    assert m['consistency_loss'] > 0 and m['entropy_loss'] > 0
+    np.testing.assert_allclose(m['loss'], m['supervised_loss'] + m['consistency_loss'] + m['entropy_loss'],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize('field,value', [('vat_epsilon', 0.0), ('vat_xi', -1.0),
+                                         ('vat_power_iterations', 0), ('entropy_weight', -1.0)])
+def test_a_bad_vat_field_is_named(field, value):
+  with pytest.raises(validation.ConfigError, match=f'config.{field}='):
+    validation.validate_config(tiny_config(method='vat', **{field: value}))
