@@ -13,7 +13,6 @@ from semimeta_jax import models
 from semimeta_jax import schedules
 
 
-
 ConfigError = errors.ConfigError
 _require = errors.require
 
