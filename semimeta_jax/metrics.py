@@ -25,6 +25,44 @@ def _to_float(value) -> float | None:
   return value if math.isfinite(value) else None
 
 
+def _parse_rows(path: epath.Path) -> tuple[list[dict[str, Any]], str | None]:
+  """(rows, torn last line or None) of a metrics file; raises on a damaged line elsewhere."""
+  lines = path.read_text().splitlines(keepends=True)
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not line.endswith('\n'):
+        return rows, line  # A crash in the middle of the last write.
+      raise ValueError(f'{path}, line {number}: not a JSON row ({e}).') from e
+  return rows, None
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl` ([] if absent), a torn last line dropped with a warning."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  rows, torn = _parse_rows(path)
+  if torn is not None:
+    logging.warning('Ignoring the torn last line of %s (a run stopped while writing it): %r',
+                    path, torn[:80])
+  return rows
+
+
+def _drop_torn_tail(path: epath.Path):
+  """Cuts a torn last line off `path`, so appended rows start on a line of their own."""
+  if not path.exists():
+    return
+  _, torn = _parse_rows(path)
+  if torn is not None:
+    logging.warning('Removing the torn last line of %s (a run stopped while writing it): %r',
+                    path, torn[:80])
+    with path.open('r+b') as f:
+      f.truncate(len(path.read_bytes()) - len(torn.encode()))
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard (and the log) and to `<workdir>/metrics.jsonl`.
 
@@ -51,6 +89,7 @@ class MetricWriter:
       workdir.mkdir(parents=True, exist_ok=True)
       self._writer = metric_writers.create_default_writer(
           str(workdir), asynchronous=True)
+      _drop_torn_tail(workdir / METRICS_FILE)
       self._jsonl = (workdir / METRICS_FILE).open('a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):

@@ -12,6 +12,8 @@ from semimeta_jax import checkpoint
 from semimeta_jax import data
 from semimeta_jax import models
 from semimeta_jax import parallel
+from semimeta_jax import preemption
+from semimeta_jax import run_dir
 from semimeta_jax import train
 from tests.conftest import tiny_config
 
@@ -83,7 +85,7 @@ def test_an_interrupted_and_resumed_run_ends_with_identical_parameters(uninterru
 def test_a_preempted_run_saves_then_resumes_to_the_same_parameters(uninterrupted, tmp_path, monkeypatch):
   config, reference_dir, _ = uninterrupted
   workdir = tmp_path / 'run'
-  monkeypatch.setattr(checkpoint.PreemptionGuard, 'should_stop', lambda self, step: step == 2)
+  monkeypatch.setattr(preemption.PreemptionGuard, 'should_stop', lambda self, step: step == 2)
   summary = run(mock_config(tmp_path), workdir)
   assert summary['preempted'] and summary['steps'] == 2
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
@@ -118,7 +120,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 def test_a_workdir_holding_another_config_is_refused(uninterrupted, tmp_path):
   config, workdir, _ = uninterrupted
   changed = mock_config(tmp_path, seed=config.seed + 1, hypergrad_diagnostics_every_steps=3)
-  with pytest.raises(checkpoint.ConfigChangedError, match='seed'):
+  with pytest.raises(run_dir.ConfigChangedError, match='seed'):
     run(changed, workdir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
 
