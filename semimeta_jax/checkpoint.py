@@ -26,6 +26,7 @@ from semimeta_jax import state as state_lib
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _CHECKPOINT_DIR = 'checkpoints'
 _STATE, _CHECKSUMS = 'state', 'checksums'
+_LEGACY_ITEM = 'default'  # The single unnamed item of checkpoints written before checksums.
 
 
 class CheckpointSaveError(errors.UserError, OSError):
@@ -121,7 +122,9 @@ class Checkpointer:
         read_only=read_only,
         # The first save creates it: a run that fails its checks writes nothing.
         create=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Named items: otherwise orbax infers the layout from the checkpoints it finds.
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(_STATE, _CHECKSUMS))
 
   def save(self, step: int, state: state_lib.TrainState, *, force: bool = False) -> bool:
     """Starts saving `state` and its checksums as checkpoint `step`.
@@ -201,6 +204,16 @@ class Checkpointer:
 
   def _read(self, step: int, abstract) -> tuple[Any, str | None]:
     """(restored fields, None), or (None, what is wrong with checkpoint `step`)."""
+    step_dir = self.directory / str(step)
+    if not (step_dir / _CHECKSUMS).exists() and (step_dir / _LEGACY_ITEM).exists():
+      # Written before checksums existed: nothing to check it against.
+      logging.warning('Checkpoint %d has no checksums (an older layout); restoring it unchecked.', step)
+      try:
+        with ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False)) as legacy:
+          return legacy.restore(step, args=ocp.args.StandardRestore(abstract)), None
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        return None, f'its arrays are unreadable ({_one_line(e)})'
     try:
       record = self._manager.restore(
           step, args=ocp.args.Composite(**{_CHECKSUMS: ocp.args.JsonRestore()}))[_CHECKSUMS]

@@ -15,6 +15,8 @@ from etils import epath
 import jax
 import numpy as np
 
+from semimeta_jax import errors
+
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 
@@ -23,6 +25,10 @@ def _to_float(value) -> float | None:
   """A Python float from a Python, NumPy or JAX scalar; None if not finite (strict JSON)."""
   value = float(np.asarray(value))
   return value if math.isfinite(value) else None
+
+
+class MetricsFileError(errors.UserError, ValueError):
+  """A line of metrics.jsonl other than the last is damaged."""
 
 
 def _parse_rows(path: epath.Path) -> tuple[list[dict[str, Any]], str | None]:
@@ -35,7 +41,8 @@ def _parse_rows(path: epath.Path) -> tuple[list[dict[str, Any]], str | None]:
     except json.JSONDecodeError as e:
       if number == len(lines) and not line.endswith('\n'):
         return rows, line  # A crash in the middle of the last write.
-      raise ValueError(f'{path}, line {number}: not a JSON row ({e}).') from e
+      raise MetricsFileError(f'{path}, line {number} is not a JSON row ({e}): repair or delete '
+                             'that line, then rerun.') from e
   return rows, None
 
 
@@ -59,8 +66,10 @@ def _drop_torn_tail(path: epath.Path):
   if torn is not None:
     logging.warning('Removing the torn last line of %s (a run stopped while writing it): %r',
                     path, torn[:80])
-    with path.open('r+b') as f:
-      f.truncate(len(path.read_bytes()) - len(torn.encode()))
+    text = path.read_bytes()
+    tmp = path.parent / f'{path.name}.tmp'  # Local or remote (no in-place truncation there).
+    tmp.write_bytes(text[:len(text) - len(torn.encode())])
+    tmp.replace(path)
 
 
 class MetricWriter:

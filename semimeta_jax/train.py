@@ -200,9 +200,10 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
       run.evaluate(step, state, compiled_eval_steps)
   finally:
     guard.close()
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.close()  # Waits for the last save, and raises if it failed.
+    finally:
+      writer.close()
 
   summary = {
       'steps': step,

@@ -22,6 +22,8 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from semimeta_jax import errors
 
@@ -64,13 +66,28 @@ class WorkdirLock:
     self._created_dir = False
 
   def acquire(self):
-    """Takes the lock, or raises `WorkdirLockedError` naming its holder."""
-    if not self.enabled:
-      return self
+    """Takes the lock, or raises `WorkdirLockedError` naming its holder (in every process)."""
+    error = None
+    if self.enabled:
+      try:
+        self._acquire()
+      except WorkdirLockedError as e:
+        error = e
+    if jax.process_count() > 1:
+      # The other processes must not go on alone into collectives process 0 never joins.
+      refused = multihost_utils.process_allgather(np.int32(error is not None))
+      if error is None and np.max(refused):
+        self.release()
+        raise WorkdirLockedError(f'{self.workdir} is in use by another run (see process 0\'s error).')
+    if error is not None:
+      raise error
+    return self
+
+  def _acquire(self):
     if '://' in self.workdir:
       logging.warning('%s is remote: no file lock there, so nothing stops a second run '
                       'on it.', self.workdir)
-      return self
+      return
     if not os.path.isdir(self.workdir):
       os.makedirs(self.workdir)
       self._created_dir = True
@@ -103,7 +120,6 @@ class WorkdirLock:
     os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
     os.fsync(fd)
     self._fd = fd
-    return self
 
   def _remove_created_dir(self):
     if self._created_dir:

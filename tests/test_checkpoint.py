@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 import pytest
 
@@ -259,3 +260,17 @@ def test_a_failed_save_names_its_step_and_cause_and_keeps_the_last_checkpoint(
   assert step == 1
   chex.assert_trees_all_equal(_leaves(restored), _leaves(first))
   assert os.listdir(tmp_path / 'checkpoints') == ['1']
+
+
+def test_a_checkpoint_from_before_checksums_still_restores(tmp_path):
+  state = _advance(_make_state(), 2)
+  # The layout of the previous version: one unnamed item, no checksums.
+  with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
+    manager.save(2, args=ocp.args.StandardSave(_leaves(state)))
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    restored, step = ckpt.restore_newest_intact(_make_state(seed=4))
+    assert step == 2
+    chex.assert_trees_all_equal(_leaves(restored), _leaves(state))
+    ckpt.save(3, _advance(restored))  # The run goes on in the new layout.
+    ckpt.wait_until_finished()
+    assert ckpt.restore_newest_intact(_make_state())[1] == 3
