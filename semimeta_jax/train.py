@@ -165,9 +165,6 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
   run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state)
   progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
   guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps)
-  # Polling a save's completion is local; several processes check at the next save instead,
-  # so that all of them raise at the same step.
-  poll_saves = jax.process_count() == 1
   started, step, preempted = time.time(), start_step, False
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
@@ -178,8 +175,9 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
         writer.write_scalars(step, {f'hypergrad/{k}': float(v) for k, v in fidelity.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
-      if poll_saves:
-        checkpointer.check_save()  # Raises soon after a failed save, naming its step.
+      # The previous step's save, if any, has had this step's dispatch to overlap with: wait for
+      # it now, so that a failed save stops the run one step later (every process at the same step).
+      checkpointer.check_save(block=True)
       preempted = guard.should_stop(step)
       is_last = step == config.num_train_steps
       must_save = is_last or preempted or step % config.checkpoint_every_steps == 0
