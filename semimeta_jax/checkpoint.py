@@ -16,7 +16,6 @@ from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 import orbax.checkpoint as ocp
 
 from semimeta_jax import errors
@@ -25,8 +24,6 @@ from semimeta_jax import state as state_lib
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _CHECKPOINT_DIR = 'checkpoints'
-_STATE, _CHECKSUMS = 'state', 'checksums'
-_LEGACY_ITEM = 'default'  # The single unnamed item of checkpoints written before checksums.
 
 
 class CheckpointSaveError(errors.UserError, OSError):
@@ -41,8 +38,7 @@ class NoIntactCheckpointError(errors.UserError, RuntimeError):
   """Every checkpoint of a run directory is damaged."""
 
 
-class CheckpointMismatchError(errors.UserError, ValueError):
-  """The config builds a state of another structure than the checkpoint holds."""
+CheckpointMismatchError = integrity.CheckpointMismatchError
 
 
 def _saved_fields(state: state_lib.TrainState) -> dict[str, Any]:
@@ -52,17 +48,6 @@ def _saved_fields(state: state_lib.TrainState) -> dict[str, Any]:
       for f in dataclasses.fields(state)
       if f.metadata.get('pytree_node', True)
   }
-
-
-def _one_line(error: BaseException) -> str:
-  """The innermost cause of `error`, on one line (library errors span many)."""
-  seen = []
-  while error is not None and error not in seen:
-    seen.append(error)
-    error = error.__cause__ or error.__context__
-  root = next((e for e in reversed(seen) if isinstance(e, OSError) and e.strerror), seen[-1])
-  text = ' '.join(str(root).split()) or type(root).__name__
-  return f'{type(root).__name__}: {text[:300]}'
 
 
 def _sync(name: str):
@@ -124,7 +109,7 @@ class Checkpointer:
         create=False)
     # Named items: otherwise orbax infers the layout from the checkpoints it finds.
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(_STATE, _CHECKSUMS))
+                                          item_names=integrity.ITEM_NAMES)
 
   def save(self, step: int, state: state_lib.TrainState, *, force: bool = False) -> bool:
     """Starts saving `state` and its checksums as checkpoint `step`.
@@ -155,8 +140,7 @@ class Checkpointer:
           'from %d unless that checkpoint is removed.', step, latest, latest)
     fields = _saved_fields(state)
     # Computed here, before the next step overwrites the donated state.
-    args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(fields),
-                                 _CHECKSUMS: ocp.args.JsonSave(integrity.checksums(fields))})
+    args = integrity.save_args(fields)
     self._pending_step = step
     try:
       # The caller owns the save cadence, so bypass the manager's own policy.
@@ -186,7 +170,7 @@ class Checkpointer:
     kept = (f'checkpoint {latest} is intact and a rerun of the same command resumes from it'
             if latest is not None else 'no earlier checkpoint exists; a rerun starts over')
     raise CheckpointSaveError(
-        f'Saving checkpoint {step} in {self.directory} failed ({_one_line(error)}); {kept} '
+        f'Saving checkpoint {step} in {self.directory} failed ({integrity.root_cause(error)}); {kept} '
         'once the cause is fixed (e.g. disk space freed).') from error
 
   def latest_step(self) -> int | None:
@@ -201,48 +185,6 @@ class Checkpointer:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         _saved_fields(target_state))
-
-  def _read(self, step: int, abstract) -> tuple[Any, str | None]:
-    """(restored fields, None), or (None, what is wrong with checkpoint `step`)."""
-    step_dir = self.directory / str(step)
-    if not (step_dir / _CHECKSUMS).exists() and (step_dir / _LEGACY_ITEM).exists():
-      # Written before checksums existed: nothing to check it against.
-      logging.warning('Checkpoint %d has no checksums (an older layout); restoring it unchecked.', step)
-      try:
-        with ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False)) as legacy:
-          return legacy.restore(step, args=ocp.args.StandardRestore(abstract)), None
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        return None, f'its arrays are unreadable ({_one_line(e)})'
-    try:
-      record = self._manager.restore(
-          step, args=ocp.args.Composite(**{_CHECKSUMS: ocp.args.JsonRestore()}))[_CHECKSUMS]
-      if not isinstance(record, dict) or not record:
-        raise ValueError('the checksum record is empty')
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      return None, f'its checksum record is unreadable ({_one_line(e)})'
-    difference = integrity.structure_difference(record, abstract)
-    if difference:
-      raise CheckpointMismatchError(
-          f'Checkpoint {step} in {self.directory} holds another state than this config builds '
-          f'({difference}): the model or optimizer config changed. Restore the config the run '
-          'was started with, or use a new --workdir.')
-    try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      return None, f'its arrays are unreadable ({_one_line(e)})'
-    mismatch = integrity.first_mismatch(record, restored)
-    return (None, f'damaged: {mismatch}') if mismatch else (restored, None)
-
-  def _agreed(self, problem: str | None) -> str | None:
-    """One verdict for every process: damaged if any process read it damaged."""
-    if jax.process_count() == 1:
-      return problem
-    flags = multihost_utils.process_allgather(np.int32(problem is not None))
-    if problem is None and np.max(flags):
-      return 'damaged as read by another process'
-    return problem
 
   def restore(self, target_state: state_lib.TrainState, step: int | None = None
              ) -> state_lib.TrainState:
@@ -269,8 +211,8 @@ class Checkpointer:
       step = self._manager.latest_step()
     if step is None or step not in self._manager.all_steps():
       raise FileNotFoundError(f'No checkpoint {step} in {self.directory}.')
-    restored, problem = self._read(step, self._abstract(target_state))
-    problem = self._agreed(problem)
+    restored, problem = integrity.read_verified(self._manager, step, self._abstract(target_state))
+    problem = integrity.agreed(problem)
     if problem:
       raise CorruptCheckpointError(f'Checkpoint {step} in {self.directory}: {problem}.')
     logging.info('Restored checkpoint %d from %s (checksums verified).', step, self.directory)
@@ -295,8 +237,8 @@ class Checkpointer:
     abstract = self._abstract(target_state)
     damaged = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      restored, problem = self._read(step, abstract)
-      problem = self._agreed(problem)
+      restored, problem = integrity.read_verified(self._manager, step, abstract)
+      problem = integrity.agreed(problem)
       if problem is None:
         logging.info('Restored checkpoint %d from %s (checksums verified).', step, self.directory)
         return target_state.replace(**restored), step
