@@ -140,16 +140,19 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
   state = create_train_state(config, model, info.image_shape, mesh)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   target_state = state
-  state, start_step = checkpointer.restore_newest_intact(state)
-  start_step = start_step or 0
-  if start_step:
-    logging.info('Resumed from the checkpoint at step %d.', start_step)
-  run_dir.check_run_length(workdir, start_step, config.num_train_steps)
-
-  # Checks the label budget against the class sizes and the saved split, then
-  # writes the split: the first record a new workdir gets.
-  inp = data.build_input(config, workdir, start_step=start_step)
-  run_dir.record_config(workdir, config, start_step)
+  try:
+    state, start_step = checkpointer.restore_newest_intact(state)
+    start_step = start_step or 0
+    if start_step:
+      logging.info('Resumed from the checkpoint at step %d.', start_step)
+    run_dir.check_run_length(workdir, start_step, config.num_train_steps)
+    # Checks the label budget against the class sizes and the saved split, then
+    # writes the split: the first record a new workdir gets.
+    inp = data.build_input(config, workdir, start_step=start_step)
+    run_dir.record_config(workdir, config, start_step)
+  except BaseException:
+    checkpointer.close()
+    raise
   train_step = parallel.jit_train_step(methods.make_train_step(config, info.num_classes), mesh)
   compiled_eval_steps = {'eval': parallel.jit_eval_step(evaluation.eval_step, mesh)}
   if state.ema_params is not None:
