@@ -88,9 +88,11 @@ class WorkdirLock:
       logging.warning('%s is remote: no file lock there, so nothing stops a second run '
                       'on it.', self.workdir)
       return
-    if not os.path.isdir(self.workdir):
+    try:
       os.makedirs(self.workdir)
       self._created_dir = True
+    except FileExistsError:  # Already there, or made by a run starting at the same time.
+      pass
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
