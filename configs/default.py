@@ -106,5 +106,8 @@ def get_config():
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
   config.hypergrad_diagnostics_every_steps = 0  # > 0: log cosine(mode, exact) every N steps.
+  # Several processes without JAX's preemption service compare their SIGTERM flags every N
+  # steps: an all-gather that waits for the devices, so not every step.
+  config.preemption_check_every_steps = 10
   config.allow_config_change = False  # Resume a workdir whose saved config differs.
   return config

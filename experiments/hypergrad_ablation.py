@@ -57,6 +57,7 @@ from semimeta_jax import data  # pylint: disable=g-import-not-at-top,wrong-impor
 from semimeta_jax import hypergrad  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import schedules  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax.methods import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -349,7 +350,7 @@ def main(argv):
       timings['fidelity run training'] = time.time() - started
   saved_config = pathlib.Path(run_dir) / 'config.json'
   if saved_config.exists():
-    differences = checkpoint.config_differences(json.loads(saved_config.read_text()),
+    differences = run_dir_lib.config_differences(json.loads(saved_config.read_text()),
                                               json.loads(config.to_json_best_effort()))
     if differences:
       logging.warning('--config differs from the config %s was trained with: %s', run_dir, differences)

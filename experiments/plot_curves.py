@@ -36,7 +36,7 @@ def load_curve(run_dir: str, metric: str = METRIC) -> tuple[np.ndarray, np.ndarr
   """Reads (steps, values) of `metric` from `<run_dir>/metrics.jsonl`.
 
   Rows without the metric (or with a null value) are skipped. A resumed run
-  repeats some steps; the last row of a step wins.
+  repeats some steps; the last row of a step wins. A torn last line is skipped.
 
   Args:
     run_dir: a run directory holding metrics.jsonl.
@@ -46,13 +46,22 @@ def load_curve(run_dir: str, metric: str = METRIC) -> tuple[np.ndarray, np.ndarr
     Increasing steps and their values, as arrays.
   """
   values = {}
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      if not line.strip():
-        continue
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
       row = json.loads(line)
-      if row.get(metric) is not None:
-        values[int(row['step'])] = float(row[metric])
+    except json.JSONDecodeError:
+      if number == len(lines) and not line.endswith('\n'):
+        # A run stopped in the middle of writing its last row.
+        print(f'warning: ignoring the torn last line of {path}', file=sys.stderr)
+        continue
+      raise
+    if row.get(metric) is not None:
+      values[int(row['step'])] = float(row[metric])
   steps = np.array(sorted(values), dtype=np.int64)
   return steps, np.array([values[s] for s in steps], dtype=np.float64)
 

@@ -1,45 +1,44 @@
-"""Checkpoints, preemption handling and run-directory protection.
+"""Checkpoints of a `TrainState`: orbax save and restore, keep the last N, content checksums.
 
-`Checkpointer` saves and restores the array leaves of a `TrainState` with orbax,
-`PreemptionGuard` turns SIGTERM into a clean stop that every process agrees on,
-and `check_workdir_config` keeps a resumed run from silently mixing two configs.
+Each checkpoint step holds two orbax items: `state` (the array leaves) and
+`checksums` (see `integrity.py`), written in the same save, so both appear at
+the step's atomic commit or neither does. A restore checks the arrays read
+against their checksums; `restore_newest_intact` sets a damaged checkpoint
+aside as `checkpoints/corrupt.<step>` (never deleting it) and falls back to the
+next newest one.
 """
 
 import dataclasses
-import json
 import os
-import signal
 from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from semimeta_jax import errors
+from semimeta_jax import integrity
 from semimeta_jax import state as state_lib
-
-# Config fields that may change when a run is resumed without changing what it
-# computes: run length, logging/evaluation/checkpoint cadence and data location.
-RESUMABLE_FIELDS = frozenset({
-    'num_train_steps',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
-    'keep_checkpoints',
-    'hypergrad_diagnostics_every_steps',
-    'allow_config_change',
-    'data.data_dir',
-    'data.download',
-    'data.prefetch_batches',
-})
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _CHECKPOINT_DIR = 'checkpoints'
-_CONFIG_FILE = 'config.json'
+
+
+class CheckpointSaveError(errors.UserError, OSError):
+  """A checkpoint could not be written (e.g. the disk is full)."""
+
+
+class CorruptCheckpointError(errors.UserError, RuntimeError):
+  """A checkpoint's files are unreadable or do not match their checksums."""
+
+
+class NoIntactCheckpointError(errors.UserError, RuntimeError):
+  """Every checkpoint of a run directory is damaged."""
+
+
+CheckpointMismatchError = integrity.CheckpointMismatchError
 
 
 def _saved_fields(state: state_lib.TrainState) -> dict[str, Any]:
@@ -49,6 +48,11 @@ def _saved_fields(state: state_lib.TrainState) -> dict[str, Any]:
       for f in dataclasses.fields(state)
       if f.metadata.get('pytree_node', True)
   }
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'semimeta_jax:{name}')
 
 
 def _remove_unfinished_saves(directory: epath.Path):
@@ -62,19 +66,19 @@ def _remove_unfinished_saves(directory: epath.Path):
       if _TMP_MARKER in path.name:
         logging.warning('Removing the unfinished checkpoint %s.', path)
         path.rmtree()
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('semimeta_jax:remove_unfinished_saves')
+  _sync('remove_unfinished_saves')
 
 
 class Checkpointer:
   """Saves and restores `TrainState`s under `<workdir>/checkpoints`, keeping the last N.
 
-  The caller decides when to save (every `checkpoint_every_steps`, on preemption,
-  at the end); `save` writes whenever it is called.
+  The caller decides when to save. Saves are asynchronous: call `check_save`
+  to learn whether the last one failed (it raises `CheckpointSaveError` naming
+  that save's step); `save`, `wait_until_finished` and `close` check too.
   """
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True, read_only: bool = False):
-    """Opens (or creates) the checkpoint directory.
+    """Opens the checkpoint directory (created by the first save).
 
     Args:
       workdir: the run directory.
@@ -89,6 +93,9 @@ class Checkpointer:
       # Orbax's array writer refuses relative local paths (e.g. --workdir=runs/x).
       workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / _CHECKPOINT_DIR
+    self._read_only = read_only
+    self._pending_step = None
+    self._failed = False  # A failed save leaves its error in orbax, raised again by close().
     if not read_only:
       _remove_unfinished_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
@@ -98,11 +105,14 @@ class Checkpointer:
         # would race with whatever the caller does next.
         cleanup_tmp_directories=False,
         read_only=read_only,
-        create=not read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The first save creates it: a run that fails its checks writes nothing.
+        create=False)
+    # Named items: otherwise orbax infers the layout from the checkpoints it finds.
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=integrity.ITEM_NAMES)
 
   def save(self, step: int, state: state_lib.TrainState, *, force: bool = False) -> bool:
-    """Starts saving `state` as checkpoint `step`.
+    """Starts saving `state` and its checksums as checkpoint `step`.
 
     Args:
       step: the step number to save under (normally `state.step`).
@@ -112,34 +122,73 @@ class Checkpointer:
 
     Returns:
       Whether a save was started.
+
+    Raises:
+      CheckpointSaveError: this save, or the previous one, failed.
     """
     step = int(step)
+    self.check_save(block=True)
     latest = self._manager.latest_step()
     if step in self._manager.all_steps():
       if not force:
         logging.info('Checkpoint %d already exists; not saving it again.', step)
         return False
-      self._manager.wait_until_finished()
       self._manager.delete(step)
     elif latest is not None and step < latest:
       logging.warning(
           'Saving step %d below the latest checkpoint %d: a restart will resume '
           'from %d unless that checkpoint is removed.', step, latest, latest)
-    # The caller owns the save cadence, so bypass the manager's own policy.
-    return self._manager.save(
-        step, args=ocp.args.StandardSave(_saved_fields(state)), force=True)
+    fields = _saved_fields(state)
+    # Computed here, before the next step overwrites the donated state.
+    args = integrity.save_args(fields)
+    self._pending_step = step
+    try:
+      # The caller owns the save cadence, so bypass the manager's own policy.
+      return self._manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_save_error(e)
+
+  def check_save(self, *, block: bool = False):
+    """Raises `CheckpointSaveError` if the last save failed.
+
+    Args:
+      block: wait for a save in progress; otherwise return at once while one is.
+    """
+    if self._pending_step is None or (not block and self._manager.is_saving_in_progress()):
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_save_error(e)
+    self._pending_step = None
+
+  def _raise_save_error(self, error: BaseException):
+    step, self._pending_step = self._pending_step, None
+    self._failed = True
+    self._manager.reload()
+    latest = self._manager.latest_step()
+    kept = (f'checkpoint {latest} is intact and a rerun of the same command resumes from it'
+            if latest is not None else 'no earlier checkpoint exists; a rerun starts over')
+    raise CheckpointSaveError(
+        f'Saving checkpoint {step} in {self.directory} failed ({integrity.root_cause(error)}); {kept} '
+        'once the cause is fixed (e.g. disk space freed).') from error
 
   def latest_step(self) -> int | None:
-    """The newest finished checkpoint's step, or None if there is none."""
+    """The newest finished checkpoint's step (not yet verified), or None if there is none."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     """The steps of all finished checkpoints, in increasing order."""
     return sorted(self._manager.all_steps())
 
+  def _abstract(self, target_state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        _saved_fields(target_state))
+
   def restore(self, target_state: state_lib.TrainState, step: int | None = None
              ) -> state_lib.TrainState:
-    """Restores a checkpoint into the structure and shardings of `target_state`.
+    """Restores and verifies a checkpoint into the structure and shardings of `target_state`.
 
     Arrays land on the devices and with the shardings of the matching leaves of
     `target_state` (e.g. replicated over a mesh, in every process); the static
@@ -155,198 +204,91 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: if there is no such checkpoint.
+      CorruptCheckpointError: if it is unreadable or fails its checksums.
+      CheckpointMismatchError: if it holds a state of another structure.
     """
     if step is None:
       step = self._manager.latest_step()
     if step is None or step not in self._manager.all_steps():
       raise FileNotFoundError(f'No checkpoint {step} in {self.directory}.')
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        _saved_fields(target_state))
-    restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    logging.info('Restored checkpoint %d from %s.', step, self.directory)
+    restored, problem = integrity.read_verified(self._manager, step, self._abstract(target_state))
+    problem = integrity.agreed(problem)
+    if problem:
+      raise CorruptCheckpointError(f'Checkpoint {step} in {self.directory}: {problem}.')
+    logging.info('Restored checkpoint %d from %s (checksums verified).', step, self.directory)
     return target_state.replace(**restored)
 
+  def restore_newest_intact(self, target_state: state_lib.TrainState
+                            ) -> tuple[state_lib.TrainState, int | None]:
+    """Restores the newest checkpoint that passes its checks, setting damaged ones aside.
+
+    Args:
+      target_state: as for `restore`.
+
+    Returns:
+      (restored state, its step), or (`target_state`, None) if there is no
+      checkpoint at all.
+
+    Raises:
+      NoIntactCheckpointError: checkpoints exist but every one is damaged
+        (all are then set aside, so a rerun starts over from step 0).
+      CheckpointMismatchError: the config builds a state of another structure.
+    """
+    abstract = self._abstract(target_state)
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      restored, problem = integrity.read_verified(self._manager, step, abstract)
+      problem = integrity.agreed(problem)
+      if problem is None:
+        logging.info('Restored checkpoint %d from %s (checksums verified).', step, self.directory)
+        return target_state.replace(**restored), step
+      aside = self._set_aside(step)
+      logging.error('Checkpoint %d is %s; moved it to %s and trying an older one.',
+                    step, problem if problem.startswith('damaged') else f'unusable: {problem}', aside)
+      damaged.append(f'{step} ({problem})')
+    if damaged:
+      raise NoIntactCheckpointError(
+          f'No intact checkpoint in {self.directory}: {"; ".join(damaged)}. They were moved '
+          'aside as corrupt.<step> (nothing deleted); rerunning the same command starts this '
+          'run over from step 0, or use a new --workdir.')
+    return target_state, None
+
+  def newest_intact_step(self, target_state: state_lib.TrainState) -> int | None:
+    """The step of the newest checkpoint that passes its checks (damaged ones are set aside)."""
+    try:
+      return self.restore_newest_intact(target_state)[1]
+    except NoIntactCheckpointError as e:
+      logging.error('%s', e)
+      return None
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Renames checkpoint `step` to `corrupt.<step>[.n]`, which orbax does not list as a step."""
+    aside, n = self.directory / f'corrupt.{step}', 1
+    while aside.exists():
+      aside, n = self.directory / f'corrupt.{step}.{n}', n + 1
+    if jax.process_index() == 0 and not self._read_only:
+      (self.directory / str(step)).rename(aside)
+    _sync(f'set_aside_{step}')
+    self._manager.reload()
+    return aside
+
   def wait_until_finished(self):
-    """Blocks until every pending asynchronous save has been written."""
-    self._manager.wait_until_finished()
+    """Blocks until every pending asynchronous save has been written; raises if one failed."""
+    self.check_save(block=True)
 
   def close(self):
     """Waits for pending saves and releases the manager's resources."""
-    self._manager.close()
+    try:
+      self.check_save(block=True)
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-exception-caught
+        if not self._failed:  # Otherwise already raised as a CheckpointSaveError.
+          raise
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc_info):
     self.close()
-
-
-def _jax_preemption_service_available() -> bool:
-  """Whether JAX's distributed runtime is up and watching for preemption notices."""
-  # `jax.distributed.initialize` starts the service unless this flag is off.
-  return (jax.distributed.is_initialized()
-          and bool(jax.config.jax_enable_preemption_service))
-
-
-class PreemptionGuard:
-  """Tells the training loop, after each step, whether to save and stop.
-
-  Single process: a SIGTERM handler sets a flag. Several processes: with JAX's
-  distributed runtime, its preemption service already catches SIGTERM and picks
-  a step at which all processes stop together
-  (`multihost_utils.reached_preemption_sync_point`); our handler is then not
-  installed, since it would replace the runtime's. Without that service, the
-  local flags are combined across processes every `sync_every_steps` steps.
-
-  Every process must call `should_stop` at every step, with the same steps.
-  Create the guard in the main thread (Python only installs signal handlers there).
-  """
-
-  def __init__(self, *, signals=(signal.SIGTERM,), sync_every_steps: int = 1):
-    """Installs the handlers.
-
-    Args:
-      signals: the signals that ask for a clean stop.
-      sync_every_steps: with several processes and no JAX preemption service,
-        how often the processes compare their flags (one small all-gather).
-    """
-    self._sync_every_steps = max(1, sync_every_steps)
-    self._received = False
-    self._logged = False
-    self._previous_handlers = {}
-    self._use_jax_service = _jax_preemption_service_available()
-    if not self._use_jax_service:
-      for sig in signals:
-        self._previous_handlers[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame  # Unused.
-    # Only set a flag: logging here could deadlock on a lock the interrupted
-    # code holds.
-    self._received = True
-
-  @property
-  def signal_received(self) -> bool:
-    """Whether this process received one of the signals (not agreed across processes)."""
-    return self._received
-
-  def should_stop(self, step: int) -> bool:
-    """Whether to save and stop after `step`; the same answer in every process."""
-    if self._use_jax_service:
-      stop = multihost_utils.reached_preemption_sync_point(int(step))
-    elif jax.process_count() == 1:
-      stop = self._received
-    elif int(step) % self._sync_every_steps:
-      stop = False
-    else:
-      flags = multihost_utils.process_allgather(np.int32(self._received))
-      stop = bool(np.max(flags))
-    if stop and not self._logged:
-      logging.warning('Preemption requested: stopping after step %d.', step)
-      self._logged = True
-    return stop
-
-  def close(self):
-    """Puts back the signal handlers that were in place before."""
-    for sig, previous in self._previous_handlers.items():
-      # None means the old handler was not installed from Python and cannot be
-      # reinstated; the default action is the closest match.
-      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-    self._previous_handlers = {}
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info):
-    self.close()
-
-
-class ConfigChangedError(errors.UserError, ValueError):
-  """The config differs from the one a run directory was started with."""
-
-
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_differences(saved: dict[str, Any],
-                       current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """Fields (dotted names) whose values differ, as {name: (saved, current)}.
-
-  Fields in `RESUMABLE_FIELDS` are ignored; a field present in only one of the
-  two configs counts as different, with '<missing>' on the other side.
-  """
-  saved, current = _flatten(saved), _flatten(current)
-  missing = '<missing>'
-  return {
-      name: (saved.get(name, missing), current.get(name, missing))
-      for name in sorted(saved.keys() | current.keys())
-      if name not in RESUMABLE_FIELDS
-      and saved.get(name, missing) != current.get(name, missing)
-  }
-
-
-def _write_json_atomically(path: epath.Path, text: str):
-  # Other processes may read the file while it is written; rename is atomic.
-  tmp = path.parent / f'{path.name}.tmp'
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
-                         allow_change: bool) -> dict[str, tuple[Any, Any]]:
-  """Refuses to resume a run directory with a different config.
-
-  The first run writes `<workdir>/config.json`. A later run compares its config
-  with it, ignoring `RESUMABLE_FIELDS`; if they differ and `allow_change` is
-  False it raises and writes nothing. Otherwise, if the file differs at all
-  (resumable fields included), the old file is kept as `config.<n>.json` and the
-  current config becomes `config.json`, so that file always describes the latest
-  run and no earlier config is lost. Only process 0 writes.
-
-  Args:
-    workdir: the run directory.
-    config: this run's config.
-    allow_change: resume even if the config differs.
-
-  Returns:
-    The differing fields, {name: (saved value, current value)}.
-
-  Raises:
-    ConfigChangedError: if the configs differ and `allow_change` is False.
-  """
-  workdir = epath.Path(workdir)
-  path = workdir / _CONFIG_FILE
-  current_text = config.to_json_best_effort(sort_keys=True, indent=2)
-  current = json.loads(current_text)
-  differences = {}
-  saved = None
-  if path.exists():
-    saved = json.loads(path.read_text())
-    differences = config_differences(saved, current)
-    if differences:
-      listing = '\n'.join(f'  {name}: saved {old!r}, now {new!r}'
-                          for name, (old, new) in differences.items())
-      if not allow_change:
-        raise ConfigChangedError(
-            f'The config differs from the one saved in {path}:\n{listing}\n'
-            'Pass --config.allow_config_change=True to resume with the new '
-            'config anyway, or use a new --workdir.')
-      logging.warning('Resuming %s with a changed config:\n%s', workdir, listing)
-  if saved == current or jax.process_index() != 0:
-    return differences
-  workdir.mkdir(parents=True, exist_ok=True)
-  if saved is not None:
-    n = 1
-    while (workdir / f'config.{n}.json').exists():
-      n += 1
-    (workdir / f'config.{n}.json').write_text(path.read_text())
-  _write_json_atomically(path, current_text)
-  return differences

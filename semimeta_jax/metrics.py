@@ -15,6 +15,8 @@ from etils import epath
 import jax
 import numpy as np
 
+from semimeta_jax import errors
+
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 
@@ -23,6 +25,51 @@ def _to_float(value) -> float | None:
   """A Python float from a Python, NumPy or JAX scalar; None if not finite (strict JSON)."""
   value = float(np.asarray(value))
   return value if math.isfinite(value) else None
+
+
+class MetricsFileError(errors.UserError, ValueError):
+  """A line of metrics.jsonl other than the last is damaged."""
+
+
+def _parse_rows(path: epath.Path) -> tuple[list[dict[str, Any]], str | None]:
+  """(rows, torn last line or None) of a metrics file; raises on a damaged line elsewhere."""
+  lines = path.read_text().splitlines(keepends=True)
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not line.endswith('\n'):
+        return rows, line  # A crash in the middle of the last write.
+      raise MetricsFileError(f'{path}, line {number} is not a JSON row ({e}): repair or delete '
+                             'that line, then rerun.') from e
+  return rows, None
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl` ([] if absent), a torn last line dropped with a warning."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  rows, torn = _parse_rows(path)
+  if torn is not None:
+    logging.warning('Ignoring the torn last line of %s (a run stopped while writing it): %r',
+                    path, torn[:80])
+  return rows
+
+
+def _drop_torn_tail(path: epath.Path):
+  """Cuts a torn last line off `path`, so appended rows start on a line of their own."""
+  if not path.exists():
+    return
+  _, torn = _parse_rows(path)
+  if torn is not None:
+    logging.warning('Removing the torn last line of %s (a run stopped while writing it): %r',
+                    path, torn[:80])
+    text = path.read_bytes()
+    tmp = path.parent / f'{path.name}.tmp'  # Local or remote (no in-place truncation there).
+    tmp.write_bytes(text[:len(text) - len(torn.encode())])
+    tmp.replace(path)
 
 
 class MetricWriter:
@@ -51,6 +98,7 @@ class MetricWriter:
       workdir.mkdir(parents=True, exist_ok=True)
       self._writer = metric_writers.create_default_writer(
           str(workdir), asynchronous=True)
+      _drop_torn_tail(workdir / METRICS_FILE)
       self._jsonl = (workdir / METRICS_FILE).open('a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -183,29 +231,6 @@ def write_summary(workdir: str, summary: Mapping[str, Any], *,
   workdir.mkdir(parents=True, exist_ok=True)
   text = json.dumps(dict(summary), default=_json_default, sort_keys=True, indent=2)
   (workdir / SUMMARY_FILE).write_text(text + '\n')
-
-
-def read_rows(workdir: str) -> list[dict[str, Any]]:
-  """The rows of `<workdir>/metrics.jsonl` ([] if absent).
-
-  A torn last line (a run killed in the middle of writing it) is dropped with a
-  warning naming the file; an unreadable line elsewhere is an error.
-  """
-  path = epath.Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
-  lines = path.read_text().splitlines()
-  rows = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if number != len(lines):
-        raise ValueError(f'{path}, line {number}: not a JSON row ({e}).') from e
-      logging.warning('Dropping the torn last line of %s (a run stopped while writing it).', path)
-  return rows
 
 
 def drop_rows_after(workdir: str, step: int, *, enabled: bool | None = None):

@@ -22,6 +22,10 @@ from semimeta_jax import errors
 DATA_AXIS = 'data'
 
 
+class BatchSizeError(errors.UserError, ValueError):
+  """A global batch size that does not divide over the devices."""
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh named `data` over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else devices
@@ -50,16 +54,16 @@ def check_batch_sizes(batch_sizes: dict[str, int], mesh: Mesh, process_count: in
     process_count: number of processes feeding data (default: jax.process_count()).
 
   Raises:
-    ValueError: naming the field, its value, and the counts it must divide by.
+    BatchSizeError: naming the field, its value, and the counts it must divide by.
   """
   process_count = jax.process_count() if process_count is None else process_count
   num_devices = mesh.devices.size
   local_devices = num_devices // process_count
   for name, size in batch_sizes.items():
     if size <= 0:
-      raise errors.ConfigError(f'config.{name}={size} must be positive.')
+      raise BatchSizeError(f'config.{name}={size} must be positive.')
     if size % num_devices:
-      raise errors.ConfigError(
+      raise BatchSizeError(
           f'config.{name}={size} does not divide over the {num_devices} devices of the mesh '
           f'({process_count} process(es) x {local_devices} local device(s)); use a multiple of '
           f'{num_devices}.')

@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,17 +13,21 @@ import numpy as np
 
 from semimeta_jax import checkpoint
 from semimeta_jax import data
+from semimeta_jax import errors as errors_lib
 from semimeta_jax import evaluation
 from semimeta_jax import methods
 from semimeta_jax import metrics as metrics_lib
 from semimeta_jax import models
 from semimeta_jax import parallel
+from semimeta_jax import preemption
+from semimeta_jax import run_dir
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
+from semimeta_jax import workdir_lock
 from semimeta_jax.methods import fast_swa
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors_lib.UserError, FloatingPointError):
   """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
@@ -55,8 +58,11 @@ def _earlier_evaluations(workdir: str, up_to_step: int, key: str) -> list[float]
 class _Run:
   """The mutable parts of one training run, so the loop body reads as the algorithm."""
 
-  def __init__(self, config, workdir, mesh, inp, writer, checkpointer, start_step):
+  def __init__(self, config, workdir, mesh, inp, writer, checkpointer, start_step, target_state):
     self.config, self.workdir, self.mesh = config, workdir, mesh
+    # Shapes and shardings only: what a checkpoint check restores into.
+    self.target_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
     self.inp, self.writer, self.checkpointer = inp, writer, checkpointer
     self.pending: list[dict[str, jax.Array]] = []
     self.last_checked_step = start_step
@@ -76,14 +82,16 @@ class _Run:
     bad = {k: v for k, v in means.items() if k.endswith('loss') and not np.isfinite(v)}
     if bad:
       self.checkpointer.wait_until_finished()
-      last_good = self.checkpointer.latest_step()
-      kept = (f'the last good checkpoint (step {last_good}) is kept in {self.workdir}/checkpoints'
-              if last_good is not None else 'no checkpoint had been written yet')
+      last_good = self.checkpointer.newest_intact_step(self.target_state)
+      kept = (f'the last good checkpoint (step {last_good}, checksums verified) is kept in '
+              f'{self.workdir}/checkpoints' if last_good is not None
+              else 'no intact checkpoint had been written yet')
       raise NonFiniteLossError(
           f'Training loss became non-finite between steps {self.last_checked_step} and {step} '
           f'({", ".join(f"{k}={v}" for k, v in bad.items())}). Nothing after that was saved; '
-          f'{kept}. Lower config.learning_rate or check the input data, then rerun the same '
-          f'command to resume from the last checkpoint.')
+          f'{kept}. To go on from there with a lower learning rate, rerun the same command with '
+          f'--config.allow_config_change=True --config.learning_rate='
+          f'{self.config.learning_rate / 10:g} added (or check the input data).')
     self.last_checked_step = step
     self.writer.write_scalars(step, {f'train/{k}': v for k, v in {**means, **extra}.items()})
 
@@ -122,9 +130,11 @@ class _Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates `config`, resuming from `workdir`'s latest checkpoint if any.
 
-  Everything that can be checked before compute is: the config fields, the
-  presence of the dataset, batch sizes against the devices, and the workdir's
-  saved config.
+  Everything that can be checked is, before anything is written to `workdir`:
+  the workdir argument, the config fields, the presence of the dataset, batch
+  sizes against the devices, the workdir's saved config (`run_dir`), then,
+  holding the workdir's lock, the checkpoints, the label counts per class and
+  the saved split. A run that fails a check leaves a new workdir absent.
 
   Args:
     config: the run configuration (configs/*.py).
@@ -133,13 +143,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     The summary written to `<workdir>/summary.json`.
   """
+  workdir = run_dir.check_workdir_path(workdir)
   validation.validate_config(config)
   info = data.dataset_info(config.data)
   mesh = parallel.make_mesh()
   parallel.check_batch_sizes({name: config[name] for name in
                               ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')}, mesh)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or remote (gs://...).
-  checkpoint.check_workdir_config(workdir, config, allow_change=config.allow_config_change)
+  run_dir.check_config(workdir, config)
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, info, mesh)
+
+
+def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
+  """`train_and_evaluate` once the cheap checks have passed and the workdir is ours."""
   logging.info('%d process(es), %d device(s) (%s); dataset %s: %d train / %d test, %d classes',
                jax.process_count(), jax.device_count(), jax.devices()[0].platform, info.name,
                info.num_train, info.num_test, info.num_classes)
@@ -149,12 +165,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(config, model, info.image_shape, mesh, num_train=info.num_train,
                              num_classes=info.num_classes)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    state = checkpointer.restore(state, start_step)
-    logging.info('Resumed from the checkpoint at step %d.', start_step)
-
-  inp = data.build_input(config, workdir, start_step=start_step, uses_unlabeled=method.uses_unlabeled)
+  target_state = state
+  try:
+    state, start_step = checkpointer.restore_newest_intact(state)
+    start_step = start_step or 0
+    if start_step:
+      logging.info('Resumed from the checkpoint at step %d.', start_step)
+    run_dir.check_run_length(workdir, start_step, config.num_train_steps)
+    # Checks the label budget against the class sizes and the saved split, then
+    # writes the split: the first record a new workdir gets.
+    inp = data.build_input(config, workdir, start_step=start_step,
+                           uses_unlabeled=method.uses_unlabeled)
+    run_dir.record_config(workdir, config, start_step)
+  except BaseException:
+    checkpointer.close()
+    raise
   train_step = parallel.jit_train_step(methods.make_train_step(config, info.num_classes), mesh)
   compiled_eval_steps = {'eval': parallel.jit_eval_step(evaluation.eval_step, mesh)}
   if state.ema_params is not None:
@@ -175,12 +200,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finished = start_step >= config.num_train_steps
   # A finished run started again is evaluated and reported, not logged again:
   # its metrics rows and TensorBoard events are already complete.
-  writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
   if not finished:
+    # Before the writer opens the file for appending (the rewrite replaces it).
     metrics_lib.drop_rows_after(workdir, start_step)
-  run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step)
+  writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
+  run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state)
   progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
-  guard = checkpoint.PreemptionGuard()
+  guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps)
   started, step, preempted = time.time(), start_step, False
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
@@ -193,6 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f'{method.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
+      # The previous step's save, if any, has had this step's dispatch to overlap with: wait for
+      # it now, so that a failed save stops the run one step later (every process at the same step).
+      checkpointer.check_save(block=True)
       preempted = guard.should_stop(step)
       is_last = step == config.num_train_steps
       must_save = is_last or preempted or step % config.checkpoint_every_steps == 0
@@ -213,9 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = run.evaluate(step, state, compiled_eval_steps, swa_statistics, recent_batches)
   finally:
     guard.close()
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.close()  # Waits for the last save, and raises if it failed.
+    finally:
+      writer.close()
 
   this_run = time.time() - started
   previous = metrics_lib.read_summary(workdir) or {}

@@ -5,6 +5,8 @@ its own through the registry (`methods.validate`, i.e. `Method.validate` and the
 fast-SWA option); this module names no method.
 """
 
+import math
+
 import ml_collections
 
 from semimeta_jax import errors
@@ -24,6 +26,15 @@ def _one_of(config, field: str, choices):
   _require(value in choices, field, value, f'expected one of {tuple(choices)}')
 
 
+def _check_finite(config, prefix=''):
+  # inf or nan in any float field (e.g. learning_rate=inf) passes every range check below.
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, f'{prefix}{name}.')
+    elif isinstance(value, float):
+      _require(math.isfinite(value), prefix + name, value, 'must be a finite number')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the first field with an unusable value.
 
@@ -33,6 +44,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   names, data presence) are made by `semimeta_jax.data`; device-dependent ones
   (batch sizes against the mesh) by `parallel.check_batch_sizes`.
   """
+  _check_finite(config)
   _one_of(config, 'method', methods.METHOD_NAMES)
   _one_of(config, 'model', models.MODEL_NAMES)
   _one_of(config, 'lr_schedule', schedules.SCHEDULES)
@@ -43,7 +55,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.weight_decay >= 0, 'weight_decay', config.weight_decay, 'must be >= 0')
   _require(config.lr_decay_factor > 0, 'lr_decay_factor', config.lr_decay_factor, 'must be > 0')
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                'keep_checkpoints', 'labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size'):
+                'keep_checkpoints', 'labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size',
+                'preemption_check_every_steps'):
     _require(isinstance(config[field], int) and config[field] > 0, field, config[field],
              'must be a positive integer')
   for field in ('warmup_steps', 'consistency_rampup_steps', 'hypergrad_diagnostics_every_steps'):

@@ -1,16 +1,18 @@
-"""Tests for semimeta_jax.checkpoint: save/restore, keep-N, shardings, preemption, config."""
+"""Tests for semimeta_jax.checkpoint: save/restore, keep-N, shardings, checksums, damage, save failures."""
 
-import json
+import errno
 import os
-import signal
+import pathlib
+import shutil
 
 import chex
 import jax
 import flax.linen as nn
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
 import pytest
 
 from semimeta_jax import checkpoint
@@ -131,79 +133,144 @@ def test_restart_after_failed_run_restores_last_good_step(tmp_path):
   chex.assert_trees_all_equal(_leaves(restored), _leaves(good[2]))
 
 
-def test_sigterm_flips_should_stop_and_close_restores_handler():
-  sentinel = lambda signum, frame: None
-  original = signal.signal(signal.SIGTERM, sentinel)
-  try:
-    guard = checkpoint.PreemptionGuard()
-    assert signal.getsignal(signal.SIGTERM) is not sentinel
-    assert not guard.should_stop(0)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert guard.signal_received
-    assert guard.should_stop(1)
-    guard.close()
-    assert signal.getsignal(signal.SIGTERM) is sentinel
-  finally:
-    signal.signal(signal.SIGTERM, original)
+class _WideMLP(nn.Module):
+  """Big enough (a 64x256 kernel) that overwritten bytes land in raw array data."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(256)(x)))
 
 
-def _config():
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.num_train_steps = 100
-  config.log_every_steps = 10
-  config.allow_config_change = False
-  config.lr_decay_boundaries = (30, 60)
-  config.data = ml_collections.ConfigDict()
-  config.data.name = 'digits'
-  config.data.data_dir = None
-  config.hypergrad = ml_collections.ConfigDict()
-  config.hypergrad.mode = 'jvp'
-  return config
+def _wide_state(seed=0):
+  model = _WideMLP()
+  params = model.init(jax.random.key(seed), jnp.ones((1, 64)))['params']
+  return state_lib.TrainState.create(
+      apply_fn=model.apply, params=params, batch_stats={},
+      tx=optax.sgd(0.1, momentum=0.9), rng=jax.random.key(seed + 1), use_ema=False)
 
 
-def test_config_guard_accepts_same_and_resumable_changes(tmp_path):
-  config = _config()
-  assert checkpoint.check_workdir_config(tmp_path, config, allow_change=False) == {}
-  saved = json.loads((tmp_path / 'config.json').read_text())
-  assert saved['hypergrad']['mode'] == 'jvp'
-  assert checkpoint.check_workdir_config(tmp_path, config, allow_change=False) == {}
-  config.num_train_steps = 500
-  config.log_every_steps = 1
-  config.data.data_dir = '/elsewhere'
-  assert checkpoint.check_workdir_config(tmp_path, config, allow_change=False) == {}
-  # The record follows the latest run; the first config is kept beside it.
-  assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == 500
-  assert json.loads((tmp_path / 'config.1.json').read_text()) == saved
+def _largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  return max((p for p in (step_dir / 'state').rglob('*') if p.parent.name == 'd'),
+             key=lambda p: p.stat().st_size)
 
 
-def test_config_guard_refuses_changed_field_unless_allowed(tmp_path):
-  checkpoint.check_workdir_config(tmp_path, _config(), allow_change=False)
-  before = (tmp_path / 'config.json').read_text()
-  changed = _config()
-  changed.hypergrad.mode = 'exact'
-  changed.lr_decay_boundaries = (30, 70)
-  with pytest.raises(checkpoint.ConfigChangedError) as error:
-    checkpoint.check_workdir_config(tmp_path, changed, allow_change=False)
+def _overwrite_random_bytes(step_dir):
+  path = _largest_data_file(step_dir)
+  size = path.stat().st_size
+  with open(path, 'r+b') as f:
+    f.seek(size // 2)
+    f.write(np.random.default_rng(0).bytes(64))
+  assert path.stat().st_size == size
+
+
+def _truncate(path):
+  os.truncate(path, path.stat().st_size // 2)
+
+
+def _empty(path):
+  shutil.rmtree(path)
+  path.mkdir()
+
+
+_FAULTS = {
+    # (damage, what the one-line report says)
+    'random bytes in a data file': (_overwrite_random_bytes, 'does not match its checksum'),
+    'truncated data file': (lambda d: _truncate(_largest_data_file(d)), 'arrays are unreadable'),
+    'truncated _METADATA': (lambda d: _truncate(d / 'state' / '_METADATA'), 'arrays are unreadable'),
+    'emptied item directory': (lambda d: _empty(d / 'state'), 'arrays are unreadable'),
+    'truncated checksum record': (lambda d: _truncate(d / 'checksums' / 'metadata'),
+                                  'checksum record is unreadable'),
+}
+
+
+def _tree_files(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in directory.rglob('*') if p.is_file()}
+
+
+@pytest.mark.parametrize('fault', sorted(_FAULTS))
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_restored(tmp_path, fault, caplog):
+  damage, report = _FAULTS[fault]
+  states = {1: _advance(_wide_state(), 1), 2: _advance(_wide_state(), 2)}
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    for step, state in states.items():
+      ckpt.save(step, state)
+  directory = tmp_path / 'checkpoints'
+  intact = _tree_files(directory / '1')
+  damage(directory / '2')
+  damaged = _tree_files(directory / '2')
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=f'Checkpoint 2 .*{report}'):
+      ckpt.restore(_wide_state(seed=5), step=2)
+    restored, step = ckpt.restore_newest_intact(_wide_state(seed=5))
+    assert step == 1 and ckpt.all_steps() == [1]
+  chex.assert_trees_all_equal(_leaves(restored), _leaves(states[1]))
+  lines = [r.getMessage() for r in caplog.records if 'Checkpoint 2' in r.getMessage()]
+  assert len(lines) == 1 and report in lines[0] and '\n' not in lines[0], lines
+  # Nothing is deleted: the damaged checkpoint is kept aside as it was, the intact one untouched.
+  assert sorted(p.name for p in directory.iterdir()) == ['1', 'corrupt.2']
+  assert _tree_files(directory / 'corrupt.2') == damaged
+  assert _tree_files(directory / '1') == intact
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    ckpt.save(1, _wide_state())
+  _overwrite_random_bytes(tmp_path / 'checkpoints' / '1')
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    with pytest.raises(checkpoint.NoIntactCheckpointError,
+                       match=r'No intact checkpoint .*1 \(damaged: .*checksum\).*starts this run over'):
+      ckpt.restore_newest_intact(_wide_state())
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['corrupt.1']
+
+
+def test_a_state_of_another_structure_is_a_config_error_not_damage(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    ckpt.save(1, _make_state())
+    with pytest.raises(checkpoint.CheckpointMismatchError, match='model or optimizer config changed'):
+      ckpt.restore_newest_intact(_wide_state())
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']  # Not set aside: it is intact.
+
+
+def _fail_writes(monkeypatch):
+  """Makes the commit of every save fail as on a full disk, once its arrays are written."""
+  async def no_space(self):
+    raise OSError(errno.ENOSPC, 'No space left on device', str(self.get() / 'commit_success.txt'))
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', no_space)
+
+
+@pytest.mark.parametrize('async_save', [True, False])
+def test_a_failed_save_names_its_step_and_cause_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, async_save):
+  first = _advance(_make_state(), 1)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, async_save=async_save)
+  ckpt.save(1, first)
+  ckpt.check_save(block=True)
+  _fail_writes(monkeypatch)
+  with pytest.raises(checkpoint.CheckpointSaveError) as error:
+    ckpt.save(2, _advance(first))
+    ckpt.check_save(block=True)
+  ckpt.close()  # Does not raise the same error again.
   message = str(error.value)
-  assert 'hypergrad.mode' in message and 'lr_decay_boundaries' in message
-  assert 'allow_config_change=True' in message
-  assert 'seed' not in message
-  assert (tmp_path / 'config.json').read_text() == before
-  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json']
-
-  differences = checkpoint.check_workdir_config(tmp_path, changed, allow_change=True)
-  assert differences == {'hypergrad.mode': ('jvp', 'exact'),
-                         'lr_decay_boundaries': ([30, 60], [30, 70])}
-  assert (tmp_path / 'config.1.json').read_text() == before
-  assert json.loads((tmp_path / 'config.json').read_text())['hypergrad']['mode'] == 'exact'
-  # The new config is now the reference, so the same run resumes without the flag.
-  assert checkpoint.check_workdir_config(tmp_path, changed, allow_change=False) == {}
+  assert message.startswith('Saving checkpoint 2 ') and '\n' not in message
+  assert 'No space left on device' in message and 'checkpoint 1 is intact' in message
+  monkeypatch.undo()
+  # Space freed: a rerun removes the unfinished save and resumes from the last complete one.
+  with checkpoint.Checkpointer(tmp_path, keep=1) as ckpt:
+    restored, step = ckpt.restore_newest_intact(_make_state())
+  assert step == 1
+  chex.assert_trees_all_equal(_leaves(restored), _leaves(first))
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
 
 
-def test_config_guard_counts_new_fields_as_changes(tmp_path):
-  checkpoint.check_workdir_config(tmp_path, _config(), allow_change=False)
-  extended = _config()
-  extended.mixup = True
-  with pytest.raises(checkpoint.ConfigChangedError, match='mixup'):
-    checkpoint.check_workdir_config(tmp_path, extended, allow_change=False)
+def test_a_checkpoint_from_before_checksums_still_restores(tmp_path):
+  state = _advance(_make_state(), 2)
+  # The layout of the previous version: one unnamed item, no checksums.
+  with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
+    manager.save(2, args=ocp.args.StandardSave(_leaves(state)))
+  with checkpoint.Checkpointer(tmp_path, keep=3) as ckpt:
+    restored, step = ckpt.restore_newest_intact(_make_state(seed=4))
+    assert step == 2
+    chex.assert_trees_all_equal(_leaves(restored), _leaves(state))
+    ckpt.save(3, _advance(restored))  # The run goes on in the new layout.
+    ckpt.wait_until_finished()
+    assert ckpt.restore_newest_intact(_make_state())[1] == 3

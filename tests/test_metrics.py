@@ -163,3 +163,21 @@ def test_plot_curves_default_labels_and_resumed_rows(tmp_path):
     plot_curves.expand_runs(f'{tmp_path}/*', 'A,B')
   with pytest.raises(ValueError, match='matches'):
     plot_curves.expand_runs(f'{tmp_path}/missing*', None)
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_cut_before_appending(tmp_path, caplog, capsys):
+  path = tmp_path / metrics.METRICS_FILE
+  path.write_text(json.dumps({'step': 1, 'eval/error_top1': 50.0}) + '\n{"step": 2, "eval/err')
+  assert metrics.read_rows(tmp_path) == [{'step': 1, 'eval/error_top1': 50.0}]
+  assert f'torn last line of {path}' in caplog.text
+  steps, _ = _load_plot_curves().load_curve(str(tmp_path))  # The plotting tool skips it too.
+  assert steps.tolist() == [1] and f'torn last line of {path}' in capsys.readouterr().err
+  with metrics.MetricWriter(tmp_path, enabled=True) as writer:
+    writer.write_scalars(2, {'eval/error_top1': 40.0})
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_damaged_line_before_the_last_is_a_clear_error(tmp_path):
+  (tmp_path / metrics.METRICS_FILE).write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+  with pytest.raises(metrics.MetricsFileError, match='metrics.jsonl, line 2 is not a JSON row'):
+    metrics.read_rows(tmp_path)

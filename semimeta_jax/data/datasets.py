@@ -28,6 +28,10 @@ class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """The dataset's prepared TFDS files are not in the configured data_dir."""
 
 
+class UnknownDatasetError(errors.UserError, ValueError):
+  """`config.data.name` names no supported dataset."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """Static description of one dataset.
@@ -99,11 +103,11 @@ def get_spec(data_config):
       224) sets the crop size.
 
   Raises:
-    ValueError: unknown dataset name.
+    UnknownDatasetError: unknown dataset name.
   """
   name = ALIASES.get(data_config.name, data_config.name)
   if name not in _SPECS:
-    raise errors.ConfigError(
+    raise UnknownDatasetError(
         f'Unknown dataset config.data.name={data_config.name!r}; expected one '
         f'of {sorted(NAMES + tuple(ALIASES))}.')
   spec = _SPECS[name]

@@ -23,6 +23,10 @@ from semimeta_jax.data import in_memory
 from semimeta_jax.data import splits
 from semimeta_jax.data import streaming
 
+class InputConfigError(errors.UserError, ValueError):
+  """A config field the input pipeline cannot use (batch share, padding, pools)."""
+
+
 _BATCH_FIELDS = ('labeled_batch_size', 'unlabeled_batch_size',
                  'eval_batch_size')
 _LABELED, _UNLABELED = 0, 1
@@ -68,12 +72,12 @@ def _check_config(config, process_index, process_count, start_step):
   for field in _BATCH_FIELDS:
     size = config[field]
     if size <= 0 or size % process_count:
-      raise errors.ConfigError(
+      raise InputConfigError(
           f'config.{field}={size} must be a positive multiple of the process '
           f'count ({process_count}): each process takes an equal share.')
   pad_mode = config.data.get('pad_mode', 'constant')
   if pad_mode not in augment.PAD_MODES:
-    raise errors.ConfigError(f'config.data.pad_mode={pad_mode!r} must be one of '
+    raise InputConfigError(f'config.data.pad_mode={pad_mode!r} must be one of '
                      f'{sorted(augment.PAD_MODES)}.')
 
 
@@ -112,7 +116,8 @@ def build_input(config, workdir, *, start_step=0, process_index=None,
     An `Input`.
 
   Raises:
-    ValueError: bad configuration (message names the field).
+    InputConfigError, splits.LabelBudgetError: bad configuration (message
+      names the field).
     DatasetNotFoundError: the dataset is not prepared in the data_dir.
     splits.SplitMismatchError: the workdir's split was drawn differently.
   """
@@ -190,7 +195,7 @@ def _pools(config, num_train, labeled, uses_unlabeled):
   unlabeled = splits.unlabeled_indices(
       num_train, labeled, config.data.unlabeled_includes_labeled)
   if not unlabeled.size:
-    raise errors.ConfigError(
+    raise InputConfigError(
         'The unlabeled pool is empty (every training example is labeled); '
         'set config.data.unlabeled_includes_labeled=True or choose a method '
         'that reads no unlabeled stream.')

@@ -23,6 +23,10 @@ class SplitMismatchError(errors.UserError, ValueError):
   """The run directory's saved split does not match the configuration."""
 
 
+class LabelBudgetError(errors.UserError, ValueError):
+  """The configured number of labels cannot be drawn class-balanced from the dataset."""
+
+
 def check_label_config(num_labels, label_fraction, num_classes):
   """Validates the label budget before any data is read.
 
@@ -33,22 +37,22 @@ def check_label_config(num_labels, label_fraction, num_classes):
     num_classes: number of classes of the dataset.
 
   Raises:
-    ValueError: a budget that cannot be split evenly over the classes.
+    LabelBudgetError: a budget that cannot be split evenly over the classes.
   """
   if label_fraction:
     if not 0.0 < label_fraction <= 1.0:
-      raise errors.ConfigError(
+      raise LabelBudgetError(
           f'config.data.label_fraction={label_fraction} must be in (0, 1] '
           '(or 0 to use config.data.num_labels).')
     return
   if num_labels == -1:
     return
   if num_labels <= 0:
-    raise errors.ConfigError(
+    raise LabelBudgetError(
         f'config.data.num_labels={num_labels} must be positive, or -1 for '
         'every label.')
   if num_labels % num_classes:
-    raise errors.ConfigError(
+    raise LabelBudgetError(
         f'config.data.num_labels={num_labels} is not divisible by the '
         f'{num_classes} classes; class-balanced labels need a multiple of '
         f'{num_classes}.')
@@ -70,7 +74,7 @@ def draw_labeled_indices(labels, num_classes, *, num_labels, label_fraction,
     Ascending int64 array of labeled indices into the training split.
 
   Raises:
-    ValueError: bad budget, or more labels per class than a class has.
+    LabelBudgetError: bad budget, or more labels per class than a class has.
   """
   check_label_config(num_labels, label_fraction, num_classes)
   labels = np.asarray(labels, np.int64)
@@ -84,7 +88,7 @@ def draw_labeled_indices(labels, num_classes, *, num_labels, label_fraction,
     wanted = np.full(num_classes, num_labels // num_classes, np.int64)
     short = np.flatnonzero(wanted > counts)
     if short.size:
-      raise errors.ConfigError(
+      raise LabelBudgetError(
           f'config.data.num_labels={num_labels} asks for {wanted[0]} labels '
           f'per class, but class {short[0]} has only {counts[short[0]]} '
           'training examples.')

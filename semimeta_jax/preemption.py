@@ -1,0 +1,92 @@
+"""Preemption: a SIGTERM (or the JAX preemption service) becomes a clean save-and-stop.
+
+Every process must come to the same decision at the same step, or one would
+save and exit while the others wait in a collective.
+"""
+
+import signal
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+
+def _jax_preemption_service_available() -> bool:
+  """Whether JAX's distributed runtime is up and watching for preemption notices."""
+  # `jax.distributed.initialize` starts the service unless this flag is off.
+  return (jax.distributed.is_initialized()
+          and bool(jax.config.jax_enable_preemption_service))
+
+
+class PreemptionGuard:
+  """Tells the training loop, after each step, whether to save and stop.
+
+  Single process: a SIGTERM handler sets a flag. Several processes: with JAX's
+  distributed runtime, its preemption service already catches SIGTERM and picks
+  a step at which all processes stop together
+  (`multihost_utils.reached_preemption_sync_point`); our handler is then not
+  installed, since it would replace the runtime's. Without that service, the
+  local flags are combined across processes every `sync_every_steps` steps.
+
+  Every process must call `should_stop` at every step, with the same steps.
+  Create the guard in the main thread (Python only installs signal handlers there).
+  """
+
+  def __init__(self, *, signals=(signal.SIGTERM,), sync_every_steps: int = 1):
+    """Installs the handlers.
+
+    Args:
+      signals: the signals that ask for a clean stop.
+      sync_every_steps: with several processes and no JAX preemption service,
+        how often the processes compare their flags (one small all-gather).
+    """
+    self._sync_every_steps = max(1, sync_every_steps)
+    self._received = False
+    self._logged = False
+    self._previous_handlers = {}
+    self._use_jax_service = _jax_preemption_service_available()
+    if not self._use_jax_service:
+      for sig in signals:
+        self._previous_handlers[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame  # Unused.
+    # Only set a flag: logging here could deadlock on a lock the interrupted
+    # code holds.
+    self._received = True
+
+  @property
+  def signal_received(self) -> bool:
+    """Whether this process received one of the signals (not agreed across processes)."""
+    return self._received
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step`; the same answer in every process."""
+    if self._use_jax_service:
+      stop = multihost_utils.reached_preemption_sync_point(int(step))
+    elif jax.process_count() == 1:
+      stop = self._received
+    elif int(step) % self._sync_every_steps:
+      stop = False
+    else:
+      flags = multihost_utils.process_allgather(np.int32(self._received))
+      stop = bool(np.max(flags))
+    if stop and not self._logged:
+      logging.warning('Preemption requested: stopping after step %d.', step)
+      self._logged = True
+    return stop
+
+  def close(self):
+    """Puts back the signal handlers that were in place before."""
+    for sig, previous in self._previous_handlers.items():
+      # None means the old handler was not installed from Python and cannot be
+      # reinstated; the default action is the closest match.
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+    self._previous_handlers = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
