@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from semimeta_jax import methods
-from semimeta_jax import models
-from semimeta_jax import state as state_lib
 from semimeta_jax.methods import semimeta
 from tests.conftest import synthetic_batch, tiny_config
+from tests.tiny_net import tiny_state
 
 NUM_CLASSES = 5
 # Compiled once per (shape, alpha): eager dispatch of each small op is slower.
@@ -77,7 +76,7 @@ def test_same_key_same_mix_other_key_other_mix():
 def test_the_step_with_mixup_trains_on_a_mixed_target():
   """With mix-up on, the supervised loss is a KL to soft targets, far below the hard-label CE."""
   config = tiny_config(mixup=True, dropout_rate=0.0, **{'hypergrad.mode': 'jvp'})
-  state = state_lib.init_train_state(config, models.get_model(config, 10), (8, 8, 1), jax.random.key(0))
+  state = tiny_state(config)
   _, metrics = jax.jit(methods.make_train_step(config, 10))(state, synthetic_batch(jax.random.key(1)))
   # An untrained net predicts nearly uniformly: its CE to hard labels is ~log(10)
   # (test_methods), while mixed targets carry (1 - lam) of near-uniform pseudo-labels.
