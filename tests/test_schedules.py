@@ -15,7 +15,7 @@ from semimeta_jax import schedules
 from tests.conftest import tiny_config
 
 BASE_LR, WARMUP, FACTOR = 0.4, 10, 0.1
-BOUNDARIES = (30, 20)  # Unsorted on purpose: the schedule must sort them.
+BOUNDARIES = (30, 20)  # Unsorted on purpose: their order must not matter.
 NUM_STEPS = 50
 
 
