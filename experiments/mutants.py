@@ -28,9 +28,10 @@ PADDED_SHARES = 'tests/test_evaluation.py::TestPaddedShares'
 # The baselines' tests train for 30 steps in a module fixture (~45 s in all); each
 # baseline mutant runs only the tests of its own method.
 _B = 'tests/test_baselines.py::'
-PI_TESTS = (_B + 'test_trains_and_compiles_once[pi_model]',
+_L = 'tests/test_baseline_losses.py::test_supervised_loss_is_the_ce_of_the_labeled_rows'
+PI_TESTS = (_L + '[pi_model-extra0]', _B + 'test_trains_and_compiles_once[pi_model]',
             _B + 'test_pi_consistency_is_zero_exactly_when_the_views_coincide')
-TEACHER_TESTS = (_B + 'test_teacher_targets_carry_no_gradient',
+TEACHER_TESTS = (_L + '[mean_teacher-extra1]', _B + 'test_teacher_targets_carry_no_gradient',
                  _B + 'test_teacher_is_the_ema_of_the_student[mean_teacher]')
 PERTURB_TESTS = (_B + 'test_perturbations_are_off_when_disabled_and_per_example_otherwise',)
 
@@ -230,7 +231,8 @@ MUTANTS = [
         'consistency = losses.probability_mse(unlabeled_logits, pseudo)',
         'consistency = losses.probability_mse(unlabeled_logits, pseudo_init)',
         'real update trains on ytil, not yhat (planted bug 1)',
-    ), (
+    )),
+    *_group(M, (MIXUP, CORE), (
         'sm-mixup-labeled-side',
         'image = lam_image * labeled[\'image\'] + (1.0 - lam_image) * unlabeled_image',
         'image = (1.0 - lam_image) * labeled[\'image\'] + lam_image * unlabeled_image',
@@ -255,12 +257,8 @@ MUTANTS = [
         'supervised = losses.kl_divergence(target, logits)',
         'supervised = losses.cross_entropy(logits, labeled[\'label\'])',
         'mix-up path trains on hard labels',
-    ), (
-        'sm-mixup-flag-inverted',
-        '    if config.mixup:',
-        '    if not config.mixup:',
-        'mix-up flag inverted',
-    ), (
+    )),
+    *_group(M, (CORE, MIXUP), (
         'sm-weight-dropped',
         'return supervised + weight * consistency, (stats',
         'return supervised + consistency, (stats',
@@ -285,11 +283,6 @@ MUTANTS = [
         "theta_tilde_is_theta = hg.forward_mode == 'eval'",
         'theta_tilde_is_theta = True',
         'training-mode meta forward skips the virtual step',
-    ), (
-        'sm-meta-forward-always-eval',
-        "  if hg.forward_mode == 'eval':\n    apply_fn",
-        "  if True:\n    apply_fn",
-        'forward_mode=train ignored',
     )),
     *_group('semimeta_jax/methods/common.py', (CORE,), (
         'common-running-averages-frozen',
@@ -350,11 +343,6 @@ MUTANTS = [
         'totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)',
         'totals = sums',
         'only the last batch is kept',
-    ), (
-        'eval-top5-from-top1',
-        "'error_top5': 100.0 * (1.0 - totals['correct_top5'] / count)",
-        "'error_top5': 100.0 * (1.0 - totals['correct_top1'] / count)",
-        'top-5 error from the top-1 sums',
     )),
     *_group('semimeta_jax/data/evaluation.py', (PADDED_SHARES,), (
         'data-eval-batches-floor',

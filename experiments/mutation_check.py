@@ -119,7 +119,7 @@ def table(results, baseline_seconds):
       '|---|---|---|---|---|---|---|',
   ]
   for i, r in enumerate(results, 1):
-    tests = ', '.join(pathlib.Path(t.split('::')[0]).name for t in r.mutant.tests)
+    tests = ', '.join(dict.fromkeys(pathlib.Path(t.split('::')[0]).name for t in r.mutant.tests))
     lines.append(f'| {i} | {r.mutant.name} | {r.mutant.file} | {r.mutant.description} | {tests} | '
                  f'{r.status} | {r.seconds:.0f} |')
   survivors = [r.mutant.name for r in results if r.status == 'survived']

@@ -3,7 +3,7 @@
 The step is checked against a loss assembled here by hand, from a hypergradient
 written out here (not the project's estimators), so that a step that trains on the
 initial prediction ytil, drops the relu of the projection, the consistency weight
-or a term, or takes its gradient through the targets, fails.
+or the second forward's running averages, or gets the default step sizes wrong, fails.
 """
 
 import chex
@@ -22,8 +22,6 @@ from tests.tiny_net import tiny_state
 # matters; no stepped entry lies within 5e-3 of the kink.
 META_LR = 500.0
 WEIGHT = 2.0  # Not 1, so that a dropped consistency weight shows.
-
-
 LR = 0.5  # A power of two: (old - new) / LR recovers the gradient without rounding.
 
 
