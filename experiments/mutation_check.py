@@ -39,6 +39,7 @@ class Result:
   mutant: object
   status: str  # killed | survived | timeout
   seconds: float
+  killed_by: str = ''  # The first failing test, as pytest names it.
 
 
 def check_snippets(mutants, root=ROOT):
@@ -59,9 +60,9 @@ def check_snippets(mutants, root=ROOT):
                      + '\n  '.join(problems))
 
 
-def copy_repository(destination):
+def copy_repository(destination, source_root=ROOT):
   for name in COPIED:
-    source = ROOT / name
+    source = source_root / name
     if source.is_dir():
       shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
     elif source.exists():
@@ -80,48 +81,56 @@ def run_tests(root, tests, timeout):
   return completed.returncode, time.monotonic() - start, completed.stdout + completed.stderr
 
 
-def run_mutant(mutant, timeout):
+def first_failure(output):
+  """'test_file.py::test_name' of the first FAILED/ERROR line of pytest's summary."""
+  for line in output.splitlines():
+    if line.startswith(('FAILED ', 'ERROR ')):
+      return line.split()[1].split('/')[-1]
+  return ''
+
+
+def run_mutant(mutant, snapshot, timeout):
+  """Applies `mutant` to a fresh copy of `snapshot` and runs its tests there."""
   with tempfile.TemporaryDirectory(prefix='mutant-') as tmp:
     root = pathlib.Path(tmp)
-    copy_repository(root)
+    copy_repository(root, snapshot)
     path = root / mutant.file
     path.write_text(path.read_text().replace(mutant.original, mutant.mutated, 1))
-    returncode, seconds, _ = run_tests(root, mutant.tests, timeout)
+    returncode, seconds, output = run_tests(root, mutant.tests, timeout)
   if returncode is None:
     return Result(mutant, 'timeout', seconds)
   # 1 = a test failed; 2-4 = collection or usage errors, still the mutant's doing
   # since the baseline passed; 5 = no tests collected, a broken subset.
   if returncode == 5:
     raise SystemExit(f'{mutant.name}: no tests collected from {mutant.tests}')
-  return Result(mutant, 'killed' if returncode else 'survived', seconds)
+  return Result(mutant, 'killed' if returncode else 'survived', seconds, first_failure(output))
 
 
-def baseline(mutants, timeout):
+def baseline(mutants, snapshot, timeout):
   """The unmutated code must pass every subset the mutants use."""
   subsets = sorted({test for m in mutants for test in m.tests})
   with tempfile.TemporaryDirectory(prefix='mutant-baseline-') as tmp:
     root = pathlib.Path(tmp)
-    copy_repository(root)
+    copy_repository(root, snapshot)
     returncode, seconds, output = run_tests(root, subsets, 4 * timeout)
   if returncode != 0:
     raise SystemExit(f'Mutation check: the unmutated code fails its own subset {subsets}:\n{output[-3000:]}')
   return seconds
 
 
-def table(results, baseline_seconds):
+def table(results, baseline_seconds, total_seconds):
   killed = sum(r.status != 'survived' for r in results)
   rate = killed / len(results) if results else 0.0
   lines = [
-      f'Mutation check: {killed} of {len(results)} mutants killed ({100 * rate:.1f}%); '
-      f'baseline subset passed in {baseline_seconds:.0f} s.',
+      f'Mutation check: {killed} of {len(results)} mutants killed ({100 * rate:.1f}%) in '
+      f'{total_seconds / 60:.1f} min (baseline subset passed in {baseline_seconds:.0f} s).',
       '',
-      '| # | mutant | file | planted bug | tests | result | s |',
+      '| # | mutant | file | planted bug | result | first failing test | s |',
       '|---|---|---|---|---|---|---|',
   ]
   for i, r in enumerate(results, 1):
-    tests = ', '.join(dict.fromkeys(pathlib.Path(t.split('::')[0]).name for t in r.mutant.tests))
-    lines.append(f'| {i} | {r.mutant.name} | {r.mutant.file} | {r.mutant.description} | {tests} | '
-                 f'{r.status} | {r.seconds:.0f} |')
+    lines.append(f'| {i} | {r.mutant.name} | {r.mutant.file.removeprefix("semimeta_jax/")} | '
+                 f'{r.mutant.description} | {r.status} | {r.killed_by} | {r.seconds:.0f} |')
   survivors = [r.mutant.name for r in results if r.status == 'survived']
   lines += ['', f'Survivors: {", ".join(survivors) if survivors else "none"}.']
   return '\n'.join(lines) + '\n', rate
@@ -144,15 +153,21 @@ def main(argv=None):
     for m in selected:
       print(f'{m.name:28s} {m.file:34s} {m.description}')
     return 0
-  baseline_seconds = baseline(selected, args.timeout)
-  print(f'baseline passed in {baseline_seconds:.0f} s; running {len(selected)} mutants', flush=True)
-  results = []
-  for i, mutant in enumerate(selected, 1):
-    result = run_mutant(mutant, args.timeout)
-    results.append(result)
-    print(f'[{i}/{len(selected)}] {result.status:8s} {result.seconds:5.0f} s  {mutant.name}: '
-          f'{mutant.description}', flush=True)
-  report, rate = table(results, baseline_seconds)
+  start = time.monotonic()
+  with tempfile.TemporaryDirectory(prefix='mutant-snapshot-') as snapshot:
+    # One snapshot of the tree: edits made while the check runs do not leak into it.
+    snapshot = pathlib.Path(snapshot)
+    copy_repository(snapshot)
+    check_snippets(selected, snapshot)
+    baseline_seconds = baseline(selected, snapshot, args.timeout)
+    print(f'baseline passed in {baseline_seconds:.0f} s; running {len(selected)} mutants', flush=True)
+    results = []
+    for i, mutant in enumerate(selected, 1):
+      result = run_mutant(mutant, snapshot, args.timeout)
+      results.append(result)
+      print(f'[{i}/{len(selected)}] {result.status:8s} {result.seconds:5.0f} s  {mutant.name}: '
+            f'{mutant.description}  {result.killed_by}', flush=True)
+  report, rate = table(results, baseline_seconds, time.monotonic() - start)
   print(report)
   if args.out:
     pathlib.Path(args.out).write_text(report)
