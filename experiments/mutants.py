@@ -1,0 +1,378 @@
+"""The planted bugs of `mutation_check.py`: realistic one-line slips in the core modules.
+
+Each mutant names its file, an exact snippet that must occur once in that file,
+its replacement, what bug it plants, and the fast tests that should catch it
+(the most targeted file first: `pytest -x` stops at the first failure).
+
+Left out on purpose (equivalent mutants, no test can tell them apart):
+  * `count < warmup_steps` -> `<=` in the step schedule: at t = warmup both
+    branches give base_lr.
+  * removing `stop_gradient` on ytil in `meta_pseudo_labels`: the real update
+    differentiates the parameters only, and ytil enters it through yhat, which
+    is computed from values, never differentiated.
+  * not sorting the decay boundaries: the count of boundaries passed does not
+    depend on their order.
+data/augment.py is being rewritten (sampling and augmentation on the device); its
+mutants belong with its new tests.
+"""
+
+import dataclasses
+
+CORE = 'tests/test_semimeta_core.py'
+MIXUP = 'tests/test_mixup.py'
+HYPERGRAD = 'tests/test_hypergrad.py'
+LOSSES = 'tests/test_losses.py'
+SCHEDULES = 'tests/test_schedules.py'
+EVALUATION = 'tests/test_evaluation.py'
+PADDED_SHARES = 'tests/test_evaluation.py::TestPaddedShares'
+# The baselines' tests train for 30 steps in a module fixture (~45 s in all); each
+# baseline mutant runs only the tests of its own method.
+_B = 'tests/test_baselines.py::'
+_L = 'tests/test_baseline_losses.py::test_supervised_loss_is_the_ce_of_the_labeled_rows'
+PI_TESTS = (_L + '[pi_model-extra0]', _B + 'test_trains_and_compiles_once[pi_model]',
+            _B + 'test_pi_consistency_is_zero_exactly_when_the_views_coincide')
+TEACHER_TESTS = (_L + '[mean_teacher-extra1]', _B + 'test_teacher_targets_carry_no_gradient',
+                 _B + 'test_teacher_is_the_ema_of_the_student[mean_teacher]')
+PERTURB_TESTS = (_B + 'test_perturbations_are_off_when_disabled_and_per_example_otherwise',)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  file: str
+  original: str
+  mutated: str
+  description: str
+  tests: tuple
+
+
+def _group(file, tests, *entries):
+  return [Mutant(name, file, original, mutated, description, tests)
+          for name, original, mutated, description in entries]
+
+
+H, M, S = 'semimeta_jax/hypergrad.py', 'semimeta_jax/methods/semimeta.py', 'semimeta_jax/schedules.py'
+
+MUTANTS = [
+    *_group(H, (HYPERGRAD, CORE), (
+        'hg-virtual-step-sign',
+        'lambda p, g: p - alpha * g, params, grads)',
+        'lambda p, g: p + alpha * g, params, grads)',
+        'virtual step climbs L_u instead of descending it',
+    ), (
+        'hg-inner-steps-off-by-one',
+        'for _ in range(inner_steps):',
+        'for _ in range(inner_steps - 1):',
+        'one virtual step too few',
+    ), (
+        'hg-exact-at-theta',
+        '    return outer_loss(adapted, apply_fn, x_l, y_l)',
+        '    return outer_loss(params, apply_fn, x_l, y_l)',
+        'exact: outer loss at theta, not theta~',
+    ), (
+        'hg-first-order-sign',
+        'return -alpha * optax.tree.vdot(v, inner_grads)',
+        'return alpha * optax.tree.vdot(v, inner_grads)',
+        'first_order: sign of the Taylor term flipped',
+    ), (
+        'hg-outer-direction-at-theta',
+        '  return jax.grad(outer_loss)(adapted, apply_fn, x_l, y_l)',
+        '  return jax.grad(outer_loss)(params, apply_fn, x_l, y_l)',
+        'jvp/fd: u taken at theta instead of theta~',
+    ), (
+        'hg-jvp-factor-2',
+        'return (2.0 * alpha / x_u.shape[0]) * jacobian_times_u',
+        'return (alpha / x_u.shape[0]) * jacobian_times_u',
+        'jvp: factor 2 of the squared error dropped',
+    ), (
+        'hg-fd-central-difference',
+        'return (probs(shifted(1.0)) - probs(shifted(-1.0))) / eps',
+        'return (probs(shifted(1.0)) - probs(shifted(-1.0))) / (2.0 * eps)',
+        'fd direction: divided by 2 eps (d must approximate 2 J v)',
+    ), (
+        'hg-fd-eps-not-relative',
+        'eps = epsilon / jnp.maximum(optax.tree.norm(v), jnp.finfo(jnp.float32).tiny)',
+        'eps = epsilon',
+        'fd: epsilon not scaled by 1 / ||v||',
+    ), (
+        'hg-fd-units',
+        'return (alpha / x_u.shape[0]) * d',
+        'return alpha * d',
+        'fd: hypergradient units miss 1 / B_u',
+    ), (
+        'hg-dispatch-jvp-skips-virtual-step',
+        '    return jvp(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,\n'
+        '               theta_tilde_is_theta=theta_tilde_is_theta)',
+        '    return jvp(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,\n'
+        '               theta_tilde_is_theta=True)',
+        'dispatch: jvp always assumes theta~ = theta',
+    ), (
+        'hg-official-beta',
+        'lr * unlabeled_batch_size / safe_alpha',
+        'lr / safe_alpha',
+        'official beta misses the factor B_u',
+    ), (
+        'hg-relu-dropped',
+        '  y = jax.nn.relu(y)\n',
+        '',
+        'projection: relu dropped (negative entries kept)',
+    ), (
+        'hg-zero-row-fallback',
+        'y / jnp.where(sums > 0, sums, 1.0), fallback)',
+        'y / jnp.where(sums > 0, sums, 1.0), y)',
+        'projection: an all-negative row becomes all zeros',
+    ), (
+        'hg-update-sign',
+        'stepped = pseudo - beta * grad',
+        'stepped = pseudo + beta * grad',
+        'pseudo-label step climbs the outer loss',
+    ), (
+        'hg-simplex-threshold',
+        'cumulative = jnp.cumsum(sorted_desc, axis=-1) - 1.0',
+        'cumulative = jnp.cumsum(sorted_desc, axis=-1)',
+        'simplex projection: threshold for sum 0 instead of 1',
+    )),
+    *_group('semimeta_jax/losses.py', (LOSSES, CORE), (
+        'loss-ce-sign',
+        'return -jnp.take_along_axis(log_probs',
+        'return jnp.take_along_axis(log_probs',
+        'cross-entropy sign flipped',
+    ), (
+        'loss-ce-sum',
+        'return jnp.mean(cross_entropy_per_example(logits, labels))',
+        'return jnp.sum(cross_entropy_per_example(logits, labels))',
+        'cross-entropy summed over the batch',
+    ), (
+        'loss-kl-sign',
+        'xlogy(targets, targets) - targets * log_probs',
+        'xlogy(targets, targets) + targets * log_probs',
+        'KL: cross term sign flipped',
+    ), (
+        'loss-kl-sum',
+        '  return jnp.mean(per_example)',
+        '  return jnp.sum(per_example)',
+        'KL summed over the batch, not batchmean',
+    ), (
+        'loss-mse-mean-classes',
+        'return jnp.mean(jnp.sum(jnp.square(probs - targets), axis=-1))',
+        'return jnp.mean(jnp.square(probs - targets))',
+        'probability MSE averaged over classes, not summed',
+    ), (
+        'loss-entropy-sign',
+        'return jnp.mean(-jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1))',
+        'return jnp.mean(jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1))',
+        'entropy sign flipped',
+    ), (
+        'loss-topk-off-by-one',
+        'return (num_larger + num_tied_before < k)',
+        'return (num_larger + num_tied_before <= k)',
+        'top-k counts the (k+1)-th as correct',
+    ), (
+        'loss-topk-ties',
+        'jnp.arange(logits.shape[-1]) < labels[:, None]',
+        'jnp.arange(logits.shape[-1]) > labels[:, None]',
+        'top-k: ties broken the wrong way',
+    ), (
+        'loss-no-upcast',
+        'return x.astype(jnp.promote_types(x.dtype, jnp.float32))',
+        'return x',
+        'half-precision logits not upcast',
+    )),
+    *_group(S, (SCHEDULES,), (
+        'sched-warmup-off-by-one',
+        'base_lr * count / warmup_steps',
+        'base_lr * (count + 1) / warmup_steps',
+        'warm-up one step ahead (planted bug 3a)',
+    ), (
+        'sched-first-boundary-dropped',
+        'np.asarray(sorted(boundaries) or',
+        'np.asarray(sorted(boundaries)[1:] or',
+        'first decay boundary dropped (planted bug 3b)',
+    ), (
+        'sched-decay-at-boundary',
+        'decays = jnp.sum(count > boundaries)',
+        'decays = jnp.sum(count >= boundaries)',
+        'decay at the boundary instead of after it',
+    ), (
+        'sched-warmup-ignores-decay',
+        'base_lr * count / warmup_steps, lr)',
+        'base_lr * count / warmup_steps, base_lr)',
+        'after warm-up the decay is ignored',
+    ), (
+        'sched-cosine-decay-steps',
+        'decay_steps=max(config.num_train_steps, config.warmup_steps + 1)',
+        'decay_steps=max(config.num_train_steps - config.warmup_steps, 1)',
+        'cosine: decay_steps read as excluding the warm-up',
+    ), (
+        'sched-linear-rampup-off-by-one',
+        'jnp.clip(jnp.asarray(count, jnp.float32) / rampup',
+        'jnp.clip((jnp.asarray(count, jnp.float32) + 1) / rampup',
+        'consistency ramp one step ahead',
+    ), (
+        'sched-sigmoid-square',
+        'jnp.exp(-5.0 * jnp.square(1.0 - progress))',
+        'jnp.exp(-5.0 * (1.0 - progress))',
+        'sigmoid ramp: square dropped',
+    ), (
+        'sched-decoupled-decay',
+        '      optax.add_decayed_weights(config.weight_decay),\n'
+        '      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None))',
+        '      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None),\n'
+        '      optax.add_decayed_weights(config.weight_decay))',
+        'weight decay added after momentum and lr (decoupled)',
+    ), (
+        'sched-no-momentum',
+        'momentum=config.momentum or None',
+        'momentum=None',
+        'momentum ignored',
+    )),
+    *_group(M, (CORE, MIXUP), (
+        'sm-consistency-on-ytil',
+        'consistency = losses.probability_mse(unlabeled_logits, pseudo)',
+        'consistency = losses.probability_mse(unlabeled_logits, pseudo_init)',
+        'real update trains on ytil, not yhat (planted bug 1)',
+    )),
+    *_group(M, (MIXUP, CORE), (
+        'sm-mixup-labeled-side',
+        'image = lam_image * labeled[\'image\'] + (1.0 - lam_image) * unlabeled_image',
+        'image = (1.0 - lam_image) * labeled[\'image\'] + lam_image * unlabeled_image',
+        'mix-up image weighs the labeled side by 1 - lam (planted bug 2)',
+    ), (
+        'sm-mixup-target-swapped',
+        'target = lam[:, None] * onehot + (1.0 - lam[:, None]) * pseudo',
+        'target = (1.0 - lam[:, None]) * onehot + lam[:, None] * pseudo',
+        'mix-up target weighs the label by 1 - lam',
+    ), (
+        'sm-mixup-one-lambda',
+        'lam = jax.random.beta(key, alpha, alpha, (labeled[\'image\'].shape[0],))',
+        'lam = jnp.full((labeled[\'image\'].shape[0],), jax.random.beta(key, alpha, alpha))',
+        'one mix-up coefficient for the whole batch',
+    ), (
+        'sm-mixup-beta-shape',
+        'jax.random.beta(key, alpha, alpha,',
+        'jax.random.beta(key, alpha, 1.0,',
+        'lam ~ Beta(a, 1) instead of Beta(a, a)',
+    ), (
+        'sm-no-mixup-kl',
+        'supervised = losses.kl_divergence(target, logits)',
+        'supervised = losses.cross_entropy(logits, labeled[\'label\'])',
+        'mix-up path trains on hard labels',
+    )),
+    *_group(M, (CORE, MIXUP), (
+        'sm-weight-dropped',
+        'return supervised + weight * consistency, (stats',
+        'return supervised + consistency, (stats',
+        'consistency weight w(t) dropped from the loss',
+    ), (
+        'sm-unlabeled-stats',
+        'unlabeled_logits, stats = common.train_forward(state, params, unlabeled[\'image\'], stats,',
+        'unlabeled_logits, stats = common.train_forward(state, params, unlabeled[\'image\'], state.batch_stats,',
+        'second forward restarts from the old running averages',
+    ), (
+        'sm-alpha-default',
+        'alpha = hg.inner_lr if hg.inner_lr > 0 else lr',
+        'alpha = hg.inner_lr if hg.inner_lr > 0 else 1.0',
+        'default inner step size is 1, not the learning rate',
+    ), (
+        'sm-beta-default',
+        'else hypergrad.official_meta_lr(lr, alpha, x_u.shape[0])',
+        'else lr',
+        'default beta is lr, not lr * B_u / alpha',
+    ), (
+        'sm-theta-tilde-always-theta',
+        "theta_tilde_is_theta = hg.forward_mode == 'eval'",
+        'theta_tilde_is_theta = True',
+        'training-mode meta forward skips the virtual step',
+    )),
+    *_group('semimeta_jax/methods/common.py', (CORE,), (
+        'common-running-averages-frozen',
+        "  return logits, updates['batch_stats']",
+        '  return logits, batch_stats',
+        'training forward never updates the running averages',
+    )),
+    *_group('semimeta_jax/methods/pi_model.py', PI_TESTS, (
+        'pi-supervised-on-unlabeled',
+        'supervised = losses.cross_entropy(logits[0][:num_labeled]',
+        'supervised = losses.cross_entropy(logits[0][num_labeled:]',
+        'Pi-model CE on the wrong half of the batch',
+    ), (
+        'pi-views-share-a-key',
+        'view_images = perturb(state.step_key(common.NOISE, view), images)',
+        'view_images = perturb(state.step_key(common.NOISE), images)',
+        'both Pi-model views get the same perturbation',
+    )),
+    *_group('semimeta_jax/methods/mean_teacher.py', TEACHER_TESTS, (
+        'mt-ema-warmup',
+        'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / (updates_taken + 1.0))',
+        'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / updates_taken)',
+        'teacher EMA warm-up one update off',
+    ), (
+        'mt-teacher-gradient',
+        '  teacher_logits = jax.lax.stop_gradient(teacher_logits)\n',
+        '',
+        'gradient flows into the teacher',
+    )),
+    *_group('semimeta_jax/methods/augment.py', PERTURB_TESTS, (
+        'aug-flip-never',
+        'images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)',
+        'images = jnp.where(mirrored[:, None, None, None], images, images)',
+        'per-view horizontal flip never applied',
+    )),
+    *_group('semimeta_jax/evaluation.py', (EVALUATION,), (
+        'eval-padding-summed',
+        'masked_sum = lambda values: jnp.sum(values * mask)',
+        'masked_sum = lambda values: jnp.sum(values)',
+        'sums over padded rows, count masked (planted bug 5)',
+    ), (
+        'eval-count-unmasked',
+        "'count': jnp.sum(mask),",
+        "'count': jnp.asarray(mask.shape[0], jnp.float32),",
+        'padded rows counted',
+    ), (
+        'eval-top5-is-top1',
+        "masked_sum(losses.topk_correct(logits, batch['label'], 5))",
+        "masked_sum(losses.topk_correct(logits, batch['label'], 1))",
+        'top-5 computed as top-1',
+    ), (
+        'eval-ema-params-ignored',
+        '(state.ema_params, state.ema_batch_stats) if use_ema',
+        '(state.params, state.ema_batch_stats) if use_ema',
+        'EMA evaluation reads the raw weights',
+    ), (
+        'eval-last-batch-only',
+        'totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)',
+        'totals = sums',
+        'only the last batch is kept',
+    )),
+    *_group('semimeta_jax/data/evaluation.py', (PADDED_SHARES,), (
+        'data-eval-batches-floor',
+        'largest_share = math.ceil(num_examples / process_count)',
+        'largest_share = num_examples // process_count',
+        'too few batches for the largest share',
+    ), (
+        'data-eval-mask-short',
+        'mask[:count] = True',
+        'mask[:max(count - 1, 0)] = True',
+        'last real row of a batch masked out',
+    ), (
+        'data-eval-normalise',
+        "yield {'image': (chunk - mean) / std,",
+        "yield {'image': (chunk - mean) * std,",
+        'normalisation multiplies by std',
+    ), (
+        'data-eval-padding-short',
+        'for _ in range(num_batches - count):',
+        'for _ in range(num_batches - count - 1):',
+        'one fully masked batch too few',
+    ), (
+        'data-eval-longer-stream-accepted',
+        'if count == num_batches:',
+        'if count > num_batches:',
+        'a stream longer than num_batches is accepted',
+    ), (
+        'data-eval-share-overlap',
+        'return int(bounds[process_index]), int(bounds[process_index + 1])',
+        'return int(bounds[process_index]), int(bounds[process_index + 1]) + 1',
+        'process shares overlap by one example',
+    )),
+]
