@@ -137,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpointer.restore(state, start_step)
     logging.info('Resumed from the checkpoint at step %d.', start_step)
 
-  inp = data.build_input(config, workdir, start_step=start_step)
+  inp = data.build_input(config, workdir, start_step=start_step, mesh=mesh)
   train_step = parallel.jit_train_step(methods.make_train_step(config, info.num_classes), mesh)
   compiled_eval_steps = {'eval': parallel.jit_eval_step(evaluation.eval_step, mesh)}
   if state.ema_params is not None:
@@ -156,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   started, step, preempted = time.time(), start_step, False
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
-      batch = parallel.to_global(next(inp.train_batches), mesh)
+      # Computed on the devices from (seed, step), or prefetched there: no host work per step.
+      batch = inp.train_batch(step - 1)
       if diagnose and step % config.hypergrad_diagnostics_every_steps == 0:
         # On the state the step is about to update (it is donated to the step).
         fidelity = jax.device_get(diagnose(state, batch))
