@@ -183,8 +183,8 @@ def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps,
       logging.warning('No checkpoint %d in %s (it has %s); skipping it.', step, run_dir, sorted(saved))
       continue
     state = checkpointer.restore(fresh, step) if step else fresh
-    inp = data.build_input(config, run_dir, start_step=step)
-    batches = [parallel.to_global(next(inp.train_batches), mesh) for _ in range(num_batches)]
+    inp = data.build_input(config, run_dir, start_step=step, mesh=mesh)
+    batches = [inp.train_batch(step + i) for i in range(num_batches)]
     lr = meta_learning_rate(config, step)
     for (fwd, k), fn in compiled.items():
       per_batch = jax.device_get([fn(state, batch, lr) for batch in batches])
