@@ -15,6 +15,7 @@ MFU = achieved / peak dense FLOP/s of the device at the step's precision.
 import math
 
 import jax
+from jax.extend import core as jex_core
 
 # Dense peak TFLOP/s per device kind (substring of `device_kind`), by precision: bf16, and float32
 # matmuls as JAX runs them by default on these GPUs (TF32 tensor cores), and strict fp32.
@@ -47,9 +48,9 @@ def _dot_flops(eqn) -> float:
 
 
 def _sub_jaxprs(value):
-  if isinstance(value, jax.extend.core.ClosedJaxpr):
+  if isinstance(value, jex_core.ClosedJaxpr):
     yield value.jaxpr
-  elif isinstance(value, jax.extend.core.Jaxpr):
+  elif isinstance(value, jex_core.Jaxpr):
     yield value
   elif isinstance(value, (tuple, list)):
     for item in value:

@@ -92,7 +92,8 @@ class _Run:
     scalars = {}
     for prefix, eval_step in compiled_eval_steps.items():
       started = time.time()
-      result = evaluation.evaluate(eval_step, state, self.inp.eval_batches(), self.mesh)
+      result = evaluation.evaluate(eval_step, state, self.inp.global_eval_batches(self.mesh),
+                                   self.mesh)
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
       scalars[f'{prefix}/seconds'] = time.time() - started
     self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items()

@@ -15,7 +15,7 @@ in-memory dataset (`specs.register_in_memory`) runs without them.
 """
 
 import dataclasses
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -49,6 +49,8 @@ class Input:
     make_eval_batches: returns a new iterator over this process's evaluation batches.
     host_batches: streamed data only: the host-local uint8 batches that feed
       `train_batch` (for inspection; do not consume both).
+    keep_eval_on_devices: whether `global_eval_batches` keeps the evaluation
+      batches on the devices after building them once (small test splits).
   """
   info: specs.DatasetInfo
   labeled_indices: np.ndarray
@@ -57,6 +59,20 @@ class Input:
   num_eval_examples: int
   make_eval_batches: Callable[[], Iterator[dict]]
   host_batches: Optional[Iterator[dict]] = None
+  keep_eval_on_devices: bool = False
+  _device_eval: Optional[list] = dataclasses.field(default=None, repr=False)
+
+  def global_eval_batches(self, mesh) -> Iterable[dict]:
+    """The evaluation batches as global arrays on `mesh` (every process's share).
+
+    A small test split is shipped once and kept on the devices (CIFAR's: 123 MB
+    float32), so an evaluation then costs the device its forward passes only.
+    """
+    if not self.keep_eval_on_devices:
+      return (parallel.to_global(batch, mesh) for batch in self.eval_batches())
+    if self._device_eval is None:
+      self._device_eval = [parallel.to_global(batch, mesh) for batch in self.eval_batches()]
+    return self._device_eval
 
   def eval_batches(self):
     """A new iterator over this process's padded evaluation batches.
@@ -195,4 +211,4 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
   unlabeled = pools['unlabeled'][0] if 'unlabeled' in pools else None
   return Input(info=info, labeled_indices=labeled, unlabeled_indices=unlabeled,
                train_batch=train_batch, num_eval_examples=num_test,
-               make_eval_batches=make_eval)
+               make_eval_batches=make_eval, keep_eval_on_devices=True)
