@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +164,15 @@ def test_plot_curves_default_labels_and_resumed_rows(tmp_path):
     plot_curves.expand_runs(f'{tmp_path}/*', 'A,B')
   with pytest.raises(ValueError, match='matches'):
     plot_curves.expand_runs(f'{tmp_path}/missing*', None)
+
+
+def test_without_clu_or_tensorflow_metrics_still_reach_the_json_lines(tmp_path, monkeypatch):
+  # As on the GPU machines: clu (and TensorFlow, which its writers import) are absent.
+  for name in ('clu', 'tensorflow'):
+    monkeypatch.setitem(sys.modules, name, None)
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  writer.write_scalars(3, {'train/loss': 0.5})
+  writer.close()
+  assert [json.loads(line) for line in open(tmp_path / metrics.METRICS_FILE)] == [
+      {'step': 3, 'train/loss': 0.5}]
+  assert not list(tmp_path.glob('events.out.tfevents*'))
