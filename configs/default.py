@@ -25,7 +25,7 @@ def get_config():
   config.data.num_labels = 4000  # Total labeled examples, class-balanced; -1 = every label.
   config.data.label_fraction = 0.0  # If > 0, overrides num_labels with a per-class fraction.
   config.data.unlabeled_includes_labeled = False  # Whether the unlabeled pool keeps the labeled examples.
-  config.data.augment = True  # Per-dataset training augmentation (see data/augment.py).
+  config.data.augment = True  # Per-dataset training augmentation (data/device_augment.py; ImageNet: data/augment.py).
   config.data.prefetch_batches = 2
   config.data.pad_mode = 'constant'  # Pad-and-crop padding: constant (zeros, official) | reflect.
   config.data.image_size = 224  # ImageNet crop size (other datasets keep their own size).

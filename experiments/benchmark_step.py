@@ -2,8 +2,10 @@ r"""Benchmarks the compiled training step: supervised, and SemiMeta in each hype
 
 For every mode it compiles `jax.jit(train_step, donate_argnums=0)` ahead of time (timing
 `.lower()` + `.compile()`), runs a few warm-up steps, then times N steps one by one and
-reports the median, with XLA's FLOP count of the compiled step, the achieved FLOP/s and
-two memory figures:
+reports the median, with the step's FLOPs (its convolutions and matrix products counted
+densely from the jaxpr, `flop_count.py`: the same on every backend, where XLA's compiled cost
+analysis omits cuDNN's convolutions on GPU), the achieved FLOP/s, MFU against the device's
+peak where known, and two memory figures:
   compiled MiB     from `compiled.memory_analysis()`: temp + argument + output - alias
                    bytes (the donated state is aliased by the new state, so it counts once);
                    available on every backend.
@@ -53,6 +55,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import flop_count  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -75,13 +78,15 @@ COLUMNS = (  # (header, row key, format)
     ('compile s', 'compile_s', '{:.2f}'), ('median step ms', 'median_step_ms', '{:.1f}'),
     ('steps/s', 'steps_per_s', '{:.2f}'), ('images/s', 'images_per_s', '{:.0f}'),
     ('GFLOP/step', 'gflop_per_step', '{:.4g}'), ('achieved GFLOP/s', 'achieved_gflop_per_s', '{:.1f}'),
+    ('MFU %', 'mfu_percent', '{:.1f}'), ('XLA GFLOP (compiled)', 'xla_compiled_gflop', '{:.4g}'),
     ('compiled MiB', 'compiled_mib', '{:.1f}'), ('device peak MiB', 'device_peak_mib', '{:.1f}'),
 )
 CSV_FIELDS = (
     'device_kind', 'platform', 'xla_flags', 'model', 'model_width', 'batch', 'input', 'num_classes',
     'half_precision', 'method', 'mode', 'name', 'images_per_step', 'steps', 'warmup_steps',
     'lower_s', 'compile_s', 'median_step_ms', 'min_step_ms', 'max_step_ms', 'steps_per_s',
-    'images_per_s', 'flops', 'gflop_per_step', 'achieved_gflop_per_s', 'compiled_mib',
+    'images_per_s', 'flops', 'gflop_per_step', 'achieved_gflop_per_s', 'peak_tflops', 'mfu_percent',
+    'xla_lowered_gflop', 'xla_compiled_gflop', 'compiled_mib',
     'device_peak_mib', 'error')
 
 
@@ -181,6 +186,8 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
+  # Traced only (nothing runs), so before the first call donates `state`.
+  flops = flop_count.count_flops(step, state, batch)
 
   # Every step is awaited, so each time is one step's latency, dispatch included.
   times = []
@@ -195,7 +202,7 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
   memory = device.memory_stats() or {}
   peak = memory.get('peak_bytes_in_use')
   median = float(np.median(times))
-  flops = compiled_flops(compiled)
+  peak_flops = flop_count.peak_flops(device.device_kind, config.half_precision)
   uses_unlabeled = methods.get(config.method).uses_unlabeled
   images = batch_size * (2 if uses_unlabeled else 1)
   height, width, channels = image_shape
@@ -225,6 +232,10 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
       'flops': flops,
       'gflop_per_step': flops / 1e9,
       'achieved_gflop_per_s': flops / 1e9 / median,
+      'peak_tflops': peak_flops / 1e12,
+      'mfu_percent': 100.0 * flops / median / peak_flops,
+      'xla_lowered_gflop': flop_count.lowered_xla_flops(lowered) / 1e9,
+      'xla_compiled_gflop': compiled_flops(compiled) / 1e9,
       'compiled_mib': compiled_bytes(compiled) / 2**20,
       'device_peak_mib': float('nan') if peak is None else peak / 2**20,
   }
@@ -359,7 +370,11 @@ def main(argv=None):
       + (' (theta~ = theta: jvp and finite_difference skip the virtual step).'
          if args.forward_mode == 'eval' else '.'),
       f'Median of {args.steps} timed steps after {args.warmup_steps} warm-up steps, each step awaited; '
-      'compile s = lower + XLA compile. GFLOP/step from XLA cost analysis of the compiled step.',
+      'compile s = lower + XLA compile. GFLOP/step: the convolutions and matrix products of the '
+      "step's jaxpr, counted densely (experiments/flop_count.py; the same on every backend); MFU "
+      'against the dense peak of the device at the precision (bf16, or TF32 for float32) where known. '
+      'XLA GFLOP (compiled): its cost analysis of the compiled step, which on GPU omits cuDNN '
+      'convolutions.',
       'compiled MiB = temp + argument + output - aliased bytes (memory_analysis); device peak MiB = '
       "memory_stats()['peak_bytes_in_use'] of the subprocess that ran the row (GPU/TPU only).",
       'images/s counts the images a step reads (the supervised step ignores the unlabeled batch).',

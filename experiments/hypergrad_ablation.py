@@ -42,7 +42,6 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 matplotlib.use('Agg')  # Files only; no display is needed or assumed.
@@ -52,6 +51,14 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import benchmark_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import digits_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import APPROXIMATIONS  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+from experiments.hypergrad_fidelity import fidelity  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import FIDELITY_FIELDS  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import fidelity_rows  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import fidelity_table  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import half_precision_fidelity  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import half_precision_table  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.hypergrad_fidelity import variant_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import hypergrad  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -60,62 +67,12 @@ from semimeta_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-i
 from semimeta_jax import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import schedules  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax.methods import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax.methods import semimeta  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-APPROXIMATIONS = ('first_order', 'jvp', 'finite_difference')
 FORWARD_MODES = ('eval', 'train')
-FIDELITY_FIELDS = ('step', 'lr', 'forward_mode', 'inner_steps', 'mode', 'cosine', 'cosine_min',
-                   'relative_error', 'relative_error_max', 'exact_norm', 'num_batches')
 COST_FIELDS = ('forward_mode', 'mode', 'inner_steps', 'compile_s', 'median_step_ms', 'compiled_mib',
                'gflop_per_step')
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / 'configs' / 'digits.py'
-
-
-def variant_config(config, *, mode=None, forward_mode=None, inner_steps=None):
-  """A copy of `config` with the meta step's mode, forward mode and K replaced where given."""
-  config = config.copy_and_resolve_references()
-  for field, value in (('mode', mode), ('forward_mode', forward_mode), ('inner_steps', inner_steps)):
-    if value is not None:
-      config.hypergrad[field] = value
-  return config
-
-
-def _compare(estimate, exact):
-  """Cosine similarity and relative error of two flattened hypergradients."""
-  estimate, exact = estimate.ravel(), exact.ravel()
-  tiny = jnp.finfo(exact.dtype).tiny
-  exact_norm = jnp.linalg.norm(exact)
-  return {
-      'cosine': jnp.vdot(estimate, exact) / jnp.maximum(jnp.linalg.norm(estimate) * exact_norm, tiny),
-      'relative_error': jnp.linalg.norm(estimate - exact) / jnp.maximum(exact_norm, tiny),
-  }
-
-
-def fidelity(state, batch, lr, *, config):
-  """Every estimator of g against `exact` on one batch, as the training step would compute g.
-
-  Args:
-    state: the TrainState at theta_t.
-    batch: {'labeled', 'unlabeled'} global batch.
-    lr: the step's learning rate (alpha = lr unless config.hypergrad.inner_lr is set).
-    config: the run config; its `hypergrad.forward_mode` is the meta forward and its
-      `hypergrad.inner_steps` the K of the `exact` reference (the other modes are K = 1).
-
-  Returns:
-    {mode: {'cosine', 'relative_error'}} for every mode in `hypergrad.MODES` (`exact`
-    against itself included), plus {'exact_norm': ||g_exact||}.
-  """
-  key = state.step_key(common.DROPOUT_META)  # The training step's meta dropout draw.
-  grads = {}
-  for mode in hypergrad.MODES:
-    _, grads[mode], _ = semimeta.meta_pseudo_labels(
-        state, batch['labeled'], batch['unlabeled'], lr=lr, key=key,
-        config=variant_config(config, mode=mode))
-  result = {mode: _compare(g, grads['exact']) for mode, g in grads.items()}
-  result['exact_norm'] = jnp.linalg.norm(grads['exact'])
-  return result
 
 
 def meta_learning_rate(config, step: int) -> float:
@@ -147,26 +104,13 @@ def train_fidelity_run(config, run_dir: str, steps):
   return True
 
 
-def fidelity_rows(per_batch, *, step: int, lr: float, forward_mode: str, inner_steps: int):
-  """Rows (FIDELITY_FIELDS), one per mode, of `fidelity` results over batches: mean and worst case."""
-  rows = []
-  for mode in hypergrad.MODES:
-    cosines = np.array([r[mode]['cosine'] for r in per_batch], np.float64)
-    errors = np.array([r[mode]['relative_error'] for r in per_batch], np.float64)
-    rows.append({
-        'step': step, 'lr': lr, 'forward_mode': forward_mode, 'inner_steps': inner_steps,
-        'mode': mode, 'cosine': cosines.mean(), 'cosine_min': cosines.min(),
-        'relative_error': errors.mean(), 'relative_error_max': errors.max(),
-        'exact_norm': float(np.mean([r['exact_norm'] for r in per_batch])),
-        'num_batches': len(per_batch)})
-  return rows
-
-
-def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps, num_batches: int):
+def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps, num_batches: int,
+                     half_precision: bool = False):
   """Fidelity rows (FIDELITY_FIELDS) at each step of `steps` that `run_dir` has a state for.
 
   Step 0 is the run's initial state (re-created from its seed); other steps are
   restored from `run_dir`'s checkpoints, and a missing one is skipped with a warning.
+  With `half_precision`, also rows of every mode in bf16 against float32 `exact`.
   """
   info = data.dataset_info(config.data)
   mesh = parallel.make_mesh()
@@ -178,18 +122,30 @@ def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps,
   compiled = {(fwd, k): jax.jit(functools.partial(
       fidelity, config=variant_config(config, forward_mode=fwd, inner_steps=k)))
               for fwd in forward_modes for k in inner_steps}
+  half = {}
+  if half_precision:
+    half_apply_fn = models.get_model(variant_config(config, half_precision=True),
+                                     info.num_classes).apply
+    half = {(fwd, k): jax.jit(functools.partial(
+        half_precision_fidelity, half_apply_fn=half_apply_fn,
+        config=variant_config(config, forward_mode=fwd, inner_steps=k)))
+            for fwd in forward_modes for k in inner_steps}
   rows = []
   for step in steps:
     if step and step not in saved:
       logging.warning('No checkpoint %d in %s (it has %s); skipping it.', step, run_dir, sorted(saved))
       continue
     state = checkpointer.restore(fresh, step) if step else fresh
-    inp = data.build_input(config, run_dir, start_step=step)
-    batches = [parallel.to_global(next(inp.train_batches), mesh) for _ in range(num_batches)]
+    inp = data.build_input(config, run_dir, start_step=step, mesh=mesh)
+    batches = [inp.train_batch(step + i) for i in range(num_batches)]
     lr = meta_learning_rate(config, step)
     for (fwd, k), fn in compiled.items():
       per_batch = jax.device_get([fn(state, batch, lr) for batch in batches])
       rows += fidelity_rows(per_batch, step=step, lr=lr, forward_mode=fwd, inner_steps=k)
+    for (fwd, k), fn in half.items():
+      per_batch = jax.device_get([fn(state, batch, lr) for batch in batches])
+      rows += fidelity_rows(per_batch, step=step, lr=lr, forward_mode=fwd, inner_steps=k,
+                            precision='bf16')
     logging.info('Fidelity measured at step %d.', step)
   checkpointer.close()
   return rows
@@ -209,20 +165,6 @@ def measure_step_cost(config, *, forward_modes, inner_steps, steps: int):
       rows.append({'forward_mode': fwd, 'mode': mode, 'inner_steps': k,
                    **{name: row[name] for name in COST_FIELDS[3:]}})
   return rows
-
-
-def fidelity_table(rows) -> str:
-  """Markdown: one line per (forward mode, K, approximation); a cell per step, 'cosine / rel. error'."""
-  steps = sorted({row['step'] for row in rows})
-  cells = {(r['forward_mode'], r['inner_steps'], r['mode'], r['step']): r for r in rows}
-  lines = ['| meta forward | K | mode | ' + ' | '.join(f'step {s}' for s in steps) + ' |',
-           '|---|---|---|' + '---|' * len(steps)]
-  for fwd, k in dict.fromkeys((r['forward_mode'], r['inner_steps']) for r in rows):
-    for mode in APPROXIMATIONS:
-      values = [cells.get((fwd, k, mode, s)) for s in steps]
-      text = ['-' if v is None else f'{v["cosine"]:.5f} / {v["relative_error"]:.2e}' for v in values]
-      lines.append(f'| {fwd} | {k} | {mode} | ' + ' | '.join(text) + ' |')
-  return '\n'.join(lines)
 
 
 def cost_table(rows) -> str:
@@ -245,6 +187,13 @@ def render_report(header, rows, cost_rows, errors, *, num_batches: int, cost_ste
       'close to K times the K = 1 value and the relative error near 1 - 1/K: at K > 1 it measures '
       'scale, the cosine direction. The step-0 point uses the learning rate of step 1 (the warm-up '
       'starts at 0).\n\n' + fidelity_table(rows)]
+  if any(r.get('precision') == 'bf16' for r in rows):
+    sections.append(
+        '## bf16 hypergradient fidelity: cosine / relative error against float32 `exact`\n\nEach '
+        'mode computed with bfloat16 activations (`config.half_precision`; parameters and g stay '
+        'float32) on the same state, batch and dropout draw as the float32 `exact` reference (K '
+        'as in the row). The `exact` line is the rounding error of bf16 alone.\n\n'
+        + half_precision_table(rows))
   if cost_rows:
     sections.append(f'## Training-step cost\n\nFull compiled training step (synthetic batch), median of '
                     f'{cost_steps} steps; compiled MiB from XLA memory_analysis (temp + arguments + '
@@ -318,6 +267,7 @@ def _define_flags():
   flags.DEFINE_integer('num_batches', 4, 'Batches averaged per step.')
   flags.DEFINE_list('inner_steps', ['1', '2', '3'], 'K of the exact reference.')
   flags.DEFINE_list('forward_modes', list(FORWARD_MODES), 'Meta forward modes.')
+  flags.DEFINE_bool('half_precision', True, 'Also measure every mode in bf16 against float32 exact.')
   flags.DEFINE_integer('cost_steps', 10, 'Timed steps per mode for the step cost (0: skip).')
   flags.DEFINE_list('train_seeds', ['0', '1', '2', '3', '4'], 'Seeds of the final-error runs.')
   flags.DEFINE_bool('skip_training', False, 'Leave out the final-error training runs.')
@@ -356,7 +306,8 @@ def main(argv):
       logging.warning('--config differs from the config %s was trained with: %s', run_dir, differences)
   started = time.time()
   rows = measure_fidelity(config, run_dir, steps, forward_modes=FLAGS.forward_modes,
-                          inner_steps=inner_steps, num_batches=FLAGS.num_batches)
+                          inner_steps=inner_steps, num_batches=FLAGS.num_batches,
+                          half_precision=FLAGS.half_precision)
   timings['fidelity measurement'] = time.time() - started
   started = time.time()
   cost_rows = []
@@ -384,7 +335,8 @@ def main(argv):
   write_csv(rows, FIDELITY_FIELDS, str(out / 'fidelity.csv'))
   if cost_rows:
     write_csv(cost_rows, COST_FIELDS, str(out / 'step_cost.csv'))
-  plot_fidelity([r for r in rows if r['mode'] != 'exact'], str(out / 'fidelity.png'))
+  plot_fidelity([r for r in rows if r['mode'] != 'exact' and r['precision'] == 'fp32'],
+                str(out / 'fidelity.png'))
   print(markdown)
   print(f'Wrote ablation.md, fidelity.csv{", step_cost.csv" if cost_rows else ""} and fidelity.png '
         f'into {out}.')

@@ -38,21 +38,23 @@ def eval_step(state, batch, *, use_ema: bool = False, use_swa: bool = False):
 
 
 def evaluate(compiled_eval_step, state, local_batches, mesh) -> dict[str, float]:
-  """Runs a compiled `eval_step` over host-local batches and returns the errors.
+  """Runs a compiled `eval_step` over padded batches and returns the errors.
 
   Args:
     compiled_eval_step: `parallel.jit_eval_step(eval_step, mesh)` (with `use_ema` bound).
     state: the replicated TrainState.
-    local_batches: this process's padded numpy batches; every process yields the
-      same number of batches.
+    local_batches: this process's padded numpy batches, or global batches already
+      on the mesh (`jax.Array`s); every process yields the same number of batches.
     mesh: the device mesh.
 
   Returns:
     {'error_top1', 'error_top5'} in percent, 'loss', and 'num_examples'.
   """
   totals = None
-  for local_batch in local_batches:
-    sums = compiled_eval_step(state, parallel.to_global(local_batch, mesh))
+  for batch in local_batches:
+    if not isinstance(batch['image'], jax.Array):
+      batch = parallel.to_global(batch, mesh)
+    sums = compiled_eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split yielded no batches.')

@@ -10,7 +10,6 @@ import time
 from typing import Any, Mapping
 
 from absl import logging
-from clu import metric_writers
 from etils import epath
 import jax
 import numpy as np
@@ -72,6 +71,33 @@ def _drop_torn_tail(path: epath.Path):
     tmp.replace(path)
 
 
+class _LogWriter:
+  """The log half of clu's default writer, where TensorBoard's (TensorFlow) is unavailable."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]):
+    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _default_writer(workdir: str):
+  """clu's TensorBoard + log writer, or the log writer alone where TensorFlow is absent.
+
+  clu's writers import TensorFlow; the GPU machines that run the benchmarks have neither.
+  """
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    logging.warning('No TensorBoard summaries (%s); metrics go to %s and the log.', error,
+                    METRICS_FILE)
+    return _LogWriter()
+  return metric_writers.create_default_writer(workdir, asynchronous=True)
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard (and the log) and to `<workdir>/metrics.jsonl`.
 
@@ -96,8 +122,7 @@ class MetricWriter:
     if self.enabled:
       workdir = epath.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._writer = metric_writers.create_default_writer(
-          str(workdir), asynchronous=True)
+      self._writer = _default_writer(str(workdir))
       _drop_torn_tail(workdir / METRICS_FILE)
       self._jsonl = (workdir / METRICS_FILE).open('a')
 

@@ -112,7 +112,8 @@ class _Run:
     scalars = {}
     for prefix, eval_step in weight_sets.items():
       started = time.time()
-      result = evaluation.evaluate(eval_step, state, self.inp.eval_batches(), self.mesh)
+      result = evaluation.evaluate(eval_step, state, self.inp.global_eval_batches(self.mesh),
+                                   self.mesh)
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
       scalars[f'{prefix}/seconds'] = time.time() - started
     self.writer.write_scalars(step, scalars)
@@ -174,7 +175,7 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
     run_dir.check_run_length(workdir, start_step, config.num_train_steps)
     # Checks the label budget against the class sizes and the saved split, then
     # writes the split: the first record a new workdir gets.
-    inp = data.build_input(config, workdir, start_step=start_step,
+    inp = data.build_input(config, workdir, start_step=start_step, mesh=mesh,
                            uses_unlabeled=method.uses_unlabeled)
     run_dir.record_config(workdir, config, start_step)
   except BaseException:
@@ -210,7 +211,8 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
   started, step, preempted = time.time(), start_step, False
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
-      batch = parallel.to_global(next(inp.train_batches), mesh)
+      # Computed on the devices from (seed, step), or prefetched there: no host work per step.
+      batch = inp.train_batch(step - 1)
       if swa_statistics is not None:
         recent_batches.append(batch)
       if diagnose and step % diagnose_every == 0:

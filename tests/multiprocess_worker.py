@@ -8,7 +8,9 @@ Modes:
            dumps it, to check that a multi-process checkpoint restores there.
 
 Each mode writes `<out>.npz` (one array per state leaf, stacked over this
-process's devices: [local devices, ...]) and `<out>.json` (what happened).
+process's devices: [local devices, ...]) and `<out>.json` (what happened);
+`train` also writes `<out>.batch2.npz`, the global batch of step 2 as made on
+the devices and gathered from every process.
 The CPU device count and the distributed runtime must be set up before JAX
 starts its backend, which is why this is a separate script and not a test.
 """
@@ -20,6 +22,7 @@ import os
 import sys
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -109,8 +112,14 @@ def _train(args):
   config = make_config(args.num_train_steps)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     summary = train.train_and_evaluate(config, args.workdir)
+    # The global batch of step 2 as this process sees it: gathered from every process's devices.
+    batch = data.build_input(config, None).train_batch(2)
+  global_batch = multihost_utils.process_allgather(batch, tiled=True)
   if not saved_steps:
     raise RuntimeError('The training loop saved no checkpoint.')
+  np.savez(args.out + '.batch2.npz', **{f'{stream}/{key}': np.asarray(value)
+                                         for stream, part in global_batch.items()
+                                         for key, value in part.items()})
   _write(args.out, last_saved, {
       'saved_steps': saved_steps,
       'summary': {k: summary[k] for k in ('steps', 'completed', 'preempted', 'final_error_top1')},

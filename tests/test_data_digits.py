@@ -1,8 +1,9 @@
-"""The real `digits` dataset, built offline, and the in-memory pipeline."""
+"""The real `digits` dataset, built offline, and its device-resident batches."""
 
 import json
 
 from configs import default
+import jax
 import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
@@ -35,8 +36,9 @@ def _config(data_dir, **overrides):
   return config
 
 
-def _take(iterator, count):
-  return [next(iterator) for _ in range(count)]
+def _take(inp, count, start=0):
+  """Global batches start, ..., start + count - 1, on the host."""
+  return [jax.device_get(inp.train_batch(step)) for step in range(start, start + count)]
 
 
 def test_builder_split_sizes_and_values(data_dir):
@@ -75,7 +77,7 @@ def test_batches_shapes_and_split(data_dir, tmp_path):
       np.bincount(train_labels[inp.labeled_indices]), np.full(10, 5))
   assert not np.intersect1d(inp.labeled_indices, inp.unlabeled_indices).size
   assert len(inp.unlabeled_indices) == 1497 - 50
-  batch = next(inp.train_batches)
+  batch = jax.device_get(inp.train_batch(0))
   assert batch['labeled']['image'].shape == (16, 8, 8, 1)
   assert batch['unlabeled']['image'].shape == (24, 8, 8, 1)
   for part in batch.values():
@@ -99,7 +101,7 @@ def test_streams_draw_from_their_pools_epoch_by_epoch(data_dir):
   # Without augmentation each image is a training image; find which one.
   flat = normalised.reshape(len(images), -1)
   seen = {'labeled': [], 'unlabeled': []}
-  for batch in _take(inp.train_batches, 100 // 16 + 1):
+  for batch in _take(inp, 100 // 16 + 1):
     for part, indices in seen.items():
       for image, label in zip(batch[part]['image'], batch[part]['label']):
         index = int(np.argmin(np.abs(flat - image.reshape(1, -1)).sum(1)))
@@ -119,9 +121,9 @@ def test_same_seed_same_batches_and_resume(data_dir):
   config = _config(data_dir)
   run = lambda start: data.build_input(config, None, start_step=start,
                                        process_index=0, process_count=1)
-  first = _take(run(0).train_batches, 7)
-  again = _take(run(0).train_batches, 7)
-  resumed = _take(run(5).train_batches, 2)
+  first = _take(run(0), 7)
+  again = _take(run(0), 7)
+  resumed = _take(run(5), 2, start=5)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a['unlabeled']['image'],
                                   b['unlabeled']['image'])
@@ -130,25 +132,21 @@ def test_same_seed_same_batches_and_resume(data_dir):
       np.testing.assert_array_equal(a[part]['image'], b[part]['image'])
       np.testing.assert_array_equal(a[part]['label'], b[part]['label'])
   other = _take(data.build_input(_config(data_dir, seed=1), None,
-                                 process_index=0, process_count=1)
-                .train_batches, 1)
+                                 process_index=0, process_count=1), 1)
   assert not np.array_equal(other[0]['labeled']['image'],
                             first[0]['labeled']['image'])
 
 
-def test_two_processes_split_the_global_batch(data_dir):
+def test_the_global_batch_does_not_depend_on_the_process_count(data_dir):
+  # Every process computes the same global batch on the devices; its own rows
+  # are its addressable shards.
   config = _config(data_dir)
-  whole = next(data.build_input(config, None, start_step=3, process_index=0,
-                                process_count=1).train_batches)
-  parts = [next(data.build_input(config, None, start_step=3, process_index=p,
-                                 process_count=2).train_batches)
-           for p in range(2)]
-  for part in ('labeled', 'unlabeled'):
-    rows = whole[part]['image'].shape[0]
-    assert parts[0][part]['image'].shape[0] == rows // 2
-    for key in ('image', 'label'):
-      np.testing.assert_array_equal(
-          np.concatenate([p[part][key] for p in parts]), whole[part][key])
+  whole = _take(data.build_input(config, None, start_step=3, process_index=0,
+                                 process_count=1), 1, start=3)[0]
+  for p in range(2):
+    part = _take(data.build_input(config, None, start_step=3, process_index=p,
+                                  process_count=2), 1, start=3)[0]
+    jax.tree.map(np.testing.assert_array_equal, part, whole)
 
 
 @pytest.mark.parametrize('process_count', [1, 3])
@@ -180,7 +178,7 @@ def test_supervised_has_no_unlabeled_stream(data_dir):
   config = _config(data_dir, method='supervised', num_labels=-1)
   inp = data.build_input(config, None, process_index=0, process_count=1, uses_unlabeled=False)
   assert inp.unlabeled_indices is None
-  assert set(next(inp.train_batches)) == {'labeled'}
+  assert set(inp.train_batch(0)) == {'labeled'}
   assert len(inp.labeled_indices) == 1497
 
 

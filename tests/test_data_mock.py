@@ -3,15 +3,19 @@
 import re
 
 from configs import default
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from semimeta_jax import data
+from semimeta_jax import parallel
 from semimeta_jax.data import datasets
 
 NUM_MOCK = 48
+# The batches of 8 and 12 rows divide over four devices.
+_MESH4 = lambda: parallel.make_mesh(jax.devices()[:4])
 
 
 def _config(name, **overrides):
@@ -45,11 +49,11 @@ def test_in_memory_datasets_under_mock_data(name, shape):
   spec = datasets.get_spec(config.data)
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     inp = data.build_input(config, None, start_step=2, process_index=1,
-                           process_count=2)
-    batch = next(inp.train_batches)
+                           process_count=2, mesh=_MESH4())
+    batch = jax.device_get(inp.train_batch(2))  # The global batch, on the devices.
     evals = list(inp.eval_batches())
   assert inp.info.image_shape == shape and inp.info.num_train == NUM_MOCK
-  for part, size in (('labeled', 4), ('unlabeled', 6)):
+  for part, size in (('labeled', 8), ('unlabeled', 12)):
     assert batch[part]['image'].shape == (size, *shape)
     assert batch[part]['label'].dtype == np.int32
     assert np.all((0 <= batch[part]['label'])
@@ -80,10 +84,10 @@ def _fake_imagenet_as_dataset(self, split, decoders=None, **unused_kwargs):
       {'image': tf.stack(images), 'label': labels})
 
 
-def _indices(images, spec):
-  """Record index of each (constant) fake image, from its mean pixel."""
-  pixels = (images * np.asarray(spec.std) + np.asarray(spec.mean)) * 255
-  values = pixels.mean(axis=(1, 2, 3))
+def _indices(images, spec=None):
+  """Record index of each (constant) fake image, from its mean pixel (uint8, or normalised)."""
+  pixels = images if spec is None else (images * np.asarray(spec.std) + np.asarray(spec.mean)) * 255
+  values = pixels.astype(np.float64).mean(axis=(1, 2, 3))
   return np.round((values - 2) / 4).astype(int)
 
 
@@ -110,12 +114,12 @@ def test_imagenet_shapes_labels_and_shares(imagenet):
   for p in range(2):
     seen = {'labeled': [], 'unlabeled': []}
     for _ in range(6):
-      batch = next(inputs[(p, 0)].train_batches)
+      batch = next(inputs[(p, 0)].host_batches)  # This process's uint8 rows.
       for part, indices in seen.items():
         assert batch[part]['image'].shape == ({'labeled': 4, 'unlabeled': 6}[
             part], 16, 16, 3)
-        _assert_normalised(batch[part]['image'], spec)
-        index = _indices(batch[part]['image'], spec)
+        assert batch[part]['image'].dtype == np.uint8
+        index = _indices(batch[part]['image'])
         np.testing.assert_array_equal(batch[part]['label'], index % 10)
         indices.extend(index)
     # Each process reads only its own share; an epoch covers it once.
@@ -132,12 +136,31 @@ def test_imagenet_resume_gives_the_same_batches(imagenet):
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_as_dataset):
     config = _config('imagenet2012')
     fresh = data.build_input(config, None, process_index=0, process_count=2)
-    uninterrupted = [next(fresh.train_batches) for _ in range(7)]
-  resumed = [next(inputs[(0, 5)].train_batches) for _ in range(2)]
+    uninterrupted = [next(fresh.host_batches) for _ in range(7)]
+  resumed = [next(inputs[(0, 5)].host_batches) for _ in range(2)]
   for a, b in zip(uninterrupted[5:], resumed):
     for part in ('labeled', 'unlabeled'):
       np.testing.assert_array_equal(a[part]['image'], b[part]['image'])
       np.testing.assert_array_equal(a[part]['label'], b[part]['label'])
+
+
+def test_imagenet_batches_reach_the_devices_normalised_in_order():
+  config = _config('imagenet2012')
+  spec = datasets.get_spec(config.data)
+  with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_as_dataset):
+    build = lambda: data.build_input(config, None, start_step=3, process_index=0,
+                                     process_count=1, mesh=_MESH4())
+    host, device = build(), build()
+    expected = [next(host.host_batches) for _ in range(3)]
+    got = [jax.device_get(device.train_batch(step)) for step in (3, 4, 5)]
+    with pytest.raises(ValueError, match='sequential'):
+      device.train_batch(7)
+  for want, have in zip(expected, got):
+    for part in ('labeled', 'unlabeled'):
+      _assert_normalised(have[part]['image'], spec)
+      reference = (want[part]['image'] / np.float32(255) - np.float32(spec.mean)) / np.float32(spec.std)
+      np.testing.assert_allclose(have[part]['image'], reference, atol=1e-6)
+      np.testing.assert_array_equal(have[part]['label'], want[part]['label'])
 
 
 def test_imagenet_evaluation_counts_every_example_once(imagenet):

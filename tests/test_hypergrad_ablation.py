@@ -53,3 +53,24 @@ def test_table_and_plot_render(train_mode_fidelity, tmp_path):
   path = tmp_path / 'fidelity.png'
   hypergrad_ablation.plot_fidelity([r for r in rows if r['mode'] != 'exact'], str(path))
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_bf16_fidelity_rows_are_close_to_float32_exact_and_render():
+  config = tiny_config(**{'hypergrad.forward_mode': 'train', 'learning_rate': 0.5})
+  model = models.get_model(config, 10)
+  state = state_lib.init_train_state(config, model, (8, 8, 1), jax.random.key(0))
+  half_apply_fn = models.get_model(
+      hypergrad_ablation.variant_config(config, half_precision=True), 10).apply
+  fn = jax.jit(functools.partial(hypergrad_ablation.half_precision_fidelity, config=config,
+                                 half_apply_fn=half_apply_fn))
+  per_batch = jax.device_get([fn(state, synthetic_batch(jax.random.key(1)), 0.5)])
+  rows = hypergrad_ablation.fidelity_rows(per_batch, step=0, lr=0.5, forward_mode='train',
+                                          inner_steps=1, precision='bf16')
+  by_mode = {row['mode']: row for row in rows}
+  # bf16 rounding moves g, but not far: exact and jvp in bf16 stay near float32 exact.
+  for mode in ('exact', 'jvp'):
+    assert 0.9 < by_mode[mode]['cosine'] < 1.0 and 0 < by_mode[mode]['relative_error'] < 0.5
+  lines = hypergrad_ablation.half_precision_table(rows).splitlines()
+  assert lines[0] == '| meta forward | K | mode (bf16) | step 0 |' and len(lines) == 2 + 4
+  # The float32 table leaves the bf16 rows out.
+  assert len(hypergrad_ablation.fidelity_table(rows).splitlines()) == 2

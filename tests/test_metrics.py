@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +182,15 @@ def test_a_damaged_line_before_the_last_is_a_clear_error(tmp_path):
   (tmp_path / metrics.METRICS_FILE).write_text('{"step": 1}\n{"st\n{"step": 3}\n')
   with pytest.raises(metrics.MetricsFileError, match='metrics.jsonl, line 2 is not a JSON row'):
     metrics.read_rows(tmp_path)
+
+
+def test_without_clu_or_tensorflow_metrics_still_reach_the_json_lines(tmp_path, monkeypatch):
+  # As on the GPU machines: clu (and TensorFlow, which its writers import) are absent.
+  for name in ('clu', 'tensorflow'):
+    monkeypatch.setitem(sys.modules, name, None)
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  writer.write_scalars(3, {'train/loss': 0.5})
+  writer.close()
+  assert [json.loads(line) for line in open(tmp_path / metrics.METRICS_FILE)] == [
+      {'step': 3, 'train/loss': 0.5}]
+  assert not list(tmp_path.glob('events.out.tfevents*'))

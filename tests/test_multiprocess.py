@@ -190,6 +190,21 @@ def test_pair_holds_identical_replicas(runs):
       _assert_trees_equal(first, copies, index)
 
 
+def test_the_device_made_batch_is_the_same_from_one_and_two_processes(runs):
+  _, workers = runs
+  batches = []
+  for name in ('pair0', 'pair1', 'single'):
+    with np.load(workers.out(name) + '.batch2.npz') as arrays:
+      batches.append(dict(arrays))
+  single = batches[2]
+  assert sorted(single) == ['labeled/image', 'labeled/label', 'unlabeled/image', 'unlabeled/label']
+  assert single['labeled/image'].shape == (8, 32, 32, 3) and single['labeled/image'].std() > 0.1
+  for pair in batches[:2]:
+    assert sorted(pair) == sorted(single)
+    for key, value in single.items():
+      np.testing.assert_array_equal(pair[key], value, err_msg=key)
+
+
 def test_pair_matches_one_process_with_four_devices(runs):
   _, workers = runs
   pair_record, pair = workers.result('pair0')

@@ -108,14 +108,15 @@ def test_a_non_finite_loss_stops_the_run_and_the_advised_command_resumes(tmp_pat
 
   def poisoned_input(*args, **kwargs):
     inp = build_input(*args, **kwargs)
+    clean = inp.train_batch
 
-    def batches(clean=inp.train_batches, start_step=kwargs.get('start_step', 0)):
-      for step, batch in enumerate(clean, start=start_step + 1):
-        if step == 5:
-          batch['labeled']['image'] = batch['labeled']['image'] * float('nan')
-        yield batch
+    def batch(index):  # Index 4 trains step 5.
+      out = clean(index)
+      if index == 4:
+        out['labeled']['image'] = out['labeled']['image'] * float('nan')
+      return out
 
-    inp.train_batches = batches()
+    inp.train_batch = batch
     return inp
 
   monkeypatch.setattr(data, 'build_input', poisoned_input)

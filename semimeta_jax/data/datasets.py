@@ -1,4 +1,4 @@
-"""The supported datasets: what each one is, and getting its TFDS builder.
+"""Getting a dataset's TFDS builder (the specs themselves are in `specs.py`).
 
 Every dataset is read through TFDS from `config.data.data_dir`. Nothing is
 downloaded unless `config.data.download=True`; when the prepared files are not
@@ -8,7 +8,6 @@ exception: it ships with scikit-learn and is built offline on first use.
 """
 
 import contextlib
-import dataclasses
 import io
 import os
 
@@ -16,105 +15,17 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
-from semimeta_jax import errors
 from semimeta_jax.data import digits
+from semimeta_jax.data import specs
 
-# Short names accepted in `config.data.name`.
-ALIASES = {'svhn': 'svhn_cropped', 'imagenet': 'imagenet2012'}
+NAMES = specs.TFDS_NAMES
+ALIASES = specs.ALIASES
+DatasetInfo = specs.DatasetInfo
+DatasetNotFoundError = specs.DatasetNotFoundError
+UnknownDatasetError = specs.UnknownDatasetError
+DatasetSpec = specs.DatasetSpec
+get_spec = specs.get_spec
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
-
-
-class DatasetNotFoundError(errors.UserError, FileNotFoundError):
-  """The dataset's prepared TFDS files are not in the configured data_dir."""
-
-
-class UnknownDatasetError(errors.UserError, ValueError):
-  """`config.data.name` names no supported dataset."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """Static description of one dataset.
-
-  Attributes:
-    name: canonical name, also the TFDS name.
-    train_split: TFDS split used for training (labeled and unlabeled).
-    test_split: TFDS split used for evaluation.
-    num_classes: number of classes.
-    image_shape: (H, W, C) of the images the model sees (ImageNet: crop size).
-    mean: per-channel mean of the [0, 1] pixels (normalisation).
-    std: per-channel standard deviation of the [0, 1] pixels.
-    augment: training augmentation, see `augment.py`: 'pad_crop_flip',
-      'pad_crop', 'random_resized_crop' or 'none'.
-    pad: padding of the pad-and-crop augmentations, in pixels.
-    in_memory: whether the splits are loaded into host memory as uint8 arrays
-      (otherwise they are streamed from the TFDS records).
-    sizes: documented (train, test) sizes, for messages only.
-  """
-  name: str
-  train_split: str
-  test_split: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  augment: str
-  pad: int
-  in_memory: bool
-  sizes: tuple[int, int]
-
-
-# Means and standard deviations of CIFAR and SVHN are the official code's; those
-# of ImageNet are torchvision's; those of digits are its training split's.
-_SPECS = {
-    'digits': DatasetSpec(
-        'digits', 'train', 'test', 10, (8, 8, 1), (0.30585,), (0.37633,),
-        augment='pad_crop', pad=1, in_memory=True,
-        sizes=(digits.NUM_TRAIN, digits.NUM_TEST)),
-    'cifar10': DatasetSpec(
-        'cifar10', 'train', 'test', 10, (32, 32, 3),
-        (0.49139968, 0.48215841, 0.44653091),
-        (0.24703223, 0.24348513, 0.26158784),
-        augment='pad_crop_flip', pad=4, in_memory=True, sizes=(50000, 10000)),
-    'cifar100': DatasetSpec(
-        'cifar100', 'train', 'test', 100, (32, 32, 3),
-        (0.50707516, 0.48654887, 0.44091784),
-        (0.26733429, 0.25643846, 0.27615047),
-        augment='pad_crop_flip', pad=4, in_memory=True, sizes=(50000, 10000)),
-    'svhn_cropped': DatasetSpec(
-        'svhn_cropped', 'train', 'test', 10, (32, 32, 3),
-        (0.4376821, 0.4437697, 0.47280442),
-        (0.19803012, 0.20101562, 0.19703614),
-        augment='pad_crop', pad=4, in_memory=True, sizes=(73257, 26032)),
-    'imagenet2012': DatasetSpec(
-        'imagenet2012', 'train', 'validation', 1000, (224, 224, 3),
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-        augment='random_resized_crop', pad=0, in_memory=False,
-        sizes=(1281167, 50000)),
-}
-NAMES = tuple(_SPECS)
-
-
-def get_spec(data_config):
-  """Returns the `DatasetSpec` of `data_config.name`, with its image size.
-
-  Args:
-    data_config: `config.data`. `image_size` (optional, ImageNet only, default
-      224) sets the crop size.
-
-  Raises:
-    UnknownDatasetError: unknown dataset name.
-  """
-  name = ALIASES.get(data_config.name, data_config.name)
-  if name not in _SPECS:
-    raise UnknownDatasetError(
-        f'Unknown dataset config.data.name={data_config.name!r}; expected one '
-        f'of {sorted(NAMES + tuple(ALIASES))}.')
-  spec = _SPECS[name]
-  if not spec.in_memory:
-    size = int(data_config.get('image_size', 224))
-    spec = dataclasses.replace(spec, image_shape=(size, size, 3))
-  return spec
 
 
 def _data_dir(data_config):
@@ -200,24 +111,6 @@ def get_builder(data_config):
   raise not_found_error(
       spec, builder,
       'it is not prepared there and config.data.download=False.')
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the training loop needs to know about the dataset.
-
-  Attributes:
-    name: canonical dataset name.
-    num_classes: number of classes.
-    image_shape: (H, W, C) of the batches' images.
-    num_train: size of the training split.
-    num_test: size of the evaluation split.
-  """
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_train: int
-  num_test: int
 
 
 def split_size(builder, split):

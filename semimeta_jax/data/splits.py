@@ -9,10 +9,9 @@ different split is an error rather than a silent re-draw.
 """
 
 import json
-import os
 
+from etils import epath
 import numpy as np
-import tensorflow as tf
 
 from semimeta_jax import errors
 
@@ -123,7 +122,7 @@ def load_or_draw(workdir, labels, *, dataset, num_classes, num_labels,
   """Reads the run's saved split, or draws it and saves it.
 
   Args:
-    workdir: run directory (local or any `tf.io.gfile` path); None = do not
+    workdir: run directory (local or any `etils.epath` path); None = do not
       save or restore.
     labels: int array [N] of the training split's labels, or a function
       returning it, called only when the split has to be drawn (reading the
@@ -147,10 +146,9 @@ def load_or_draw(workdir, labels, *, dataset, num_classes, num_labels,
   if num_train is None:
     num_train = len(labels)
   record = _record(dataset, seed, num_labels, label_fraction, num_train)
-  path = os.path.join(workdir, SPLIT_FILENAME) if workdir else None
-  if path and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, 'r') as f:
-      saved = json.load(f)
+  path = epath.Path(workdir) / SPLIT_FILENAME if workdir else None
+  if path and path.exists():
+    saved = json.loads(path.read_text())
     diffs = [f'{k}: saved {saved.get(k)!r}, config {v!r}'
              for k, v in record.items() if saved.get(k) != v]
     if diffs:
@@ -170,12 +168,11 @@ def load_or_draw(workdir, labels, *, dataset, num_classes, num_labels,
       labels, num_classes, num_labels=num_labels,
       label_fraction=label_fraction, seed=seed)
   if path and write:
-    tf.io.gfile.makedirs(workdir)
-    tmp = path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-      json.dump({**record, 'indices': indices.tolist()}, f)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (SPLIT_FILENAME + '.tmp')
+    tmp.write_text(json.dumps({**record, 'indices': indices.tolist()}))
     # Readers on other processes never see a half-written file.
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    tmp.replace(path)
   return indices
 
 

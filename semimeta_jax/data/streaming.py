@@ -101,13 +101,14 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
     start_step: first step to produce.
     order_seed: seed of the epoch orders.
     augment_seed: seed of the per-example augmentation.
-    preprocess: fn(encoded image, int64 [2] seed) -> float32 [H, W, C].
+    preprocess: fn(encoded image, int64 [2] seed) -> uint8 [H, W, C] (it crosses the
+      host-device link as uint8 and is normalised on the device).
     chunks: ranges of the share read concurrently; default
       `num_ranges(share size)`.
     shuffle_buffer: examples in the shuffle buffer of each epoch.
 
   Returns:
-    `tf.data.Dataset` of {'image': float32 [b, H, W, C], 'label': int32 [b],
+    `tf.data.Dataset` of {'image': uint8 [b, H, W, C], 'label': int32 [b],
     'index': int32 [b]}.
 
   Raises:

@@ -1,0 +1,139 @@
+"""Device-resident training input: the split on the devices, batches made inside `jit`.
+
+For in-memory datasets (digits, CIFAR-10/100, SVHN, registered arrays) the uint8
+training split, its labels and the streams' index pools are placed once on
+every device of the mesh (replicated: CIFAR's split is 150 MB). A compiled
+function then computes the global batch at any step from (seed, step) alone:
+indices (`sampling.py`), gather, augmentation (`device_augment.py`) and
+normalisation, with the rows sharded `P('data')` so that each device gathers and
+augments only its own rows. Nothing crosses the host-device link per step but
+the step number, and nothing here imports TensorFlow.
+
+Streamed datasets (ImageNet) arrive as host-local uint8 batches; `Prefetcher`
+ships them to the devices a few steps ahead and normalises them there.
+"""
+
+import collections
+import dataclasses
+import functools
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semimeta_jax import parallel
+from semimeta_jax.data import device_augment
+from semimeta_jax.data import sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """One training stream of an in-memory dataset.
+
+  Attributes:
+    pool: train indices the stream draws from (at least one).
+    global_batch: examples per step over all processes.
+    order_seed: seed of the per-epoch permutations.
+    augment_seed: seed of the augmentation draws.
+  """
+  pool: np.ndarray
+  global_batch: int
+  order_seed: int
+  augment_seed: int
+
+
+def put_replicated(array: np.ndarray, mesh) -> jax.Array:
+  """A full copy of a host array on every device of `mesh` (all processes pass the same array)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, parallel.replicated(mesh),
+                                      lambda index: array[index])
+
+
+def _make_batch(arrays, step, *, streams, augment_kind, pad, pad_mode, mean, std, rows):
+  """The global batch at `step` of every stream (traced inside `jit`)."""
+  out = {}
+  for name, stream in streams.items():
+    order_key = jax.random.key(stream.order_seed)
+    index = sampling.batch_indices(order_key, arrays['pools'][name], step, stream.global_batch)
+    # Each device gathers and augments only its own rows of the batch.
+    index = jax.lax.with_sharding_constraint(index, rows)
+    images = device_augment.augment(
+        arrays['images'][index], jax.random.fold_in(jax.random.key(stream.augment_seed), step),
+        augment_kind, pad, pad_mode)
+    # 'index' (the train-split index) lets a method keep per-example state (Temporal Ensembling).
+    out[name] = {'image': device_augment.normalize(images, mean, std),
+                 'label': arrays['labels'][index], 'index': index.astype(jnp.int32)}
+  return out
+
+
+def device_batches(images, labels, streams: dict[str, Stream], mesh, *, spec, augment_kind: str,
+                   pad_mode: str) -> Callable[[int], dict]:
+  """Places the split on the mesh; returns `batch(step)`, the global batch at `step`.
+
+  Args:
+    images: uint8 [N, H, W, C] training split (the same in every process).
+    labels: int [N] training labels.
+    streams: {'labeled': Stream, ('unlabeled': Stream)}.
+    mesh: the device mesh.
+    spec: the `DatasetSpec` (normalisation, padding).
+    augment_kind: 'pad_crop_flip', 'pad_crop' or 'none'.
+    pad_mode: 'constant' or 'reflect'.
+
+  Returns:
+    `batch(step) -> {stream: {'image': float32 [B, H, W, C], 'label': int32 [B],
+    'index': int32 [B]}}` ('index': each example's train-split index)
+    of jax.Arrays sharded `P('data')`; step 0 is the first batch of a run.
+  """
+  arrays = {
+      'images': put_replicated(np.asarray(images, np.uint8), mesh),
+      'labels': put_replicated(np.asarray(labels, np.int32), mesh),
+      'pools': {name: put_replicated(np.asarray(s.pool, np.int32), mesh)
+                for name, s in streams.items()},
+  }
+  sharded = parallel.batch_sharded(mesh)
+  make = functools.partial(
+      _make_batch, streams=streams, augment_kind=augment_kind, pad=spec.pad, pad_mode=pad_mode,
+      mean=tuple(spec.mean), std=tuple(spec.std), rows=sharded)
+  compiled = jax.jit(make, out_shardings=sharded)
+  # A Python int is a weakly typed int32 argument: one compilation serves every step.
+  return lambda step: compiled(arrays, int(step))
+
+
+def _normalize_batch(batch, *, mean, std):
+  return {name: {**part, 'image': device_augment.normalize(part['image'], mean, std)}
+          for name, part in batch.items()}
+
+
+class Prefetcher:
+  """Streamed batches shipped as uint8 to the devices ahead of the step, normalised there.
+
+  `prefetcher(step)` returns the global batch at `step`; steps must be asked for
+  in order from `start_step` (a stream is read sequentially). Keeping `size`
+  batches in flight lets the host-to-device copies overlap the running steps.
+  """
+
+  def __init__(self, host_batches: Iterator[dict], mesh, *, spec, start_step: int, size: int = 2):
+    self._host = host_batches
+    self._mesh = mesh
+    self._size = max(1, size)
+    self._next_step = start_step
+    self._queue = collections.deque()
+    sharded = parallel.batch_sharded(mesh)
+    self._normalize = jax.jit(
+        functools.partial(_normalize_batch, mean=tuple(spec.mean), std=tuple(spec.std)),
+        in_shardings=sharded, out_shardings=sharded)
+
+  def _fill(self):
+    while len(self._queue) < self._size:
+      self._queue.append(parallel.to_global(next(self._host), self._mesh))
+
+  def __call__(self, step: int) -> dict:
+    if step != self._next_step:
+      raise ValueError(f'Streamed input is sequential: asked for step {step}, the next one is '
+                       f'{self._next_step}; build the input again to start elsewhere.')
+    self._fill()
+    batch = self._queue.popleft()
+    self._next_step += 1
+    self._fill()  # Starts the next copies before this batch's step runs.
+    return self._normalize(batch)

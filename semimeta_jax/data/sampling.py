@@ -1,0 +1,53 @@
+"""The training index streams of in-memory datasets, computed on the device.
+
+A stream (labeled or unlabeled) draws from a pool of train-split indices. Its
+infinite order is epoch after epoch of the pool, epoch `e` permuted by
+`jax.random.permutation(fold_in(order_key, e), n)`; the GLOBAL batch at step s
+is positions [s * B, (s + 1) * B) of that order. A batch may span an epoch
+boundary, or several when the pool is smaller than a batch.
+
+So the batch at step s is a pure function of (seed, s): it does not depend on
+the number of devices or processes, and a run resumed at step k computes batch
+k directly. JAX keeps its random streams (threefry, `jax_threefry_partitionable`)
+fixed across releases and shardings.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def epochs_touched(pool_size: int, batch_size: int) -> int:
+  """Most epochs one batch of `batch_size` positions can touch (a static bound)."""
+  return (batch_size - 1) // pool_size + 2
+
+
+def batch_positions(step, batch_size: int):
+  """int32 [B] positions of the global batch at `step` in a stream's order.
+
+  Positions are int32: a run must keep num_train_steps * batch_size < 2**31.
+  """
+  return jnp.asarray(step, jnp.int32) * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
+
+
+def batch_indices(order_key, pool, step, batch_size: int):
+  """Train-split indices of the global batch at `step` of one stream.
+
+  Args:
+    order_key: the stream's key; epoch `e` is permuted by `fold_in(order_key, e)`.
+    pool: int32 [n] train indices the stream draws from (n >= 1).
+    step: int scalar, the batch's step (0 for the first batch).
+    batch_size: the global batch size B.
+
+  Returns:
+    int32 [B] train-split indices.
+  """
+  n = pool.shape[0]
+  positions = batch_positions(step, batch_size)
+  epochs = positions // n
+  first = epochs[0]
+  # Only the epochs this batch touches are permuted (one or two, more when the
+  # pool is smaller than a batch); later positions never need earlier epochs.
+  offsets = jnp.arange(epochs_touched(n, batch_size), dtype=jnp.int32)
+  perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), n))(
+      first + offsets)
+  return pool[perms[epochs - first, positions % n]]

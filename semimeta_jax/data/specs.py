@@ -1,0 +1,154 @@
+"""What each dataset is: the static description the data layer and the loop read.
+
+TensorFlow-free, so that everything downstream of the loading (the device
+streams, the training loop, the benchmarks) runs where TensorFlow is absent.
+Besides the TFDS datasets, arrays held in memory can be registered under a name
+of their own (`register_in_memory`), e.g. the synthetic split of
+`synthetic.py`; they are then used exactly like CIFAR, without TFDS.
+"""
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from semimeta_jax import errors
+
+# Short names accepted in `config.data.name`.
+ALIASES = {'svhn': 'svhn_cropped', 'imagenet': 'imagenet2012'}
+# (train images, train labels, test images, test labels): uint8 [N, H, W, C] and int [N].
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
+  """The dataset's prepared TFDS files are not in the configured data_dir."""
+
+
+class UnknownDatasetError(errors.UserError, ValueError):
+  """`config.data.name` names no supported dataset."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Static description of one dataset.
+
+  Attributes:
+    name: canonical name, also the TFDS name.
+    train_split: TFDS split used for training (labeled and unlabeled).
+    test_split: TFDS split used for evaluation.
+    num_classes: number of classes.
+    image_shape: (H, W, C) of the images the model sees (ImageNet: crop size).
+    mean: per-channel mean of the [0, 1] pixels (normalisation).
+    std: per-channel standard deviation of the [0, 1] pixels.
+    augment: training augmentation: 'pad_crop_flip', 'pad_crop' (both on the
+      device, `device_augment.py`), 'random_resized_crop' (ImageNet, on the
+      host, `augment.py`) or 'none'.
+    pad: padding of the pad-and-crop augmentations, in pixels.
+    in_memory: whether the training split is held whole (as uint8 on the
+      devices); otherwise it is streamed from the TFDS records.
+    sizes: documented (train, test) sizes, for messages only.
+  """
+  name: str
+  train_split: str
+  test_split: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  augment: str
+  pad: int
+  in_memory: bool
+  sizes: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the training loop needs to know about the dataset.
+
+  Attributes:
+    name: canonical dataset name.
+    num_classes: number of classes.
+    image_shape: (H, W, C) of the batches' images.
+    num_train: size of the training split.
+    num_test: size of the evaluation split.
+  """
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train: int
+  num_test: int
+
+
+_CIFAR_AUG = dict(augment='pad_crop_flip', pad=4, in_memory=True)
+# Means and standard deviations of CIFAR and SVHN are the official code's; those
+# of ImageNet are torchvision's; those of digits are its training split's.
+_SPECS = {
+    'digits': DatasetSpec(
+        'digits', 'train', 'test', 10, (8, 8, 1), (0.30585,), (0.37633,),
+        augment='pad_crop', pad=1, in_memory=True, sizes=(1497, 300)),
+    'cifar10': DatasetSpec(
+        'cifar10', 'train', 'test', 10, (32, 32, 3),
+        (0.49139968, 0.48215841, 0.44653091),
+        (0.24703223, 0.24348513, 0.26158784), sizes=(50000, 10000), **_CIFAR_AUG),
+    'cifar100': DatasetSpec(
+        'cifar100', 'train', 'test', 100, (32, 32, 3),
+        (0.50707516, 0.48654887, 0.44091784),
+        (0.26733429, 0.25643846, 0.27615047), sizes=(50000, 10000), **_CIFAR_AUG),
+    # No flips: digits are not mirror-symmetric.
+    'svhn_cropped': DatasetSpec(
+        'svhn_cropped', 'train', 'test', 10, (32, 32, 3),
+        (0.4376821, 0.4437697, 0.47280442),
+        (0.19803012, 0.20101562, 0.19703614),
+        augment='pad_crop', pad=4, in_memory=True, sizes=(73257, 26032)),
+    'imagenet2012': DatasetSpec(
+        'imagenet2012', 'train', 'validation', 1000, (224, 224, 3),
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        augment='random_resized_crop', pad=0, in_memory=False,
+        sizes=(1281167, 50000)),
+}
+TFDS_NAMES = tuple(_SPECS)
+# Registered in-memory datasets: name -> function returning `Arrays`.
+_LOADERS: dict[str, Callable[[], Arrays]] = {}
+
+
+def register_in_memory(spec: DatasetSpec, load: Callable[[], Arrays]):
+  """Makes `spec.name` usable as `config.data.name`, its arrays from `load()`.
+
+  Args:
+    spec: the dataset's description (`in_memory` must be True).
+    load: returns (train images, train labels, test images, test labels); it
+      must return the same arrays in every process.
+  """
+  if not spec.in_memory:
+    raise ValueError(f'{spec.name}: only in-memory datasets can be registered.')
+  if spec.name in TFDS_NAMES or spec.name in ALIASES:
+    raise ValueError(f'{spec.name!r} is a TFDS dataset name.')
+  _SPECS[spec.name] = spec
+  _LOADERS[spec.name] = load
+
+
+def registered_loader(name: str) -> Callable[[], Arrays] | None:
+  """The loader of a registered (non-TFDS) in-memory dataset, or None."""
+  return _LOADERS.get(ALIASES.get(name, name))
+
+
+def get_spec(data_config) -> DatasetSpec:
+  """Returns the `DatasetSpec` of `data_config.name`, with its image size.
+
+  Args:
+    data_config: `config.data`. `image_size` (optional, ImageNet only, default
+      224) sets the crop size.
+
+  Raises:
+    UnknownDatasetError: unknown dataset name.
+  """
+  name = ALIASES.get(data_config.name, data_config.name)
+  if name not in _SPECS:
+    raise UnknownDatasetError(
+        f'Unknown dataset config.data.name={data_config.name!r}; expected one '
+        f'of {sorted(tuple(_SPECS) + tuple(ALIASES))}.')
+  spec = _SPECS[name]
+  if not spec.in_memory:
+    size = int(data_config.get('image_size', 224))
+    spec = dataclasses.replace(spec, image_shape=(size, size, 3))
+  return spec
