@@ -42,10 +42,10 @@ PyTorch recommends. `--compile` adds the same rows with the network wrapped in `
 (the step's Python, including the finite-difference loop, stays eager; 'first step s' in the CSV
 holds the compile time).
 
-Each case runs in this process on a freshly built, seeded model: `torch.cuda.reset_peak_memory_stats`
-before the model, optimizer and inputs are built, so 'peak MiB' (`torch.cuda.max_memory_allocated`
-after the timed steps) counts parameters, optimizer state, inputs and activations, like the
-device peak of `benchmark_step.py`. After the warm-up steps every timed step is awaited with
+Each case runs in this process on a freshly built, seeded model. 'peak MiB' is
+`torch.cuda.max_memory_allocated` over the timed steps (the peak is reset after the warm-up
+steps, whose cuDNN autotuning and compilation would otherwise dominate it, and the first case
+would pay for the autotuning of all): parameters, optimizer state, inputs and activations. After the warm-up steps every timed step is awaited with
 `torch.cuda.synchronize` and the median is reported. images/s counts the images a step reads:
 labeled + unlabeled for SemiMeta, labeled only for the supervised step. Without a GPU everything
 runs on the CPU (peak MiB then shows '-').
@@ -270,7 +270,9 @@ def model_source(name: str, width: int, channels: int) -> str:
 
 
 def _concat(xs):
-  return torch.cat([x.view(-1) for x in xs])
+  # The official helper flattens with `view(-1)`; `reshape` is the same for the contiguous
+  # gradients of eager mode and also accepts the strided ones a compiled backward may return.
+  return torch.cat([x.reshape(-1) for x in xs])
 
 
 def official_pseudo_labels(model, label_img, label_gt, unlabel_img, *, lr, epsilon: float,
@@ -536,6 +538,10 @@ def measure_case(case: str, *, precision: str, model_name: str = 'convlarge', mo
   # Every step is awaited, so each time is one step's latency, Python dispatch included.
   times, first_step_s = [], float('nan')
   for index in range(warmup_steps + steps):
+    if on_gpu and index == warmup_steps:
+      # cuDNN autotuning and torch.compile allocate scratch memory in the first steps only;
+      # the peak is taken over the timed steps (live parameters, state and inputs still count).
+      torch.cuda.reset_peak_memory_stats(device)
     tick = time.perf_counter()
     run_step()
     _synchronize(device)
@@ -736,7 +742,7 @@ def main(argv=None):
       f'memory format {"channels_last" if args.channels_last else "NCHW (official)"}.',
       f'Median of {args.steps} timed steps after {args.warmup_steps} warm-up steps, each awaited '
       '(torch.cuda.synchronize); bf16 = torch.autocast(bfloat16) with float32 parameters.',
-      'peak MiB = torch.cuda.max_memory_allocated, reset before each case is built (GPU only).',
+      'peak MiB = torch.cuda.max_memory_allocated over the timed steps of each case (GPU only).',
       'images/s counts the images a step reads (the supervised step reads the labeled batch only).',
   ]
   md_path, csv_path = write_results(rows, args.out, tag, notes)
