@@ -209,6 +209,7 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
   progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
   guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps)
   started, step, preempted = time.time(), start_step, False
+  single_process = jax.process_count() == 1
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       # Computed on the devices from (seed, step), or prefetched there: no host work per step.
@@ -221,13 +222,18 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
         writer.write_scalars(step, {f'{method.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
-      # The previous step's save, if any, has had this step's dispatch to overlap with: wait for
-      # it now, so that a failed save stops the run one step later (every process at the same step).
-      checkpointer.check_save(block=True)
+      # A save runs in the background while training goes on; one that has failed stops the
+      # run at the first step after it ends. (Several processes could see that end at different
+      # steps, so they only check below, at steps they all stop at.)
+      if single_process:
+        checkpointer.check_save(block=False)
       preempted = guard.should_stop(step)
       is_last = step == config.num_train_steps
       must_save = is_last or preempted or step % config.checkpoint_every_steps == 0
       if step % config.log_every_steps == 0 or must_save:
+        # No metrics row, evaluation or new save goes past a save that failed: wait for it here,
+        # where the loop waits for the device anyway (every process at the same step).
+        checkpointer.check_save(block=True)
         # Wait for the device first: dispatch runs ahead, and the rate must count finished steps.
         jax.block_until_ready(step_metrics)
         run.report_train_metrics(step, progress(step) or {})  # Also the finiteness check before a save.

@@ -233,7 +233,7 @@ def test_a_failed_save_stops_the_run_naming_its_step_and_a_rerun_resumes(
   with pytest.raises(checkpoint.CheckpointSaveError,
                      match=r'^Saving checkpoint 3 .*No space left on device.*no earlier checkpoint'):
     run(config, workdir)
-  # It stopped at the next step (4), before logging it: not at the next save (6).
+  # It stopped before logging any step after the failed save: not at the next save (6).
   assert max(row['step'] for row in metrics_lib.read_rows(workdir)) == 3
   monkeypatch.undo()
   assert run(config, workdir)['completed']  # Space freed: the same command runs.
