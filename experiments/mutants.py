@@ -25,6 +25,9 @@ LOSSES = 'tests/test_losses.py'
 SCHEDULES = 'tests/test_schedules.py'
 EVALUATION = 'tests/test_evaluation.py'
 PADDED_SHARES = 'tests/test_evaluation.py::TestPaddedShares'
+VAT = 'tests/test_vat.py'
+TE = 'tests/test_temporal_ensembling.py'
+FAST_SWA = 'tests/test_fast_swa.py'
 # The baselines' tests train for 30 steps in a module fixture (~45 s in all); each
 # baseline mutant runs only the tests of its own method.
 _B = 'tests/test_baselines.py::'
@@ -101,9 +104,9 @@ MUTANTS = [
         'fd: hypergradient units miss 1 / B_u',
     ), (
         'hg-dispatch-jvp-skips-virtual-step',
-        '    return jvp(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,\n'
+        '    return jvp(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,\n'
         '               theta_tilde_is_theta=theta_tilde_is_theta)',
-        '    return jvp(apply_fn, params, x_l, y_l, x_u, pseudo, alpha=alpha,\n'
+        '    return jvp(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,\n'
         '               theta_tilde_is_theta=True)',
         'dispatch: jvp always assumes theta~ = theta',
     ), (
@@ -123,20 +126,23 @@ MUTANTS = [
         'projection: an all-negative row becomes all zeros',
     ), (
         'hg-update-sign',
-        'stepped = pseudo - beta * grad',
-        'stepped = pseudo + beta * grad',
+        'stepped = ytil - beta * grad',
+        'stepped = ytil + beta * grad',
         'pseudo-label step climbs the outer loss',
     ), (
-        'hg-simplex-threshold',
-        'cumulative = jnp.cumsum(sorted_desc, axis=-1) - 1.0',
-        'cumulative = jnp.cumsum(sorted_desc, axis=-1)',
-        'simplex projection: threshold for sum 0 instead of 1',
+        # The sort-based threshold this used to mutate is optax's code now; the bug
+        # left in ours is how we call it: without the vmap optax projects the whole
+        # [B_u, C] matrix (a pytree) onto one simplex, so the batch sums to 1.
+        'hg-simplex-not-per-row',
+        'return jax.vmap(optax.projections.projection_simplex)(y)',
+        'return optax.projections.projection_simplex(y)',
+        'simplex projection of the whole batch, not row by row (no vmap)',
     )),
     *_group('semimeta_jax/losses.py', (LOSSES, CORE), (
         'loss-ce-sign',
-        'return -jnp.take_along_axis(log_probs',
-        'return jnp.take_along_axis(log_probs',
-        'cross-entropy sign flipped',
+        'return optax.losses.softmax_cross_entropy_with_integer_labels(',
+        'return -optax.losses.softmax_cross_entropy_with_integer_labels(',
+        'cross-entropy sign flipped (in our wrapper of optax)',
     ), (
         'loss-ce-sum',
         'return jnp.mean(cross_entropy_per_example(logits, labels))',
@@ -144,13 +150,20 @@ MUTANTS = [
         'cross-entropy summed over the batch',
     ), (
         'loss-kl-sign',
-        'xlogy(targets, targets) - targets * log_probs',
-        'xlogy(targets, targets) + targets * log_probs',
-        'KL: cross term sign flipped',
+        'return jnp.mean(optax.losses.kl_divergence(log_probs, targets))',
+        'return -jnp.mean(optax.losses.kl_divergence(log_probs, targets))',
+        'KL sign flipped (in our wrapper of optax)',
+    ), (
+        # optax's kl_divergence takes log-probabilities; raw logits make its cross
+        # term -<t, logits>, whose gradient is -t instead of softmax - t.
+        'loss-kl-raw-logits',
+        'log_probs = jax.nn.log_softmax(at_least_float32(logits))',
+        'log_probs = at_least_float32(logits)',
+        'KL: optax given raw logits, not log-probabilities',
     ), (
         'loss-kl-sum',
-        '  return jnp.mean(per_example)',
-        '  return jnp.sum(per_example)',
+        'return jnp.mean(optax.losses.kl_divergence(log_probs, targets))',
+        'return jnp.sum(optax.losses.kl_divergence(log_probs, targets))',
         'KL summed over the batch, not batchmean',
     ), (
         'loss-mse-mean-classes',
@@ -200,8 +213,8 @@ MUTANTS = [
         'after warm-up the decay is ignored',
     ), (
         'sched-cosine-decay-steps',
-        'decay_steps=max(config.num_train_steps, config.warmup_steps + 1)',
-        'decay_steps=max(config.num_train_steps - config.warmup_steps, 1)',
+        'decay_steps=max(main_steps, config.warmup_steps + 1)',
+        'decay_steps=max(main_steps - config.warmup_steps, 1)',
         'cosine: decay_steps read as excluding the warm-up',
     ), (
         'sched-linear-rampup-off-by-one',
@@ -228,8 +241,8 @@ MUTANTS = [
     )),
     *_group(M, (CORE, MIXUP), (
         'sm-consistency-on-ytil',
-        'consistency = losses.probability_mse(unlabeled_logits, pseudo)',
-        'consistency = losses.probability_mse(unlabeled_logits, pseudo_init)',
+        'consistency = losses.probability_mse(unlabeled_logits, yhat)',
+        'consistency = losses.probability_mse(unlabeled_logits, ytil)',
         'real update trains on ytil, not yhat (planted bug 1)',
     )),
     *_group(M, (MIXUP, CORE), (
@@ -239,18 +252,18 @@ MUTANTS = [
         'mix-up image weighs the labeled side by 1 - lam (planted bug 2)',
     ), (
         'sm-mixup-target-swapped',
-        'target = lam[:, None] * onehot + (1.0 - lam[:, None]) * pseudo',
-        'target = (1.0 - lam[:, None]) * onehot + lam[:, None] * pseudo',
+        'target = lam[:, None] * onehot + (1.0 - lam[:, None]) * yhat',
+        'target = (1.0 - lam[:, None]) * onehot + lam[:, None] * yhat',
         'mix-up target weighs the label by 1 - lam',
     ), (
         'sm-mixup-one-lambda',
-        'lam = jax.random.beta(key, alpha, alpha, (labeled[\'image\'].shape[0],))',
-        'lam = jnp.full((labeled[\'image\'].shape[0],), jax.random.beta(key, alpha, alpha))',
+        'lam = jax.random.beta(key, concentration, concentration, (labeled[\'image\'].shape[0],))',
+        'lam = jnp.full((labeled[\'image\'].shape[0],), jax.random.beta(key, concentration, concentration))',
         'one mix-up coefficient for the whole batch',
     ), (
         'sm-mixup-beta-shape',
-        'jax.random.beta(key, alpha, alpha,',
-        'jax.random.beta(key, alpha, 1.0,',
+        'jax.random.beta(key, concentration, concentration,',
+        'jax.random.beta(key, concentration, 1.0,',
         'lam ~ Beta(a, 1) instead of Beta(a, a)',
     ), (
         'sm-no-mixup-kl',
@@ -318,6 +331,60 @@ MUTANTS = [
         'images = jnp.where(mirrored[:, None, None, None], images, images)',
         'per-view horizontal flip never applied',
     )),
+    *_group('semimeta_jax/methods/vat.py', (VAT,), (
+        'vat-clean-gradient',
+        'return losses.kl_divergence(jax.nn.softmax(jax.lax.stop_gradient(losses.at_least_float32(clean_logits))),',
+        'return losses.kl_divergence(jax.nn.softmax(losses.at_least_float32(clean_logits)),',
+        'no stop_gradient on the clean prediction of the LDS',
+    ), (
+        'vat-direction-unnormalised',
+        'd = normalize(jax.lax.stop_gradient(h_d))',
+        'd = jax.lax.stop_gradient(h_d)',
+        'power iteration does not renormalise d (r_adv norm is not eps)',
+    ), (
+        'vat-probe-unscaled',
+        'h_d = jax.grad(kl)(xi * d)',
+        'h_d = jax.grad(kl)(d)',
+        'finite-difference probe at r = d, not xi d',
+    )),
+    *_group('semimeta_jax/methods/temporal_ensembling.py', (TE,), (
+        'te-bias-correction-off-by-one',
+        'correction = 1.0 - jnp.power(momentum, visits.astype(jnp.float32))',
+        'correction = 1.0 - jnp.power(momentum, (visits + 1).astype(jnp.float32))',
+        'startup correction 1 - a^(t+1), exponent one too high',
+    ), (
+        'te-ema-weight-swapped',
+        'weights = jnp.where(same, (1.0 - momentum) * jnp.power(',
+        'weights = jnp.where(same, momentum * jnp.power(',
+        'new prediction weighted by a instead of 1 - a',
+    ), (
+        'te-targetless-examples-count',
+        'consistency = jnp.mean(jnp.where(has_target, per_example, 0.0))',
+        'consistency = jnp.mean(per_example)',
+        'examples never seen are pulled towards a zero target',
+    )),
+    *_group('semimeta_jax/methods/fast_swa.py', (FAST_SWA,), (
+        'fswa-average-weight-off-by-one',
+        'weight = include.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)',
+        'weight = include.astype(jnp.float32) / (count + 1).astype(jnp.float32)',
+        'running-mean weight 1 / (n + 1), not 1 / n',
+    ), (
+        'fswa-averages-tail-start',
+        'return (into_tail > 0) & (',
+        'return (into_tail >= 0) & (',
+        'the weights at the end of the main schedule join the average',
+    ), (
+        'fswa-bn-momentum-not-undone',
+        'return jax.tree.map(lambda s: s / (1.0 - layers.BN_MOMENTUM), after)',
+        'return after',
+        'recomputed statistics left scaled by 1 - momentum',
+    )),
+    *_group(S, (FAST_SWA, SCHEDULES), (
+        'sched-swa-main-schedule-full-length',
+        'main = _main_schedule(config, config.num_train_steps - tail)',
+        'main = _main_schedule(config, config.num_train_steps)',
+        'cosine main schedule spans the fast-SWA tail too',
+    )),
     *_group('semimeta_jax/evaluation.py', (EVALUATION,), (
         'eval-padding-summed',
         'masked_sum = lambda values: jnp.sum(values * mask)',
@@ -335,8 +402,8 @@ MUTANTS = [
         'top-5 computed as top-1',
     ), (
         'eval-ema-params-ignored',
-        '(state.ema_params, state.ema_batch_stats) if use_ema',
-        '(state.params, state.ema_batch_stats) if use_ema',
+        'params, stats = state.ema_params, state.ema_batch_stats',
+        'params, stats = state.params, state.ema_batch_stats',
         'EMA evaluation reads the raw weights',
     ), (
         'eval-last-batch-only',

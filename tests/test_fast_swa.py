@@ -39,6 +39,17 @@ def test_the_tail_is_a_cyclic_cosine_after_the_unchanged_main_schedule():
     np.testing.assert_allclose(schedule(t), expected, rtol=1e-5)
 
 
+def test_a_cosine_main_schedule_decays_over_the_main_steps_only():
+  """The cosine reaches its end at the tail's start, not at num_train_steps (closed form)."""
+  warmup = 1
+  schedule = schedules.learning_rate_schedule(swa_config(lr_schedule='cosine', warmup_steps=warmup))
+  for t in range(MAIN):
+    progress = max(t - warmup, 0) / (MAIN - warmup)
+    expected = 0.1 * t / warmup if t < warmup else 0.1 * 0.5 * (1 + np.cos(np.pi * progress))
+    np.testing.assert_allclose(schedule(t), expected, rtol=1e-5, atol=1e-8, err_msg=f't={t}')
+  np.testing.assert_allclose(schedule(MAIN), 0.05, rtol=1e-6)  # The first cycle starts at lr_max.
+
+
 def _traceable(step):
   chex.clear_trace_counter()
   return lambda state, batch: step(state, batch)
