@@ -197,7 +197,8 @@ def test_the_device_made_batch_is_the_same_from_one_and_two_processes(runs):
     with np.load(workers.out(name) + '.batch2.npz') as arrays:
       batches.append(dict(arrays))
   single = batches[2]
-  assert sorted(single) == ['labeled/image', 'labeled/label', 'unlabeled/image', 'unlabeled/label']
+  assert sorted(single) == ['labeled/image', 'labeled/index', 'labeled/label',
+                            'unlabeled/image', 'unlabeled/index', 'unlabeled/label']
   assert single['labeled/image'].shape == (8, 32, 32, 3) and single['labeled/image'].std() > 0.1
   for pair in batches[:2]:
     assert sorted(pair) == sorted(single)

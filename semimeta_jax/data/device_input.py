@@ -50,12 +50,14 @@ def put_replicated(array: np.ndarray, mesh) -> jax.Array:
                                       lambda index: array[index])
 
 
-def _make_batch(arrays, step, *, streams, augment_kind, pad, pad_mode, mean, std, rows):
-  """The global batch at `step` of every stream (traced inside `jit`)."""
+def _make_batch(arrays, orders, step, *, streams, augment_kind, pad, pad_mode, mean, std, rows):
+  """The global batch at `step` of every stream (traced inside `jit`).
+
+  `orders[name]` holds the epoch orders the stream's batch reads (`EpochOrders`).
+  """
   out = {}
   for name, stream in streams.items():
-    order_key = jax.random.key(stream.order_seed)
-    index = sampling.batch_indices(order_key, arrays['pools'][name], step, stream.global_batch)
+    index = sampling.batch_indices_from_orders(jnp.stack(orders[name]), step, stream.global_batch)
     # Each device gathers and augments only its own rows of the batch.
     index = jax.lax.with_sharding_constraint(index, rows)
     images = device_augment.augment(
@@ -96,8 +98,40 @@ def device_batches(images, labels, streams: dict[str, Stream], mesh, *, spec, au
       _make_batch, streams=streams, augment_kind=augment_kind, pad=spec.pad, pad_mode=pad_mode,
       mean=tuple(spec.mean), std=tuple(spec.std), rows=sharded)
   compiled = jax.jit(make, out_shardings=sharded)
+  orders = {name: EpochOrders(arrays['pools'][name], stream, mesh) for name, stream in streams.items()}
   # A Python int is a weakly typed int32 argument: one compilation serves every step.
-  return lambda step: compiled(arrays, int(step))
+  return lambda step: compiled(arrays, {name: o.for_step(int(step)) for name, o in orders.items()},
+                               int(step))
+
+
+class EpochOrders:
+  """The per-epoch orders of one stream, each computed once on the devices and kept while read.
+
+  A batch reads at most `epochs_touched` consecutive epochs; permuting them at
+  every step (a sort of the whole pool) cost a GPU more than the rest of the
+  batch. The orders are the same numbers `sampling.batch_indices` computes, so a
+  batch is still a pure function of (seed, step).
+  """
+
+  def __init__(self, pool: jax.Array, stream: Stream, mesh):
+    self._pool, self._batch = pool, stream.global_batch
+    self._size = pool.shape[0]
+    self._touched = sampling.epochs_touched(self._size, self._batch)
+    key = jax.random.key(stream.order_seed)
+    self._order = jax.jit(functools.partial(sampling.epoch_order, key),
+                          out_shardings=parallel.replicated(mesh))
+    self._cache: dict[int, jax.Array] = {}
+
+  def for_step(self, step: int) -> tuple[jax.Array, ...]:
+    """The orders of epochs first .. first + epochs_touched - 1 of the batch at `step`."""
+    first = step * self._batch // self._size
+    for epoch in [e for e in self._cache if e < first]:
+      del self._cache[epoch]  # Positions only move forward, except on a new run.
+    wanted = range(first, first + self._touched)
+    for epoch in wanted:
+      if epoch not in self._cache:
+        self._cache[epoch] = self._order(self._pool, epoch)
+    return tuple(self._cache[epoch] for epoch in wanted)
 
 
 def _normalize_batch(batch, *, mean, std):

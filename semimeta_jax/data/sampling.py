@@ -51,3 +51,29 @@ def batch_indices(order_key, pool, step, batch_size: int):
   perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), n))(
       first + offsets)
   return pool[perms[epochs - first, positions % n]]
+
+
+def epoch_order(order_key, pool, epoch):
+  """Train-split indices of the pool in the order of `epoch`: `pool[permutation(fold_in(key, e))]`."""
+  return pool[jax.random.permutation(jax.random.fold_in(order_key, epoch), pool.shape[0])]
+
+
+def batch_indices_from_orders(orders, step, batch_size: int):
+  """`batch_indices` from the epoch orders it reads, computed beforehand.
+
+  The same numbers as `batch_indices`, without permuting the pool at every step
+  (on a GPU that was most of the cost of making a batch: a sort of the pool).
+
+  Args:
+    orders: int32 [epochs_touched(n, B), n]: `epoch_order` of epochs first,
+      first + 1, ..., where first = step * B // n.
+    step: int scalar, the batch's step.
+    batch_size: the global batch size B.
+
+  Returns:
+    int32 [B] train-split indices.
+  """
+  n = orders.shape[1]
+  positions = batch_positions(step, batch_size)
+  epochs = positions // n
+  return orders[epochs - epochs[0], positions % n]
