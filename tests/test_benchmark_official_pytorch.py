@@ -9,6 +9,9 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from experiments import benchmark_official_pytorch as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.official_pytorch import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.official_pytorch import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.official_pytorch import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PARITY_FILE = pathlib.Path(__file__).resolve().parent / 'data' / 'semimeta_reference_mlp.npz'
 CPU = torch.device('cpu')
@@ -30,7 +33,7 @@ def test_pseudo_labels_match_the_official_vectors(sync_free):
   data = np.load(PARITY_FILE)
   model = _reference_mlp(data)
   before = [p.detach().clone() for p in model.parameters()]
-  direction, pseudo = bench.official_pseudo_labels(
+  direction, pseudo = steps.official_pseudo_labels(
       model, torch.from_numpy(data['x_labeled']), torch.from_numpy(data['y_labeled']),
       torch.from_numpy(data['x_unlabeled']), lr=float(data['lr']), epsilon=float(data['epsilon']),
       sync_free=sync_free)
@@ -43,15 +46,15 @@ def test_pseudo_labels_match_the_official_vectors(sync_free):
 
 def test_sync_free_step_matches_the_official_step():
   torch.manual_seed(0)
-  model = bench.build_model('convlarge', num_classes=10, width=4).to(CPU)
+  model = models.build_model('convlarge', num_classes=10, width=4).to(CPU)
   twin = copy.deepcopy(model)
-  batch = bench.random_batch(4, 3, 16, 10, CPU, generator=torch.Generator().manual_seed(1))
+  batch = timing.random_batch(4, 3, 16, 10, CPU, generator=torch.Generator().manual_seed(1))
   results = []
   for net, sync_free in ((model, False), (twin, True)):
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     beta = torch.distributions.Beta(torch.tensor([1.0]), torch.tensor([1.0]))
     torch.manual_seed(2)  # Same dropout masks and mix-up coefficients in both steps.
-    loss = bench.semimeta_step(net, optimizer, batch, lr=0.1, weight=1.0, epsilon=1e-2,
+    loss = steps.semimeta_step(net, optimizer, batch, lr=0.1, weight=1.0, epsilon=1e-2,
                                num_classes=10, beta_distribution=beta, sync_free=sync_free)
     results.append((float(loss), [p.detach().clone() for p in net.parameters()]))
   (loss_a, params_a), (loss_b, params_b) = results
@@ -63,17 +66,17 @@ def test_sync_free_step_matches_the_official_step():
 
 def test_models_have_the_official_sizes():
   count = lambda m: sum(p.numel() for p in m.parameters())
-  assert count(bench.ConvLarge(num_classes=10)) == 3_121_802
-  assert count(bench.ResNet18(num_classes=1000)) == 11_689_512  # torchvision's resnet18.
-  logits = bench.ResNet18(num_classes=5, width=8)(torch.zeros(2, 3, 32, 32))
+  assert count(models.ConvLarge(num_classes=10)) == 3_121_802
+  assert count(models.ResNet18(num_classes=1000)) == 11_689_512  # torchvision's resnet18.
+  logits = models.ResNet18(num_classes=5, width=8)(torch.zeros(2, 3, 32, 32))
   assert logits.shape == (2, 5)
 
 
 def test_measure_case_rows_and_table(tmp_path):
   sizes = dict(model_name='convlarge', model_width=4, batch_size=4, image_size=16, num_classes=10,
                steps=2, warmup_steps=1, device=CPU)
-  rows = [bench.measure_case('supervised', precision='fp32', **sizes),
-          bench.measure_case('semimeta', precision='bf16', **sizes)]
+  rows = [timing.measure_case('supervised', precision='fp32', **sizes),
+          timing.measure_case('semimeta', precision='bf16', **sizes)]
   supervised, semimeta = rows
   for row in rows:
     assert row['min_step_ms'] <= row['median_step_ms'] <= row['max_step_ms']
