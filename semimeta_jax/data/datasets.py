@@ -33,6 +33,14 @@ def _data_dir(data_config):
   return os.path.expanduser(data_dir) if data_dir else None
 
 
+def _builder(spec, data_config):
+  """The TFDS builder of `spec` in the configured data_dir (nothing is read or prepared)."""
+  data_dir = _data_dir(data_config)
+  if spec.name == 'digits':
+    return digits.Digits(data_dir=data_dir)
+  return tfds.builder(spec.name, data_dir=data_dir)
+
+
 def _is_prepared(builder, spec):
   # `as_dataset` is what reading does and is lazy, so probing it is cheap; it
   # also holds under `tfds.testing.mock_data`, where `is_prepared()` is False.
@@ -98,11 +106,7 @@ def get_builder(data_config):
     DatasetNotFoundError: the data is not prepared and may not be downloaded.
   """
   spec = get_spec(data_config)
-  data_dir = _data_dir(data_config)
-  if spec.name == 'digits':
-    builder = digits.Digits(data_dir=data_dir)
-  else:
-    builder = tfds.builder(spec.name, data_dir=data_dir)
+  builder = _builder(spec, data_config)
   if _is_prepared(builder, spec):
     return builder
   if spec.name == 'digits' or data_config.get('download', False):
@@ -155,11 +159,7 @@ def prepared_sizes(data_config):
   (not even `digits`), so a dry run writes nothing.
   """
   spec = get_spec(data_config)
-  data_dir = _data_dir(data_config)
-  if spec.name == 'digits':
-    builder = digits.Digits(data_dir=data_dir)
-  else:
-    builder = tfds.builder(spec.name, data_dir=data_dir)
+  builder = _builder(spec, data_config)
   if not _is_prepared(builder, spec):
     return None
   return (split_size(builder, spec.train_split),
