@@ -108,7 +108,7 @@ def test_the_unlabeled_stream_draws_only_from_unlabeled_rows_and_has_no_labels(
   inp = pipeline.build_input(config, str(tmp_path), mesh=mesh)
   batch = next(iter(inp.eval_batches()))
   raw = specs.registered_loader('folder')()[2][:1] / 255.0
-  np.testing.assert_allclose(np.asarray(batch['image'][:1]), (raw - 0.5) / 0.25, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(batch['image'][:1]), (raw - 0.5) / 0.25, atol=1e-5)
 
 
 def test_num_labels_minus_one_labels_every_train_image(digits_folder, tmp_path):
