@@ -125,7 +125,7 @@ def test_trains_end_to_end_through_main(digits_folder, tmp_path):
       '--config.data.image_size=0', '--config.data.num_labels=50', '--config.model=convlarge_digits',
       '--config.model_width=4', '--config.num_train_steps=4', '--config.warmup_steps=0',
       '--config.consistency_rampup_steps=0', '--config.lr_decay_boundaries=()',
-      '--config.labeled_batch_size=8', '--config.unlabeled_batch_size=16',
+      '--config.labeled_batch_size=16', '--config.unlabeled_batch_size=16',
       '--config.eval_batch_size=64', '--config.log_every_steps=2', '--config.eval_every_steps=4',
       '--config.checkpoint_every_steps=4', timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_trains_end_to_end_through_main(digits_folder, tmp_path):
   assert summary['completed'], summary
   assert (workdir / 'normalization.json').exists()
   metrics = (workdir / 'metrics.jsonl').read_text() if (workdir / 'metrics.jsonl').exists() else ''
-  assert 'unlabeled_accuracy' not in metrics
+  assert 'pseudo_label_entropy' in metrics and 'unlabeled_accuracy' not in metrics
 
 
 # --- Bad data: one clear message before any training. -------------------------------------------
