@@ -206,3 +206,14 @@ def test_bad_data_through_main_is_one_line_before_any_training(tmp_path):
   result = run_main('--config=configs/folder.py', f'--config.data.folder={root}',
                     f'--workdir={workdir}', timeout=300)
   assert_one_clear_error(result, 'single class', workdir=workdir)
+
+
+def test_the_dry_run_counts_the_unlabeled_folder_apart(digits_folder, tmp_path):
+  result = run_main('--config=configs/folder.py', f'--config.data.folder={digits_folder}',
+                    f'--workdir={tmp_path / "run"}', '--config.data.num_labels=-1', '--dry_run',
+                    timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'folder: 200 train / 100 test / {NUM_UNLABELED} unlabeled, 10 classes' in result.stdout
+  assert 'labeled       200 examples' in result.stdout
+  assert f'unlabeled     {NUM_UNLABELED} examples' in result.stdout
+  assert not (tmp_path / 'run').exists()
