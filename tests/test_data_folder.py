@@ -217,3 +217,20 @@ def test_the_dry_run_counts_the_unlabeled_folder_apart(digits_folder, tmp_path):
   assert 'labeled       200 examples' in result.stdout
   assert f'unlabeled     {NUM_UNLABELED} examples' in result.stdout
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('method,extra', [('pi_model', {}), ('mean_teacher', {'ema_decay': 0.99}),
+                                          ('temporal_ensembling', {}), ('vat', {})])
+def test_every_method_trains_on_a_truly_unlabeled_pool_without_reading_its_labels(
+    digits_folder, tmp_path, method, extra):
+  from semimeta_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from semimeta_jax import train  # pylint: disable=g-import-not-at-top
+  config = folder_config(digits_folder, method=method, labeled_batch_size=16, num_train_steps=2,
+                         log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2,
+                         mixup=False, **extra)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['completed']
+  rows = metrics_lib.read_rows(str(tmp_path / 'run'))
+  assert any('train/loss' in row for row in rows), rows
+  for row in rows:
+    assert not any('unlabeled_accuracy' in key for key in row), row
