@@ -150,6 +150,11 @@ def _bad_empty(root, tmp):
   return ['holds no images', 'train']
 
 
+def _bad_no_layout(root, tmp):
+  root.mkdir()
+  return ['has no train/ folder', 'ROOT/train/<class>/*']
+
+
 def _bad_single_class(root, tmp):
   _png(np.zeros((8, 8)), root / 'train' / 'cat' / 'a.png')
   _png(np.zeros((8, 8)), root / 'test' / 'cat' / 'a.png')
@@ -186,7 +191,7 @@ def _bad_budget(root, tmp):
   return ['num_labels=4', "'a' has 1", '2 labeled images per class']
 
 
-@pytest.mark.parametrize('make', [_bad_empty, _bad_single_class, _bad_test_class, _bad_unreadable,
+@pytest.mark.parametrize('make', [_bad_no_layout, _bad_empty, _bad_single_class, _bad_test_class, _bad_unreadable,
                                   _bad_mixed_sizes, _bad_budget])
 def test_bad_data_is_one_user_error_naming_it(tmp_path, make):
   root = tmp_path / 'data'
