@@ -239,3 +239,8 @@ def test_every_method_trains_on_a_truly_unlabeled_pool_without_reading_its_label
   assert any('train/loss' in row for row in rows), rows
   for row in rows:
     assert not any('unlabeled_accuracy' in key for key in row), row
+
+
+def test_a_bad_augmentation_name_is_a_config_error(digits_folder):
+  with pytest.raises(errors.ConfigError, match='data.folder_augment'):
+    specs.get_spec(folder_config(digits_folder, **{'data.folder_augment': 'flip'}).data)
