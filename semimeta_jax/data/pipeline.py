@@ -172,10 +172,17 @@ def _normalization(workdir, spec, images, labeled, write):
     saved = json.loads(path.read_text())
     mean, std = saved['mean'], saved['std']
   else:
-    pixels = np.asarray(images[labeled], np.float64) / 255.0
-    mean = pixels.mean(axis=(0, 1, 2)).tolist()
+    # Per-channel sums in chunks: a large labeled pool never exists whole in float64.
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(labeled), 1024):
+      pixels = np.asarray(images[labeled[start:start + 1024]], np.float64) / 255.0
+      total = total + pixels.sum(axis=(0, 1, 2))
+      total_sq = total_sq + np.square(pixels).sum(axis=(0, 1, 2))
+      count += pixels[..., 0].size
+    mean = total / count
     # A constant channel would divide by zero.
-    std = np.maximum(pixels.std(axis=(0, 1, 2)), 1e-3).tolist()
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
     if path and write:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.parent / (NORMALIZATION_FILENAME + '.tmp')
@@ -208,7 +215,9 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
       `config.data.pad_mode` ('constant' | 'reflect', default 'constant'),
       `config.data.image_size` (ImageNet crop, default 224),
       `config.data.shuffle_buffer` (ImageNet, default 16384).
-    workdir: run directory for `labeled_indices.json`; None = not saved.
+    workdir: run directory for `labeled_indices.json` (and `normalization.json`
+      for a dataset without registered statistics: a folder of images); None
+      = not saved.
     start_step: index of the first training batch (streamed data starts there).
     process_index: this process; default `jax.process_index()`.
     process_count: number of processes; default `jax.process_count()`.
