@@ -33,14 +33,12 @@ def write_digits_folder(root: pathlib.Path, unlabeled=True, size=8):
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)
   if size != 8:
     images = np.kron(images, np.ones((1, size // 8, size // 8), np.uint8))
-  used = 0
   for label in range(10):
     rows = np.flatnonzero(digits.target == label)
     for i, row in enumerate(rows[:TRAIN_PER_CLASS]):
       _png(images[row], root / 'train' / f'digit_{label}' / f'{i:03d}.png')
     for i, row in enumerate(rows[TRAIN_PER_CLASS:TRAIN_PER_CLASS + TEST_PER_CLASS]):
       _png(images[row], root / 'test' / f'digit_{label}' / f'{i:03d}.png')
-    used = max(used, TRAIN_PER_CLASS + TEST_PER_CLASS)
   if unlabeled:
     taken = {r for label in range(10)
              for r in np.flatnonzero(digits.target == label)[:TRAIN_PER_CLASS + TEST_PER_CLASS]}
@@ -137,11 +135,6 @@ def test_trains_end_to_end_through_main(digits_folder, tmp_path):
 
 
 # --- Bad data: one clear message before any training. -------------------------------------------
-
-
-def _copy(src, dst):
-  shutil.copytree(src, dst)
-  return dst
 
 
 def _bad_empty(root, tmp):
