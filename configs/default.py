@@ -28,7 +28,12 @@ def get_config():
   config.data.augment = True  # Per-dataset training augmentation (data/device_augment.py; ImageNet: data/augment.py).
   config.data.prefetch_batches = 2
   config.data.pad_mode = 'constant'  # Pad-and-crop padding: constant (zeros, official) | reflect.
-  config.data.image_size = 224  # ImageNet crop size (other datasets keep their own size).
+  config.data.image_size = 224  # ImageNet crop size; data.folder: resize to NxN (0 = keep, sizes must match).
+  # A folder of images replaces data.name: ROOT/train/<class>/*, ROOT/test/<class>/* and an optional
+  # ROOT/unlabeled/* that the unlabeled stream then draws from alone (data/folder.py). A
+  # placeholder, so that `--config.data.folder=PATH` can set it.
+  config.data.folder = ml_collections.config_dict.placeholder(str)
+  config.data.folder_augment = 'pad_crop'  # data.folder: pad_crop | pad_crop_flip (mirror-symmetric classes) | none.
   config.data.shuffle_buffer = 16384  # ImageNet record shuffle buffer (in-memory sets need none).
 
   # Global batch sizes (over all devices of all processes).

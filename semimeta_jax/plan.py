@@ -38,10 +38,15 @@ def run_plan(config, workdir: str) -> str:
   sizes = datasets.prepared_sizes(config.data)
   prepared = sizes is not None
   num_train, num_test = sizes if prepared else spec.sizes
+  # A truly unlabeled pool (a folder's unlabeled/) is the last rows: not labeled train images.
+  num_unlabeled = spec.num_unlabeled
+  num_train -= num_unlabeled
   num_labeled = _labeled_count(config.data, num_train, spec.num_classes)
   steps = config.num_train_steps
   lines = [
-      f'dataset       {spec.name}: {num_train} train / {num_test} test, {spec.num_classes} classes'
+      f'dataset       {spec.name}: {num_train} train / {num_test} test'
+      + (f' / {num_unlabeled} unlabeled' if num_unlabeled else '')
+      + f', {spec.num_classes} classes'
       + ('' if prepared else ' (documented sizes: not prepared in the data_dir yet'
          + ('; it is built offline from scikit-learn on first use)' if spec.name == 'digits'
             else '; the run will stop and say how to prepare it)')),
@@ -56,7 +61,10 @@ def run_plan(config, workdir: str) -> str:
       f'{steps * config.labeled_batch_size / max(num_labeled, 1):.1f} epochs',
   ]
   if methods.get(config.method).uses_unlabeled:
-    pool = num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
+    if num_unlabeled:
+      pool = num_unlabeled + (num_labeled if config.data.unlabeled_includes_labeled else 0)
+    else:
+      pool = num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
     lines.append(f'unlabeled     {pool} examples, batch {config.unlabeled_batch_size}: '
                  f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs')
   devices = jax.device_count()

@@ -159,6 +159,8 @@ def prepared_sizes(data_config):
   (not even `digits`), so a dry run writes nothing.
   """
   spec = get_spec(data_config)
+  if specs.registered_loader(spec.name):  # Arrays in memory (a folder of images): no TFDS files.
+    return spec.sizes
   builder = _builder(spec, data_config)
   if not _is_prepared(builder, spec):
     return None

@@ -36,11 +36,14 @@ class Stream:
     global_batch: examples per step over all processes.
     order_seed: seed of the per-epoch permutations.
     augment_seed: seed of the augmentation draws.
+    has_labels: whether the batches carry 'label' (False for a truly unlabeled
+      pool, whose rows have none: methods then compute no accuracy on them).
   """
   pool: np.ndarray
   global_batch: int
   order_seed: int
   augment_seed: int
+  has_labels: bool = True
 
 
 def put_replicated(array: np.ndarray, mesh) -> jax.Array:
@@ -65,7 +68,9 @@ def _make_batch(arrays, orders, step, *, streams, augment_kind, pad, pad_mode, m
         augment_kind, pad, pad_mode)
     # 'index' (the train-split index) lets a method keep per-example state (Temporal Ensembling).
     out[name] = {'image': device_augment.normalize(images, mean, std),
-                 'label': arrays['labels'][index], 'index': index.astype(jnp.int32)}
+                 'index': index.astype(jnp.int32)}
+    if stream.has_labels:
+      out[name]['label'] = arrays['labels'][index]
   return out
 
 

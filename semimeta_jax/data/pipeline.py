@@ -16,8 +16,10 @@ in-memory dataset (`specs.register_in_memory`) runs without them.
 
 import dataclasses
 import functools
+import json
 from typing import Callable, Iterable, Iterator, Optional
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -128,13 +130,23 @@ def _stream_seeds(seed, stream_id):
   return int(state[0]), int(state[1])
 
 
-def _pools(config, num_train, labeled, uses_unlabeled):
-  """{stream: (train indices, global batch size, stream id)} of the run."""
+def _pools(config, num_train, labeled, uses_unlabeled, num_unlabeled=0):
+  """{stream: (train indices, global batch size, stream id)} of the run.
+
+  With a truly unlabeled pool (the last `num_unlabeled` of the `num_train`
+  rows, `DatasetSpec.num_unlabeled`), the unlabeled stream draws from those
+  rows only (plus the labeled ones if `config.data.unlabeled_includes_labeled`).
+  """
   pools = {'labeled': (labeled, config.labeled_batch_size, _LABELED)}
   if not uses_unlabeled:
     return pools
-  unlabeled = splits.unlabeled_indices(
-      num_train, labeled, config.data.unlabeled_includes_labeled)
+  if num_unlabeled:
+    unlabeled = np.arange(num_train - num_unlabeled, num_train, dtype=np.int64)
+    if config.data.unlabeled_includes_labeled:
+      unlabeled = np.union1d(labeled, unlabeled)
+  else:
+    unlabeled = splits.unlabeled_indices(
+        num_train, labeled, config.data.unlabeled_includes_labeled)
   if not unlabeled.size:
     raise InputConfigError(
         'The unlabeled pool is empty (every training example is labeled); '
@@ -142,6 +154,43 @@ def _pools(config, num_train, labeled, uses_unlabeled):
         "config.method='supervised'.")
   pools['unlabeled'] = (unlabeled, config.unlabeled_batch_size, _UNLABELED)
   return pools
+
+
+NORMALIZATION_FILENAME = 'normalization.json'
+
+
+def _normalization(workdir, spec, images, labeled, write):
+  """The spec with its mean/std: registered ones, or the labeled pool's (saved in the workdir).
+
+  A resumed run reads `<workdir>/normalization.json` back, so it normalises as
+  the run started (the statistics do not move if the data on disk changes).
+  """
+  if spec.mean is not None and spec.std is not None:
+    return spec
+  path = epath.Path(workdir) / NORMALIZATION_FILENAME if workdir else None
+  if path and path.exists():
+    saved = json.loads(path.read_text())
+    mean, std = saved['mean'], saved['std']
+  else:
+    # Per-channel sums in chunks: a large labeled pool never exists whole in float64.
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(labeled), 1024):
+      pixels = np.asarray(images[labeled[start:start + 1024]], np.float64) / 255.0
+      total = total + pixels.sum(axis=(0, 1, 2))
+      total_sq = total_sq + np.square(pixels).sum(axis=(0, 1, 2))
+      count += pixels[..., 0].size
+    mean = total / count
+    # A constant channel would divide by zero.
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
+    if path and write:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / (NORMALIZATION_FILENAME + '.tmp')
+      tmp.write_text(json.dumps({'dataset': spec.name, 'source': 'labeled pool',
+                                 'mean': mean, 'std': std}))
+      tmp.replace(path)
+  return dataclasses.replace(spec, mean=tuple(float(m) for m in mean),
+                             std=tuple(float(s) for s in std))
 
 
 def _load_arrays(data_config, spec):
@@ -166,7 +215,9 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
       `config.data.pad_mode` ('constant' | 'reflect', default 'constant'),
       `config.data.image_size` (ImageNet crop, default 224),
       `config.data.shuffle_buffer` (ImageNet, default 16384).
-    workdir: run directory for `labeled_indices.json`; None = not saved.
+    workdir: run directory for `labeled_indices.json` (and `normalization.json`
+      for a dataset without registered statistics: a folder of images); None
+      = not saved.
     start_step: index of the first training batch (streamed data starts there).
     process_index: this process; default `jax.process_index()`.
     process_count: number of processes; default `jax.process_count()`.
@@ -196,18 +247,24 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
     return streamed_input.build(config, workdir, spec, augment_kind, start_step=start_step,
                                 process_index=process_index, process_count=process_count,
                                 mesh=mesh,
-                                pools_fn=functools.partial(_pools, uses_unlabeled=uses_unlabeled),
+                                pools_fn=functools.partial(_pools, uses_unlabeled=uses_unlabeled,
+                                                           num_unlabeled=spec.num_unlabeled),
                                 seeds_fn=_stream_seeds)
 
   train_images, labels, test_images, test_labels = _load_arrays(data, spec)
   num_train, num_test = len(labels), len(test_labels)
   info = specs.DatasetInfo(spec.name, spec.num_classes, spec.image_shape, num_train, num_test)
+  # A truly unlabeled pool is the last rows; the labels are drawn from the rows before it.
+  num_labeled_rows = num_train - spec.num_unlabeled
   labeled = splits.load_or_draw(
-      workdir, labels, dataset=spec.name, num_classes=spec.num_classes,
+      workdir, labels[:num_labeled_rows], dataset=spec.name, num_classes=spec.num_classes,
       num_labels=data.num_labels, label_fraction=data.label_fraction,
-      seed=config.seed, num_train=num_train, write=process_index == 0)
-  pools = _pools(config, num_train, labeled, uses_unlabeled)
-  streams = {name: device_input.Stream(pool, batch, *_stream_seeds(config.seed, sid))
+      seed=config.seed, num_train=num_labeled_rows, write=process_index == 0)
+  spec = _normalization(workdir, spec, train_images, labeled, write=process_index == 0)
+  pools = _pools(config, num_train, labeled, uses_unlabeled, spec.num_unlabeled)
+  # Rows of a truly unlabeled pool have no labels (-1): its batches carry none.
+  streams = {name: device_input.Stream(pool, batch, *_stream_seeds(config.seed, sid),
+                                       has_labels=not (name == 'unlabeled' and spec.num_unlabeled))
              for name, (pool, batch, sid) in pools.items()}
   train_batch = device_input.device_batches(
       train_images, labels, streams, mesh, spec=spec, augment_kind=augment_kind,

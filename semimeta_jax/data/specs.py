@@ -47,6 +47,10 @@ class DatasetSpec:
     in_memory: whether the training split is held whole (as uint8 on the
       devices); otherwise it is streamed from the TFDS records.
     sizes: documented (train, test) sizes, for messages only.
+    num_unlabeled: the last `num_unlabeled` training rows are a truly
+      unlabeled pool (label -1, e.g. a folder's `unlabeled/`): the labeled
+      split is drawn from the rows before them, and the unlabeled stream draws
+      from them only.
   """
   name: str
   train_split: str
@@ -59,6 +63,7 @@ class DatasetSpec:
   pad: int
   in_memory: bool
   sizes: tuple[int, int]
+  num_unlabeled: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +142,16 @@ def get_spec(data_config) -> DatasetSpec:
 
   Args:
     data_config: `config.data`. `image_size` (optional, ImageNet only, default
-      224) sets the crop size.
+      224) sets the crop size. `folder` (optional): a folder of images
+      (`folder.py`), which then replaces `name`.
 
   Raises:
     UnknownDatasetError: unknown dataset name.
+    folder.FolderDataError: `data_config.folder` is set and its images cannot be used.
   """
+  if data_config.get('folder'):
+    from semimeta_jax.data import folder  # pylint: disable=g-import-not-at-top
+    return folder.get_spec(data_config)
   name = ALIASES.get(data_config.name, data_config.name)
   if name not in _SPECS:
     raise UnknownDatasetError(

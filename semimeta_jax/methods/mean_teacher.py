@@ -126,10 +126,12 @@ def train_step(state, batch, *, config, num_classes):
       'consistency_weight': weight,
       'ema_decay': decay,
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
-      'unlabeled_accuracy': common.accuracy(logits[num_labeled:], unlabeled['label']),
-      'teacher_unlabeled_accuracy': common.accuracy(teacher_logits[num_labeled:], unlabeled['label']),
       'grad_norm': optax.tree.norm(grads),
   }
+  if 'label' in unlabeled:  # A truly unlabeled pool has no labels to score.
+    metrics['unlabeled_accuracy'] = common.accuracy(logits[num_labeled:], unlabeled['label'])
+    metrics['teacher_unlabeled_accuracy'] = common.accuracy(teacher_logits[num_labeled:],
+                                                            unlabeled['label'])
   return new_state, metrics
 
 

@@ -99,9 +99,10 @@ def train_step(state, batch, *, config, num_classes):
       'learning_rate': lr,
       'consistency_weight': weight,
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
-      'unlabeled_accuracy': common.accuracy(logits[num_labeled:], unlabeled['label']),
       'grad_norm': optax.tree.norm(grads),
   }
+  if 'label' in unlabeled:  # A truly unlabeled pool has no labels to score.
+    metrics['unlabeled_accuracy'] = common.accuracy(logits[num_labeled:], unlabeled['label'])
   return new_state, metrics
 
 

@@ -132,7 +132,6 @@ def train_step(state, batch, *, config, num_classes):
 
   grads, (stats, supervised, consistency, unlabeled_logits) = jax.grad(loss_fn, has_aux=True)(state.params)
   new_state = common.apply_update(state, grads, stats, config)
-  truth = unlabeled['label']
   metrics = {
       'loss': supervised + weight * consistency,
       'supervised_loss': supervised,
@@ -140,13 +139,15 @@ def train_step(state, batch, *, config, num_classes):
       'learning_rate': lr,
       'consistency_weight': weight,
       'pseudo_label_entropy': losses.entropy(yhat),
-      'pseudo_label_accuracy': common.accuracy(yhat, truth),
-      'initial_pseudo_label_accuracy': common.accuracy(ytil, truth),
       'pseudo_label_change': jnp.mean(jnp.sum(jnp.abs(yhat - ytil), axis=-1)),
       'hypergradient_norm': jnp.linalg.norm(grad),
-      'unlabeled_accuracy': common.accuracy(unlabeled_logits, truth),
       'grad_norm': optax.tree.norm(grads),
   }
+  if 'label' in unlabeled:  # A truly unlabeled pool has no labels to score.
+    truth = unlabeled['label']
+    metrics['pseudo_label_accuracy'] = common.accuracy(yhat, truth)
+    metrics['initial_pseudo_label_accuracy'] = common.accuracy(ytil, truth)
+    metrics['unlabeled_accuracy'] = common.accuracy(unlabeled_logits, truth)
   return new_state, metrics
 
 

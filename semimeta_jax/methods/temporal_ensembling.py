@@ -136,10 +136,12 @@ def train_step(state, batch, *, config, num_classes):
       'consistency_weight': weight,
       'ensemble_coverage': jnp.mean(has_target.astype(jnp.float32)),
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
-      'unlabeled_accuracy': common.accuracy(logits[num_labeled:], unlabeled['label']),
-      'ensemble_unlabeled_accuracy': common.accuracy(ensemble_targets[num_labeled:], unlabeled['label']),
       'grad_norm': optax.tree.norm(grads),
   }
+  if 'label' in unlabeled:  # A truly unlabeled pool has no labels to score.
+    metrics['unlabeled_accuracy'] = common.accuracy(logits[num_labeled:], unlabeled['label'])
+    metrics['ensemble_unlabeled_accuracy'] = common.accuracy(ensemble_targets[num_labeled:],
+                                                             unlabeled['label'])
   return new_state, metrics
 
 

@@ -126,9 +126,10 @@ def train_step(state, batch, *, config, num_classes):
       'entropy_loss': entropy,
       'learning_rate': lr,
       'consistency_weight': weight,
-      'unlabeled_accuracy': common.accuracy(clean, batch['unlabeled']['label']),
       'grad_norm': optax.tree.norm(grads),
   }
+  if 'label' in batch['unlabeled']:  # A truly unlabeled pool has no labels to score.
+    metrics['unlabeled_accuracy'] = common.accuracy(clean, batch['unlabeled']['label'])
   return new_state, metrics
 
 

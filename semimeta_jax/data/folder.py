@@ -1,0 +1,219 @@
+"""A folder of images as an in-memory dataset: `config.data.folder=ROOT`.
+
+Layout::
+
+    ROOT/train/<class>/*   labeled training images, one folder per class
+    ROOT/test/<class>/*    evaluation images (every class must be a train class)
+    ROOT/unlabeled/*       optional: images that never had labels (any depth)
+
+The class list is the sorted names of the folders in `ROOT/train`. Images are
+read with PIL, converted to grayscale when every image is grayscale (else RGB)
+and resized to `config.data.image_size` x `config.data.image_size` when it is
+> 0 (otherwise every image must have the same size). Everything is checked
+before any training; a mistake is one `FolderDataError` naming the files.
+
+The arrays are registered through `specs.register_in_memory` under the name
+'folder': the training rows are the train images followed by the unlabeled
+ones (label -1), and `DatasetSpec.num_unlabeled` says how many rows at the end
+form the truly unlabeled pool. The spec carries no normalisation statistics:
+`pipeline.build_input` computes them from the labeled pool and saves them in
+the run directory (`normalization.json`).
+
+TensorFlow-free (PIL and NumPy only).
+"""
+
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+
+from semimeta_jax import errors
+from semimeta_jax.data import specs
+
+NAME = 'folder'
+_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+_MAX_NAMED = 5
+_AUGMENTS = ('pad_crop', 'pad_crop_flip', 'none')
+# (root, image size) -> loaded arrays: `get_spec` is called several times per run.
+_CACHE: dict = {}
+
+
+class FolderDataError(errors.UserError, ValueError):
+  """The image folder cannot be used as a dataset; the message names the problem and files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderData:
+  class_names: tuple[str, ...]
+  train_images: np.ndarray  # uint8 [N, H, W, C]
+  train_labels: np.ndarray  # int64 [N]
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  unlabeled_images: np.ndarray  # uint8 [U, H, W, C], U may be 0
+
+
+def _files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """Every non-hidden file under `directory`, sorted (the order is the row order)."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(directory):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    found += [pathlib.Path(dirpath) / f for f in sorted(filenames) if not f.startswith('.')]
+  return found
+
+
+def _named(paths, root) -> str:
+  shown = ', '.join(str(p.relative_to(root)) for p in paths[:_MAX_NAMED])
+  more = len(paths) - _MAX_NAMED
+  return shown + (f' and {more} more' if more > 0 else '')
+
+
+def _class_folders(split_dir: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+  return {d.name: _files(d) for d in sorted(split_dir.iterdir())
+          if d.is_dir() and not d.name.startswith('.')}
+
+
+def _open_all(paths, root):
+  """PIL images of `paths`; one error naming every file PIL cannot read."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images, bad = [], []
+  for path in paths:
+    try:
+      with Image.open(path) as image:
+        image.load()
+        images.append(image.copy())
+    except Exception:  # pylint: disable=broad-except
+      bad.append(path)
+  if bad:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: {len(bad)} file(s) are not readable images: '
+        f'{_named(bad, root)}. Remove or convert them.')
+  return images
+
+
+def _to_array(images, paths, root, image_size, channels):
+  """uint8 [N, H, W, C]: every image converted and resized (or checked to share one size)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mode = 'L' if channels == 1 else 'RGB'
+  if not image_size:
+    sizes = {}
+    for image, path in zip(images, paths):
+      sizes.setdefault(image.size, path)
+    if len(sizes) > 1:
+      shown = '; '.join(f'{w}x{h} ({p.relative_to(root)})' for (w, h), p in list(sizes.items())[:3])
+      raise FolderDataError(
+          f'config.data.folder={str(root)!r}: the images have {len(sizes)} different sizes '
+          f'({shown}) and config.data.image_size=0; set --config.data.image_size=N to resize '
+          'every image to NxN.')
+  out = []
+  for image in images:
+    image = image.convert(mode)
+    if image_size and image.size != (image_size, image_size):
+      image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(image, np.uint8)
+    out.append(array[..., None] if array.ndim == 2 else array)
+  return np.stack(out)
+
+
+def _load(root: pathlib.Path, image_size: int) -> FolderData:
+  if not root.is_dir():
+    raise FolderDataError(f'config.data.folder={str(root)!r} is not a directory.')
+  for split in ('train', 'test'):
+    if not (root / split).is_dir():
+      raise FolderDataError(
+          f'config.data.folder={str(root)!r} has no {split}/ folder; expected '
+          'ROOT/train/<class>/*, ROOT/test/<class>/* and optionally ROOT/unlabeled/*.')
+  train = {name: files for name, files in _class_folders(root / 'train').items() if files}
+  if not train:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: {root / "train"} holds no images in class folders '
+        '(expected train/<class>/<image>).')
+  if len(train) < 2:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: train/ has a single class ({next(iter(train))!r}); '
+        'classification needs at least two class folders.')
+  names = tuple(sorted(train))
+  test = {name: files for name, files in _class_folders(root / 'test').items() if files}
+  if not test:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: {root / "test"} holds no images in class folders '
+        '(expected test/<class>/<image>).')
+  unknown = sorted(set(test) - set(names))
+  if unknown:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: test class(es) {unknown} have no folder in train/ '
+        f'(train classes: {list(names)}).')
+  loose = [p for p in (root / 'train').iterdir() if p.is_file() and not p.name.startswith('.')]
+  if loose:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: train/ holds files outside class folders: '
+        f'{_named(loose, root)}; put each image in train/<class>/.')
+  unlabeled_dir = root / 'unlabeled'
+  unlabeled_paths = _files(unlabeled_dir) if unlabeled_dir.is_dir() else []
+
+  def listing(by_class):
+    paths = [p for name in names if name in by_class for p in by_class[name]]
+    labels = [i for i, name in enumerate(names) if name in by_class for _ in by_class[name]]
+    return paths, np.asarray(labels, np.int64)
+
+  train_paths, train_labels = listing(train)
+  test_paths, test_labels = listing(test)
+  all_paths = train_paths + test_paths + unlabeled_paths
+  images = _open_all(all_paths, root)
+  channels = 1 if all(image.mode in _GRAY_MODES for image in images) else 3
+  array = _to_array(images, all_paths, root, image_size, channels)
+  n_train, n_test = len(train_paths), len(test_paths)
+  return FolderData(names, array[:n_train], train_labels, array[n_train:n_train + n_test],
+                    test_labels, array[n_train + n_test:])
+
+
+def load(data_config) -> FolderData:
+  """The folder's arrays (read once per folder and size)."""
+  root = pathlib.Path(os.path.expanduser(str(data_config.folder))).resolve()
+  size = int(data_config.get('image_size', 0) or 0)
+  key = (str(root), size)
+  if key not in _CACHE:
+    _CACHE[key] = _load(root, size)
+  return _CACHE[key]
+
+
+def check_budget(data_config, data: FolderData):
+  """A class-balanced label budget larger than a class has: one error naming the class folder."""
+  if data_config.get('label_fraction') or data_config.num_labels == -1:
+    return
+  per_class = data_config.num_labels // len(data.class_names)
+  counts = np.bincount(data.train_labels, minlength=len(data.class_names))
+  short = [(n, c) for n, c in zip(data.class_names, counts) if c < per_class]
+  if short:
+    shown = ', '.join(f'{n!r} has {c}' for n, c in short[:_MAX_NAMED])
+    raise FolderDataError(
+        f'config.data.num_labels={data_config.num_labels} asks for {per_class} labeled images '
+        f'per class, but train/ class {shown}; lower config.data.num_labels or use -1 for '
+        'every labeled image.')
+
+
+def get_spec(data_config) -> specs.DatasetSpec:
+  """Reads and checks the folder, registers its arrays as dataset 'folder', returns its spec."""
+  augment = data_config.get('folder_augment', 'pad_crop')
+  errors.require(augment in _AUGMENTS, 'data.folder_augment', augment, f'must be one of {_AUGMENTS}')
+  errors.require(int(data_config.get('image_size', 0) or 0) >= 0, 'data.image_size',
+                 data_config.get('image_size'), 'must be >= 0 (0 keeps the images\' size)')
+  data = load(data_config)
+  check_budget(data_config, data)
+  _, height, width, channels = data.train_images.shape
+  num_unlabeled = len(data.unlabeled_images)
+  spec = specs.DatasetSpec(
+      NAME, 'train', 'test', len(data.class_names), (height, width, channels),
+      mean=None, std=None,  # Computed from the labeled pool (pipeline.build_input).
+      augment=augment,
+      pad=max(1, min(height, width) // 8), in_memory=True,
+      sizes=(len(data.train_labels) + num_unlabeled, len(data.test_labels)),
+      num_unlabeled=num_unlabeled)
+
+  def arrays():
+    images = np.concatenate([data.train_images, data.unlabeled_images])
+    labels = np.concatenate([data.train_labels, np.full(num_unlabeled, -1, np.int64)])
+    return images, labels, data.test_images, data.test_labels
+
+  specs.register_in_memory(spec, arrays)
+  return spec
