@@ -68,9 +68,7 @@ The table is printed and written to `<out>/benchmark_official_pytorch_<tag>.md` 
 """
 
 import argparse
-import csv
 import datetime
-import math
 import os
 import platform
 import shlex
@@ -82,6 +80,7 @@ import torch
 # not the repository root that the `experiments.official_pytorch` imports need.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.official_pytorch import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.official_pytorch import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -111,23 +110,9 @@ CSV_FIELDS = (
 # ----------------------------------------------------------------------------------------------
 
 
-def _cell(row, key, fmt):
-  value = row.get(key)
-  if value is None or value == '' or isinstance(value, float) and not math.isfinite(value):
-    return '-'
-  return fmt.format(value)
-
-
 def render_markdown(rows) -> str:
   """The rows as a markdown table (a failed row keeps its name and shows the error)."""
-  lines = ['| ' + ' | '.join(header for header, _, _ in COLUMNS) + ' |',
-           '|' + '---|' * len(COLUMNS)]
-  for row in rows:
-    cells = [_cell(row, key, fmt) for _, key, fmt in COLUMNS]
-    if row.get('error'):
-      cells[-1] = f'failed: {row["error"]}'
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+  return results_table.render_markdown(rows, COLUMNS)
 
 
 def output_paths(out: str, tag: str) -> tuple[str, str]:
@@ -141,13 +126,7 @@ def output_paths(out: str, tag: str) -> tuple[str, str]:
 def write_results(rows, out: str, tag: str, notes=()) -> tuple[str, str]:
   """Writes the notes and the table (markdown) and all fields (CSV); returns both paths."""
   md_path, csv_path = output_paths(out, tag)
-  os.makedirs(os.path.dirname(md_path) or '.', exist_ok=True)
-  with open(md_path, 'w') as f:
-    f.write(''.join(f'{line}\n' for line in notes) + ('\n' if notes else '') + render_markdown(rows))
-  with open(csv_path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval='', extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
+  results_table.write_markdown_and_csv(md_path, csv_path, render_markdown(rows), rows, CSV_FIELDS, notes)
   return md_path, csv_path
 
 

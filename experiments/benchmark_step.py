@@ -36,7 +36,6 @@ written to `<out_dir>/benchmark_step_<tag>.md` and `.csv`.
 """
 
 import argparse
-import csv
 import datetime
 import functools
 import json
@@ -56,6 +55,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import flop_count  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -241,38 +241,16 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
   }
 
 
-def _cell(row, key, fmt):
-  value = row.get(key)
-  if key == 'xla_flags':
-    return fmt.format(value) if value else '(none)'
-  if value is None or value == '' or isinstance(value, float) and not np.isfinite(value):
-    return '-'
-  return fmt.format(value)
-
-
 def render_markdown(rows) -> str:
   """The rows as a markdown table (failed rows keep their identity and show the error)."""
-  lines = ['| ' + ' | '.join(header for header, _, _ in COLUMNS) + ' |',
-           '|' + '---|' * len(COLUMNS)]
-  for row in rows:
-    cells = [_cell(row, key, fmt) for _, key, fmt in COLUMNS]
-    if row.get('error'):
-      cells[-1] = f'failed: {row["error"]}'
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+  return results_table.render_markdown(rows, COLUMNS, empty_as={'xla_flags': '(none)'})
 
 
 def write_results(rows, out_dir: str, tag: str, notes=()) -> tuple[str, str]:
   """Writes `benchmark_step_<tag>.md` (notes, then the table) and `.csv`; returns both paths."""
-  os.makedirs(out_dir, exist_ok=True)
   md_path = os.path.join(out_dir, f'benchmark_step_{tag}.md')
   csv_path = os.path.join(out_dir, f'benchmark_step_{tag}.csv')
-  with open(md_path, 'w') as f:
-    f.write(''.join(f'{line}\n' for line in notes) + ('\n' if notes else '') + render_markdown(rows))
-  with open(csv_path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval='', extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
+  results_table.write_markdown_and_csv(md_path, csv_path, render_markdown(rows), rows, CSV_FIELDS, notes)
   return md_path, csv_path
 
 
