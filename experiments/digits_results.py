@@ -41,6 +41,8 @@ from ml_collections import config_flags
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# configs/ is not an installed package: the config files import it from the repository root.
+sys.path.insert(0, str(REPO))
 
 # Variant -> command-line overrides of configs/digits.py.
 VARIANTS = {
