@@ -33,7 +33,20 @@ def get_config():
   # ROOT/unlabeled/* that the unlabeled stream then draws from alone (data/folder.py). A
   # placeholder, so that `--config.data.folder=PATH` can set it.
   config.data.folder = ml_collections.config_dict.placeholder(str)
-  config.data.folder_augment = 'pad_crop'  # data.folder: pad_crop | pad_crop_flip (mirror-symmetric classes) | none.
+  # Training augmentation of a folder or of a TFDS dataset by name (the named datasets have their
+  # own): pad_crop | pad_crop_flip (mirror-symmetric classes) | none. A dataset too large to keep
+  # on the devices is streamed with ImageNet's random-resized crops instead.
+  config.data.augment_kind = 'pad_crop'
+  # Any TFDS image-classification dataset can be named in data.name (data/tfds_by_name.py). Its
+  # features and splits ('' = the dataset's own: train and test; ImageNet: validation):
+  config.data.image_key = 'image'
+  config.data.label_key = 'label'
+  config.data.train_split = ''  # Any TFDS split expression, e.g. 'train[:90%]'.
+  config.data.test_split = ''  # e.g. 'train[90%:]' for a held-out validation share.
+  config.data.unlabeled_split = ''  # A split of unlabeled images (STL-10: 'unlabelled', SVHN: 'extra').
+  # Training images (uint8, the unlabeled split's included) up to this size are kept on every
+  # device and batched there; a larger dataset is streamed from its TFDS records.
+  config.data.max_in_memory_gb = 4.0
   config.data.shuffle_buffer = 16384  # ImageNet record shuffle buffer (in-memory sets need none).
 
   # Global batch sizes (over all devices of all processes).

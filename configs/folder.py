@@ -22,7 +22,7 @@ def get_config():
   config.data.name = 'folder'  # Informational: data.folder selects the dataset.
   config.data.image_size = 32
   config.data.num_labels = -1  # Every train image labeled (set a class-balanced budget to hide some).
-  config.data.folder_augment = 'pad_crop'
+  config.data.augment_kind = 'pad_crop'
   config.model = 'convlarge'
   config.model_width = 64
   config.labeled_batch_size = 64

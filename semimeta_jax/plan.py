@@ -37,9 +37,9 @@ def run_plan(config, workdir: str) -> str:
   spec = datasets.get_spec(config.data)
   sizes = datasets.prepared_sizes(config.data)
   prepared = sizes is not None
-  num_train, num_test = sizes if prepared else spec.sizes
-  # A truly unlabeled pool (a folder's unlabeled/) is the last rows: not labeled train images.
-  num_unlabeled = spec.num_unlabeled
+  num_train, num_test, num_unlabeled = sizes if prepared else (*spec.sizes, spec.num_unlabeled)
+  # A truly unlabeled pool (a folder's unlabeled/, an unlabeled split) is the last rows: not
+  # labeled train images.
   num_train -= num_unlabeled
   num_labeled = _labeled_count(config.data, num_train, spec.num_classes)
   steps = config.num_train_steps

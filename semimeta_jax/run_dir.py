@@ -38,7 +38,8 @@ CONFIG_FILE = 'config.json'
 FIXED_FIELDS = frozenset({
     'seed', 'method', 'model', 'model_width',
     'data.name', 'data.num_labels', 'data.label_fraction', 'data.unlabeled_includes_labeled',
-    'data.image_size',
+    'data.image_size', 'data.folder', 'data.train_split', 'data.test_split',
+    'data.unlabeled_split', 'data.image_key', 'data.label_key',
 })
 FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',

@@ -15,6 +15,16 @@ from semimeta_jax.data import in_memory
 from semimeta_jax.data import splits
 
 
+
+def _digits_spec():
+  config = default.get_config()
+  config.data.name = 'digits'
+  return datasets.get_spec(config.data)
+
+
+_DIGITS = _digits_spec()
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
@@ -43,8 +53,8 @@ def _take(inp, count, start=0):
 
 def test_builder_split_sizes_and_values(data_dir):
   builder = digits.Digits(data_dir=data_dir)
-  train_images, train_labels = in_memory.load_split(builder, 'train')
-  test_images, test_labels = in_memory.load_split(builder, 'test')
+  train_images, train_labels = in_memory.load_split(builder, 'train', _DIGITS)
+  test_images, test_labels = in_memory.load_split(builder, 'test', _DIGITS)
   assert train_images.shape == (digits.NUM_TRAIN, 8, 8, 1) == (1497, 8, 8, 1)
   assert test_images.shape == (digits.NUM_TEST, 8, 8, 1) == (300, 8, 8, 1)
   assert train_images.dtype == np.uint8 and train_images.max() == 255
@@ -88,14 +98,14 @@ def test_batches_shapes_and_split(data_dir, tmp_path):
 
 
 def _train_labels(data_dir):
-  return in_memory.load_split(digits.Digits(data_dir=data_dir), 'train')[1]
+  return in_memory.load_split(digits.Digits(data_dir=data_dir), 'train', _DIGITS)[1]
 
 
 def test_streams_draw_from_their_pools_epoch_by_epoch(data_dir):
   config = _config(data_dir, augment=False)
   inp = data.build_input(config, None, process_index=0, process_count=1)
   images, labels = in_memory.load_split(digits.Digits(data_dir=data_dir),
-                                        'train')
+                                        'train', _DIGITS)
   spec = datasets.get_spec(config.data)
   normalised = ((images / 255.0 - spec.mean) / spec.std).astype(np.float32)
   # Without augmentation each image is a training image; find which one.
@@ -154,7 +164,7 @@ def test_evaluation_counts_every_example_once(data_dir, process_count):
   # 300 = 3 * 96 + 12: the last batch is partial.
   config = _config(data_dir, eval_batch_size=96, labeled_batch_size=24)
   test_images, _ = in_memory.load_split(digits.Digits(data_dir=data_dir),
-                                        'test')
+                                        'test', _DIGITS)
   spec = datasets.get_spec(config.data)
   reference = ((test_images / 255.0 - spec.mean) / spec.std).astype(np.float32)
   per_process = []
@@ -195,7 +205,7 @@ def test_resume_with_other_split_settings_fails(data_dir, tmp_path):
     ({'eval_batch_size': 6}, 'eval_batch_size=6'),
     ({'num_labels': 55}, 'not divisible'),
     ({'num_labels': 1500}, 'class 0 has only 148'),
-    ({'name': 'mnist'}, 'Unknown dataset'),
+    ({'name': 'no_such_dataset'}, 'Unknown dataset'),
     ({'num_labels': -1}, 'unlabeled pool is empty'),
 ])
 def test_bad_config_is_a_clear_error(data_dir, overrides, match):

@@ -235,5 +235,30 @@ def test_every_method_trains_on_a_truly_unlabeled_pool_without_reading_its_label
 
 
 def test_a_bad_augmentation_name_is_a_config_error(digits_folder):
-  with pytest.raises(errors.ConfigError, match='data.folder_augment'):
-    specs.get_spec(folder_config(digits_folder, **{'data.folder_augment': 'flip'}).data)
+  with pytest.raises(errors.ConfigError, match='data.augment_kind'):
+    specs.get_spec(folder_config(digits_folder, **{'data.augment_kind': 'flip'}).data)
+
+
+def test_digits_as_folder_labeled_from_a_run_gives_that_runs_labeled_images(tmp_path):
+  # The like-for-like comparison's folder: the built-in run's labeled images in train/, every
+  # other training image in unlabeled/, the same test split.
+  from experiments import digits_as_folder  # pylint: disable=g-import-not-at-top
+  from semimeta_jax.data import digits  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'builtin_run'
+  workdir.mkdir()
+  chosen = np.arange(0, 1497, 30)  # 50 train-split rows.
+  (workdir / 'labeled_indices.json').write_text(json.dumps({'indices': chosen.tolist()}))
+  digits_as_folder.write(tmp_path / 'folder', workdir)
+  config = folder_config(tmp_path / 'folder', **{'data.num_labels': -1})
+  spec = specs.get_spec(config.data)
+  images, labels, test_images, test_labels = specs.registered_loader('folder')()
+  bunch = sk_datasets.load_digits()
+  train, test = digits.split_indices()
+  assert spec.num_unlabeled == 1497 - 50 and len(test_labels) == 300
+  # The labeled rows are the chosen images (as multisets: the folder orders them by class).
+  wanted = digits.to_uint8(bunch.images[np.asarray(train)[chosen]])
+  got = images[:50]
+  key = lambda a: sorted(x.tobytes() for x in a.reshape(len(a), -1))
+  assert key(got) == key(wanted)
+  assert sorted(labels[:50].tolist()) == sorted(bunch.target[np.asarray(train)[chosen]].tolist())
+  assert key(test_images) == key(digits.to_uint8(bunch.images[np.asarray(test)]))

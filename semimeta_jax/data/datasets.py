@@ -29,8 +29,7 @@ IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
 def _data_dir(data_config):
-  data_dir = data_config.get('data_dir')
-  return os.path.expanduser(data_dir) if data_dir else None
+  return os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
 
 
 def _builder(spec, data_config):
@@ -109,7 +108,7 @@ def get_builder(data_config):
   builder = _builder(spec, data_config)
   if _is_prepared(builder, spec):
     return builder
-  if spec.name == 'digits' or data_config.get('download', False):
+  if spec.name == 'digits' or data_config.download:
     _prepare(spec, builder)
     return builder
   raise not_found_error(
@@ -125,10 +124,19 @@ def split_size(builder, split):
   """
   if builder.info.splits:
     return builder.info.splits[split].num_examples
-  ds = builder.as_dataset(
-      split=split, shuffle_files=False,
-      decoders=tfds.decode.PartialDecoding({'label': True}))
+  # Reading one small feature: the image and label keys vary, the count does not.
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()}
+                          if 'image' in builder.info.features else None)
   return int(ds.reduce(0, lambda n, _: n + 1))
+
+
+def train_rows(builder, spec):
+  """Rows of the training data: the train split's, then the unlabeled split's if any."""
+  rows = split_size(builder, spec.train_split)
+  if spec.unlabeled_split:
+    rows += split_size(builder, spec.unlabeled_split)
+  return rows
 
 
 def dataset_info(data_config):
@@ -148,21 +156,23 @@ def dataset_info(data_config):
   return DatasetInfo(
       name=spec.name, num_classes=spec.num_classes,
       image_shape=spec.image_shape,
-      num_train=split_size(builder, spec.train_split),
+      num_train=train_rows(builder, spec),
       num_test=split_size(builder, spec.test_split))
 
 
 def prepared_sizes(data_config):
-  """(num_train, num_test) of the prepared dataset, or None if it is not prepared.
+  """(training rows, test examples, truly unlabeled rows), or None if the data is not prepared.
 
-  Reads TFDS metadata only; unlike `dataset_info` it never prepares anything
-  (not even `digits`), so a dry run writes nothing.
+  The training rows count the truly unlabeled ones (a folder's unlabeled/, an
+  unlabeled split), which are the last of them. Reads TFDS metadata only;
+  unlike `dataset_info` it never prepares anything (not even `digits`), so a
+  dry run writes nothing.
   """
   spec = get_spec(data_config)
   if specs.registered_loader(spec.name):  # Arrays in memory (a folder of images): no TFDS files.
-    return spec.sizes
+    return (*spec.sizes, spec.num_unlabeled)
   builder = _builder(spec, data_config)
   if not _is_prepared(builder, spec):
     return None
-  return (split_size(builder, spec.train_split),
-          split_size(builder, spec.test_split))
+  num_unlabeled = split_size(builder, spec.unlabeled_split) if spec.unlabeled_split else 0
+  return train_rows(builder, spec), split_size(builder, spec.test_split), num_unlabeled

@@ -170,7 +170,7 @@ def _load(root: pathlib.Path, image_size: int) -> FolderData:
 def load(data_config) -> FolderData:
   """The folder's arrays (read once per folder and size)."""
   root = pathlib.Path(os.path.expanduser(str(data_config.folder))).resolve()
-  size = int(data_config.get('image_size', 0) or 0)
+  size = int(data_config.image_size)
   key = (str(root), size)
   if key not in _CACHE:
     _CACHE[key] = _load(root, size)
@@ -179,7 +179,7 @@ def load(data_config) -> FolderData:
 
 def check_budget(data_config, data: FolderData):
   """A class-balanced label budget larger than a class has: one error naming the class folder."""
-  if data_config.get('label_fraction') or data_config.num_labels == -1:
+  if data_config.label_fraction or data_config.num_labels == -1:
     return
   per_class = data_config.num_labels // len(data.class_names)
   counts = np.bincount(data.train_labels, minlength=len(data.class_names))
@@ -194,10 +194,10 @@ def check_budget(data_config, data: FolderData):
 
 def get_spec(data_config) -> specs.DatasetSpec:
   """Reads and checks the folder, registers its arrays as dataset 'folder', returns its spec."""
-  augment = data_config.get('folder_augment', 'pad_crop')
-  errors.require(augment in _AUGMENTS, 'data.folder_augment', augment, f'must be one of {_AUGMENTS}')
-  errors.require(int(data_config.get('image_size', 0) or 0) >= 0, 'data.image_size',
-                 data_config.get('image_size'), 'must be >= 0 (0 keeps the images\' size)')
+  augment = data_config.augment_kind
+  errors.require(augment in _AUGMENTS, 'data.augment_kind', augment, f'must be one of {_AUGMENTS}')
+  errors.require(int(data_config.image_size) >= 0, 'data.image_size',
+                 data_config.image_size, 'must be >= 0 (0 keeps the images\' size)')
   data = load(data_config)
   check_budget(data_config, data)
   _, height, width, channels = data.train_images.shape

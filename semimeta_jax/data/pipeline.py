@@ -114,12 +114,12 @@ def _check_config(config, process_index, process_count, start_step):
       raise InputConfigError(
           f'config.{field}={size} must be a positive multiple of the process '
           f'count ({process_count}): each process takes an equal share.')
-  pad_mode = config.data.get('pad_mode', 'constant')
+  pad_mode = config.data.pad_mode
   if pad_mode not in device_augment.PAD_MODES:
     raise InputConfigError(f'config.data.pad_mode={pad_mode!r} must be one of '
                      f'{sorted(device_augment.PAD_MODES)}.')
   largest = max(config.labeled_batch_size, config.unlabeled_batch_size)
-  if config.get('num_train_steps', 0) * largest >= 2**31:
+  if config.num_train_steps * largest >= 2**31:
     raise InputConfigError(f'config.num_train_steps={config.num_train_steps} x batch {largest} '
                      'examples overflow the int32 stream positions (2**31).')
 
@@ -159,7 +159,7 @@ def _pools(config, num_train, labeled, uses_unlabeled, num_unlabeled=0):
 NORMALIZATION_FILENAME = 'normalization.json'
 
 
-def _normalization(workdir, spec, images, labeled, write):
+def normalization(workdir, spec, images, labeled, write):
   """The spec with its mean/std: registered ones, or the labeled pool's (saved in the workdir).
 
   A resumed run reads `<workdir>/normalization.json` back, so it normalises as
@@ -194,15 +194,26 @@ def _normalization(workdir, spec, images, labeled, write):
 
 
 def _load_arrays(data_config, spec):
-  """(train images, train labels, test images, test labels) of an in-memory dataset."""
+  """(train images, train labels, test images, test labels, spec) of an in-memory dataset.
+
+  A TFDS unlabeled split (`spec.unlabeled_split`) is appended to the train
+  rows with label -1, and the returned spec counts those rows as its truly
+  unlabeled pool.
+  """
   load = specs.registered_loader(spec.name)
   if load:
-    return load()
+    return (*load(), spec)
   from semimeta_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from semimeta_jax.data import in_memory  # pylint: disable=g-import-not-at-top
   builder = datasets.get_builder(data_config)
-  return (*in_memory.load_split(builder, spec.train_split),
-          *in_memory.load_split(builder, spec.test_split))
+  train_images, train_labels = in_memory.load_split(builder, spec.train_split, spec)
+  if spec.unlabeled_split:
+    unlabeled_images, unlabeled_labels = in_memory.load_split(
+        builder, spec.unlabeled_split, spec, with_labels=False)
+    train_images = np.concatenate([train_images, unlabeled_images])
+    train_labels = np.concatenate([train_labels, unlabeled_labels])
+    spec = dataclasses.replace(spec, num_unlabeled=len(unlabeled_labels))
+  return (train_images, train_labels, *in_memory.load_split(builder, spec.test_split, spec), spec)
 
 
 def build_input(config, workdir, *, start_step=0, process_index=None, process_count=None,
@@ -247,11 +258,10 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
     return streamed_input.build(config, workdir, spec, augment_kind, start_step=start_step,
                                 process_index=process_index, process_count=process_count,
                                 mesh=mesh,
-                                pools_fn=functools.partial(_pools, uses_unlabeled=uses_unlabeled,
-                                                           num_unlabeled=spec.num_unlabeled),
+                                pools_fn=functools.partial(_pools, uses_unlabeled=uses_unlabeled),
                                 seeds_fn=_stream_seeds)
 
-  train_images, labels, test_images, test_labels = _load_arrays(data, spec)
+  train_images, labels, test_images, test_labels, spec = _load_arrays(data, spec)
   num_train, num_test = len(labels), len(test_labels)
   info = specs.DatasetInfo(spec.name, spec.num_classes, spec.image_shape, num_train, num_test)
   # A truly unlabeled pool is the last rows; the labels are drawn from the rows before it.
@@ -260,7 +270,7 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
       workdir, labels[:num_labeled_rows], dataset=spec.name, num_classes=spec.num_classes,
       num_labels=data.num_labels, label_fraction=data.label_fraction,
       seed=config.seed, num_train=num_labeled_rows, write=process_index == 0)
-  spec = _normalization(workdir, spec, train_images, labeled, write=process_index == 0)
+  spec = normalization(workdir, spec, train_images, labeled, write=process_index == 0)
   pools = _pools(config, num_train, labeled, uses_unlabeled, spec.num_unlabeled)
   # Rows of a truly unlabeled pool have no labels (-1): its batches carry none.
   streams = {name: device_input.Stream(pool, batch, *_stream_seeds(config.seed, sid),
@@ -268,7 +278,7 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
              for name, (pool, batch, sid) in pools.items()}
   train_batch = device_input.device_batches(
       train_images, labels, streams, mesh, spec=spec, augment_kind=augment_kind,
-      pad_mode=data.get('pad_mode', 'constant'))
+      pad_mode=data.pad_mode)
 
   eval_rows = config.eval_batch_size // process_count
   share = evaluation.share_bounds(num_test, process_index, process_count)

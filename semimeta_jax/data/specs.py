@@ -51,6 +51,15 @@ class DatasetSpec:
       unlabeled pool (label -1, e.g. a folder's `unlabeled/`): the labeled
       split is drawn from the rows before them, and the unlabeled stream draws
       from them only.
+    image_key: the TFDS feature holding the image.
+    label_key: the TFDS feature holding the class (a `ClassLabel`).
+    unlabeled_split: a TFDS split of images without labels (STL-10's
+      'unlabelled'), or ''. Its examples follow the train split's as the
+      truly unlabeled rows (their number is known once the data is read).
+    resize: whether the images are resized to `image_shape` as they are read
+      (their stored size differs or varies).
+    jpeg: streamed data: whether the records hold JPEGs (decoded only in the
+      crop window) rather than another format.
   """
   name: str
   train_split: str
@@ -64,6 +73,11 @@ class DatasetSpec:
   in_memory: bool
   sizes: tuple[int, int]
   num_unlabeled: int = 0
+  image_key: str = 'image'
+  label_key: str = 'label'
+  unlabeled_split: str = ''
+  resize: bool = False
+  jpeg: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,27 +152,45 @@ def registered_loader(name: str) -> Callable[[], Arrays] | None:
 
 
 def get_spec(data_config) -> DatasetSpec:
-  """Returns the `DatasetSpec` of `data_config.name`, with its image size.
+  """Returns the `DatasetSpec` of `data_config.name`, with its image size and splits.
 
   Args:
-    data_config: `config.data`. `image_size` (optional, ImageNet only, default
-      224) sets the crop size. `folder` (optional): a folder of images
-      (`folder.py`), which then replaces `name`.
+    data_config: `config.data`. `image_size` sets ImageNet's crop size (and the
+      resize of a folder or of a TFDS dataset by name). `folder`: a folder of
+      images (`folder.py`), which then replaces `name`. `train_split`,
+      `test_split`, `unlabeled_split` ('' = the dataset's own) name TFDS splits.
+      A name that is none of the datasets above is looked up in TFDS
+      (`tfds_by_name.py`, which imports TensorFlow).
 
   Raises:
-    UnknownDatasetError: unknown dataset name.
+    UnknownDatasetError: a name TFDS does not know either.
+    ConfigError: a folder or TFDS dataset the config's fields do not fit.
     folder.FolderDataError: `data_config.folder` is set and its images cannot be used.
   """
-  if data_config.get('folder'):
+  if data_config.folder:
     from semimeta_jax.data import folder  # pylint: disable=g-import-not-at-top
     return folder.get_spec(data_config)
   name = ALIASES.get(data_config.name, data_config.name)
   if name not in _SPECS:
-    raise UnknownDatasetError(
-        f'Unknown dataset config.data.name={data_config.name!r}; expected one '
-        f'of {sorted(tuple(_SPECS) + tuple(ALIASES))}.')
+    from semimeta_jax.data import tfds_by_name  # pylint: disable=g-import-not-at-top
+    return tfds_by_name.get_spec(data_config, known=sorted(tuple(_SPECS) + tuple(ALIASES)))
   spec = _SPECS[name]
   if not spec.in_memory:
-    size = int(data_config.get('image_size', 224))
+    size = int(data_config.image_size)
     spec = dataclasses.replace(spec, image_shape=(size, size, 3))
-  return spec
+  if name in _LOADERS:  # Arrays in memory: no TFDS splits to choose.
+    return spec
+  return with_configured_splits(spec, data_config)
+
+
+def with_configured_splits(spec: DatasetSpec, data_config) -> DatasetSpec:
+  """`spec` with the config's split names and feature keys where they are set.
+
+  Any TFDS split expression works ('train[:90%]' trains on 90% of the train
+  split, 'train[90%:]' then evaluates on a held-out 10%).
+  """
+  return dataclasses.replace(
+      spec, train_split=data_config.train_split or spec.train_split,
+      test_split=data_config.test_split or spec.test_split,
+      unlabeled_split=data_config.unlabeled_split or spec.unlabeled_split,
+      image_key=data_config.image_key, label_key=data_config.label_key)

@@ -6,6 +6,8 @@ that `device_input.Prefetcher` copies to the devices a few steps ahead and
 normalises there.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -27,29 +29,61 @@ def _hide_gpus_from_tensorflow():
     pass
 
 
-def _train_dataset(builder, spec, config, pools, augment_kind, start_step, process_index,
-                   process_count, num_train, seeds_fn):
-  """Zipped per-process record streams of uint8 batches."""
-  size = spec.image_shape[0]
+def _train_view(spec, augment_kind):
+  """fn(encoded, seed) -> float32 training image: a random-resized crop, or the eval view."""
+  size, channels = spec.image_shape[0], spec.image_shape[2]
   if augment_kind == 'none':
-    view = lambda x, seed: augment.center_crop(x, size)
-  else:
-    view = lambda x, seed: augment.random_resized_crop(x, seed, size)
+    return lambda x, seed: augment.center_crop(x, size, channels)
+  return lambda x, seed: augment.random_resized_crop(x, seed, size, channels=channels,
+                                                     jpeg=spec.jpeg)
+
+
+def _train_dataset(builder, spec, config, pools, augment_kind, start_step, process_index,
+                   process_count, num_labeled_rows, seeds_fn):
+  """Zipped per-process record streams of uint8 batches.
+
+  The labeled stream (and an unlabeled one drawn from the train split) reads
+  the train split; the unlabeled stream of a dataset with an unlabeled split
+  reads that split alone, its rows numbered after the train split's.
+  """
+  view = _train_view(spec, augment_kind)
   preprocess = lambda x, seed: augment.to_uint8(view(x, seed))
-  bounds = splits.even_bounds(num_train, process_count)
-  share = (int(bounds[process_index]), int(bounds[process_index + 1]))
   streams = {}
   for name, (pool, batch, stream_id) in pools.items():
-    mask = np.zeros(num_train, bool)
-    mask[pool] = True
+    if name == 'unlabeled' and spec.num_unlabeled:
+      split, offset, rows = spec.unlabeled_split, num_labeled_rows, spec.num_unlabeled
+      keys = (spec.image_key, None)
+    else:
+      split, offset, rows = spec.train_split, 0, num_labeled_rows
+      keys = (spec.image_key, spec.label_key)
+    mask = np.zeros(rows, bool)
+    mask[pool - offset] = True
+    bounds = splits.even_bounds(rows, process_count)
+    share = (int(bounds[process_index]), int(bounds[process_index + 1]))
     order_seed, augment_seed = seeds_fn(config.seed, stream_id)
     streams[name] = streaming.train_dataset(
-        builder, spec.train_split, mask, share,
+        builder, split, mask, share,
         batch_size=batch // process_count, start_step=start_step,
         order_seed=order_seed % 2**31, augment_seed=augment_seed,
-        preprocess=preprocess,
-        shuffle_buffer=config.data.get('shuffle_buffer', 16384))
+        preprocess=preprocess, shuffle_buffer=config.data.shuffle_buffer,
+        keys=keys, index_offset=offset)
   return tf.data.Dataset.zip(streams).prefetch(config.data.prefetch_batches)
+
+
+def _labeled_sample(builder, spec, labeled, limit=2048):
+  """uint8 evaluation views of the first `limit` labeled examples (normalisation statistics)."""
+  chosen = np.asarray(labeled[:limit])
+  keep = np.zeros(int(chosen[-1]) + 1, bool)
+  keep[chosen] = True
+  size, channels = spec.image_shape[0], spec.image_shape[2]
+  reader = builder.as_dataset(split=f'{spec.train_split}[0:{len(keep)}]', shuffle_files=False,
+                              decoders={spec.image_key: tfds.decode.SkipDecoding()},
+                              read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  reader = reader.take(len(keep)).enumerate()
+  keep_tensor = tf.constant(keep)
+  reader = reader.filter(lambda i, ex: keep_tensor[i]).map(
+      lambda i, ex: augment.to_uint8(augment.center_crop(ex[spec.image_key], size, channels)))
+  return np.concatenate([batch for batch in tfds.as_numpy(reader.batch(256))])
 
 
 def build(config, workdir, spec, augment_kind, *, start_step, process_index, process_count, mesh,
@@ -58,28 +92,42 @@ def build(config, workdir, spec, augment_kind, *, start_step, process_index, pro
   data = config.data
   _hide_gpus_from_tensorflow()
   builder = datasets.get_builder(data)
-  num_train = datasets.split_size(builder, spec.train_split)
+  num_labeled_rows = datasets.split_size(builder, spec.train_split)
+  num_unlabeled = datasets.split_size(builder, spec.unlabeled_split) if spec.unlabeled_split else 0
+  if num_unlabeled and data.unlabeled_includes_labeled:
+    raise pipeline.InputConfigError(
+        'config.data.unlabeled_includes_labeled=True with config.data.unlabeled_split of a '
+        'streamed dataset: its unlabeled stream reads the unlabeled split alone; set it to False.')
+  spec = dataclasses.replace(spec, num_unlabeled=num_unlabeled)
+  num_train = num_labeled_rows + num_unlabeled
   num_test = datasets.split_size(builder, spec.test_split)
-  labels = lambda: streaming.scan_labels(builder, spec.train_split, num_train)
+  labels = lambda: streaming.scan_labels(builder, spec.train_split, num_labeled_rows,
+                                         label_key=spec.label_key)
   info = datasets.DatasetInfo(spec.name, spec.num_classes, spec.image_shape, num_train, num_test)
   labeled = splits.load_or_draw(
       workdir, labels, dataset=spec.name, num_classes=spec.num_classes,
       num_labels=data.num_labels, label_fraction=data.label_fraction,
-      seed=config.seed, num_train=num_train, write=process_index == 0)
-  pools = pools_fn(config, num_train, labeled)
+      seed=config.seed, num_train=num_labeled_rows, write=process_index == 0)
+  if spec.mean is None:  # A TFDS dataset by name: the labeled pool's statistics.
+    sample = _labeled_sample(builder, spec, labeled)
+    spec = pipeline.normalization(workdir, spec, sample, np.arange(len(sample)),
+                                  write=process_index == 0)
+  pools = pools_fn(config, num_train, labeled, num_unlabeled=num_unlabeled)
   ds = _train_dataset(builder, spec, config, pools, augment_kind, start_step, process_index,
-                      process_count, num_train, seeds_fn)
+                      process_count, num_labeled_rows, seeds_fn)
   host_batches = iter(tfds.as_numpy(ds))
   train_batch = device_input.Prefetcher(host_batches, mesh, spec=spec, start_step=start_step,
                                         size=data.prefetch_batches)
 
   eval_rows = config.eval_batch_size // process_count
   share = evaluation.share_bounds(num_test, process_index, process_count)
-  preprocess = lambda x: augment.normalize(
-      augment.center_crop(x, spec.image_shape[0]), spec.mean, spec.std)
+  size, channels = spec.image_shape[0], spec.image_shape[2]
+  preprocess = lambda x: augment.normalize(augment.center_crop(x, size, channels),
+                                           spec.mean, spec.std)
   num_batches = evaluation.num_eval_batches(num_test, process_count, eval_rows)
   make_eval = lambda: evaluation.padded_batches(
-      streaming.eval_batches(builder, spec.test_split, share, eval_rows, preprocess),
+      streaming.eval_batches(builder, spec.test_split, share, eval_rows, preprocess,
+                             keys=(spec.image_key, spec.label_key)),
       num_batches, eval_rows, spec.image_shape)
   unlabeled = pools['unlabeled'][0] if 'unlabeled' in pools else None
   return pipeline.Input(info=info, labeled_indices=labeled, unlabeled_indices=unlabeled,

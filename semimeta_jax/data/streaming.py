@@ -47,7 +47,7 @@ def _read_range(builder, split, start, stop, decoders):
   return ds.take(stop - start)
 
 
-def scan_labels(builder, split, num_examples, num_readers=None):
+def scan_labels(builder, split, num_examples, num_readers=None, label_key='label'):
   """Reads the labels of a whole split (images skipped), in split order.
 
   Args:
@@ -55,18 +55,19 @@ def scan_labels(builder, split, num_examples, num_readers=None):
     split: split name.
     num_examples: size of the split.
     num_readers: ranges read in parallel; default `num_ranges(num_examples)`.
+    label_key: the label feature.
 
   Returns:
     int64 [num_examples] labels.
   """
   num_readers = num_readers or num_ranges(num_examples)
   bounds = splits.even_bounds(num_examples, num_readers)
-  decoders = tfds.decode.PartialDecoding({'label': True})
+  decoders = tfds.decode.PartialDecoding({label_key: True})
   # Pipelines are built here, read concurrently below: building is cheap, and
   # TFDS's builder is not meant to be entered from several threads.
   readers = [
       _read_range(builder, split, lo, hi, decoders).map(
-          lambda ex: ex['label']).batch(65536)
+          lambda ex: ex[label_key]).batch(65536)
       for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
   def read(ds):
@@ -77,19 +78,29 @@ def scan_labels(builder, split, num_examples, num_readers=None):
     return np.concatenate(list(pool.map(read, readers)))
 
 
-def _encoded_examples(builder, split, start, stop, keep):
-  """(encoded image, label, split index) of the kept records of [start, stop)."""
+def _encoded_examples(builder, split, start, stop, keep, keys):
+  """(encoded image, label, split index) of the kept records of [start, stop).
+
+  `keys` is (image feature, label feature or None: a split without labels,
+  whose label is then -1).
+  """
+  image_key, label_key = keys
   ds = _read_range(builder, split, start, stop,
-                   {'image': tfds.decode.SkipDecoding()})
+                   {image_key: tfds.decode.SkipDecoding()})
   ds = ds.enumerate(start=start)
   keep = tf.constant(keep)
   ds = ds.filter(lambda i, ex: keep[i - start])
-  return ds.map(lambda i, ex: (ex['image'], ex['label'], i))
+
+  def image_label_index(i, ex):
+    label = ex[label_key] if label_key else tf.constant(-1, tf.int64)
+    return ex[image_key], label, i
+
+  return ds.map(image_label_index)
 
 
 def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
                   order_seed, augment_seed, preprocess, chunks=None,
-                  shuffle_buffer=16384):
+                  shuffle_buffer=16384, keys=('image', 'label'), index_offset=0):
   """One process's batches of a training stream over a record split.
 
   Args:
@@ -106,6 +117,10 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
     chunks: ranges of the share read concurrently; default
       `num_ranges(share size)`.
     shuffle_buffer: examples in the shuffle buffer of each epoch.
+    keys: (image feature, label feature); a None label feature reads a split
+      without labels: its batches carry no 'label'.
+    index_offset: added to the split index to make 'index' (the rows of an
+      unlabeled split follow the train split's).
 
   Returns:
     `tf.data.Dataset` of {'image': uint8 [b, H, W, C], 'label': int32 [b],
@@ -127,7 +142,7 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
     kept = int(pool_mask[lo:hi].sum())
     if kept:
       sources.append(_encoded_examples(builder, split, lo, hi,
-                                       pool_mask[lo:hi]))
+                                       pool_mask[lo:hi], keys))
       weights.append(kept / size)
 
   def epoch(e):
@@ -144,16 +159,18 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
   def decode(position, example):
     encoded, label, index = example
     seed = tf.stack([tf.constant(augment_seed, tf.int64), position])
-    return {'image': preprocess(encoded, seed),
-            'label': tf.cast(label, tf.int32),
-            # Train-split index: per-example state (Temporal Ensembling) is keyed by it.
-            'index': tf.cast(index, tf.int32)}
+    example = {'image': preprocess(encoded, seed),
+               # Training-row index: per-example state (Temporal Ensembling) is keyed by it.
+               'index': tf.cast(index + index_offset, tf.int32)}
+    if keys[1]:
+      example['label'] = tf.cast(label, tf.int32)
+    return example
 
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def eval_batches(builder, split, share, batch_size, preprocess):
+def eval_batches(builder, split, share, batch_size, preprocess, keys=('image', 'label')):
   """Yields one process's share of an evaluation split, in order.
 
   Args:
@@ -162,6 +179,7 @@ def eval_batches(builder, split, share, batch_size, preprocess):
     share: (start, stop) record range of this process.
     batch_size: examples per batch (the last one may be short).
     preprocess: fn(encoded image) -> float32 [H, W, C].
+    keys: (image feature, label feature).
 
   Yields:
     numpy {'image': float32 [<= batch_size, H, W, C], 'label': int32 [...]}.
@@ -169,9 +187,10 @@ def eval_batches(builder, split, share, batch_size, preprocess):
   start, stop = share
   if start == stop:
     return
+  image_key, label_key = keys
   ds = _read_range(builder, split, start, stop,
-                   {'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'image': preprocess(ex['image']),
-                          'label': tf.cast(ex['label'], tf.int32)},
+                   {image_key: tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {'image': preprocess(ex[image_key]),
+                          'label': tf.cast(ex[label_key], tf.int32)},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   yield from tfds.as_numpy(ds.batch(batch_size).prefetch(2))
