@@ -43,11 +43,17 @@ def run_plan(config, workdir: str) -> str:
   num_train -= num_unlabeled
   num_labeled = _labeled_count(config.data, num_train, spec.num_classes)
   steps = config.num_train_steps
+  # A TFDS dataset by name documents no sizes here: they are known once it is prepared.
+  sizes_known = prepared or spec.sizes != (0, 0)
+  counts = (f'{num_train} train / {num_test} test'
+            + (f' / {num_unlabeled} unlabeled' if num_unlabeled else '')) if sizes_known else (
+                'sizes unknown')
   lines = [
-      f'dataset       {spec.name}: {num_train} train / {num_test} test'
-      + (f' / {num_unlabeled} unlabeled' if num_unlabeled else '')
-      + f', {spec.num_classes} classes'
-      + ('' if prepared else ' (documented sizes: not prepared in the data_dir yet'
+      f'dataset       {spec.name}: {counts}, {spec.num_classes} classes'
+      + (f', {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]} '
+         f'{"on the devices" if spec.in_memory else "streamed"}')
+      + ('' if prepared else (' (documented sizes: ' if sizes_known else ' (')
+         + 'not prepared in the data_dir yet'
          + ('; it is built offline from scikit-learn on first use)' if spec.name == 'digits'
             else '; the run will stop and say how to prepare it)')),
       f'method        {config.method}' + (f' (hypergradient {config.hypergrad.mode}, '
@@ -58,7 +64,8 @@ def run_plan(config, workdir: str) -> str:
       f'steps         {steps} (checkpoint every {config.checkpoint_every_steps}, evaluate every '
       f'{config.eval_every_steps}, log every {config.log_every_steps})',
       f'labeled       {num_labeled} examples, batch {config.labeled_batch_size}: '
-      f'{steps * config.labeled_batch_size / max(num_labeled, 1):.1f} epochs',
+      f'{steps * config.labeled_batch_size / max(num_labeled, 1):.1f} epochs' if sizes_known else
+      f'labeled       batch {config.labeled_batch_size}',
   ]
   if methods.get(config.method).uses_unlabeled:
     if num_unlabeled:
@@ -66,7 +73,9 @@ def run_plan(config, workdir: str) -> str:
     else:
       pool = num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
     lines.append(f'unlabeled     {pool} examples, batch {config.unlabeled_batch_size}: '
-                 f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs')
+                 f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs' if sizes_known
+                 else f'unlabeled     batch {config.unlabeled_batch_size}'
+                 + (f' from the {spec.unlabeled_split!r} split' if spec.unlabeled_split else ''))
   devices = jax.device_count()
   lines.append(f'devices       {devices} x {jax.devices()[0].platform} in {jax.process_count()} '
                f'process(es); per device: {config.labeled_batch_size / devices:g} labeled + '

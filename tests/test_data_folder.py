@@ -184,12 +184,19 @@ def _bad_budget(root, tmp):
   return ['num_labels=4', "'a' has 1", '2 labeled images per class']
 
 
+def _too_large(root, tmp):
+  _bad_test_class(root, tmp)
+  shutil.rmtree(root / 'test' / 'zebra')
+  return ['2 training images take', 'max_in_memory_gb=1e-07', 'not streamed']
+
+
 @pytest.mark.parametrize('make', [_bad_no_layout, _bad_empty, _bad_single_class, _bad_test_class, _bad_unreadable,
-                                  _bad_mixed_sizes, _bad_budget])
+                                  _bad_mixed_sizes, _bad_budget, _too_large])
 def test_bad_data_is_one_user_error_naming_it(tmp_path, make):
   root = tmp_path / 'data'
   expected = make(root, tmp_path)
-  config = folder_config(root, **{'data.num_labels': 4 if make is _bad_budget else -1})
+  config = folder_config(root, **{'data.num_labels': 4 if make is _bad_budget else -1,
+                                  'data.max_in_memory_gb': 1e-7 if make is _too_large else 4.0})
   with pytest.raises(errors.UserError) as raised:
     specs.get_spec(config.data)
   assert isinstance(raised.value, folder.FolderDataError)

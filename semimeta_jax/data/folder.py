@@ -115,7 +115,34 @@ def _to_array(images, paths, root, image_size, channels):
   return np.stack(out)
 
 
-def _load(root: pathlib.Path, image_size: int) -> FolderData:
+def _check_fits(paths, root, image_size, max_in_memory_gb):
+  """A folder too large to hold on the devices: one error before any image is decoded.
+
+  Its size is counted as RGB at `image_size` (or at each image's stored size,
+  read from the file headers only).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image_size:
+    num_bytes = len(paths) * image_size * image_size * 3
+  else:
+    num_bytes = 0
+    for path in paths:
+      try:
+        with Image.open(path) as image:  # Lazy: reads the header, decodes nothing.
+          num_bytes += image.size[0] * image.size[1] * 3
+      except Exception:  # pylint: disable=broad-except
+        pass  # Unreadable files are named by _open_all.
+  if num_bytes > max_in_memory_gb * 2**30:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: its {len(paths)} training images take '
+        f'{num_bytes / 2**30:.1f} GB decoded, more than config.data.max_in_memory_gb='
+        f'{max_in_memory_gb:g} that is kept on every device, and a folder is not streamed. Lower '
+        'config.data.image_size, raise config.data.max_in_memory_gb if the devices hold it, or '
+        'write the folder as a TFDS dataset (tfds.folder_dataset.ImageFolder; `tfds build`) '
+        'and name it in config.data.name: a large TFDS dataset is streamed.')
+
+
+def _load(root: pathlib.Path, image_size: int, max_in_memory_gb: float) -> FolderData:
   if not root.is_dir():
     raise FolderDataError(f'config.data.folder={str(root)!r} is not a directory.')
   for split in ('train', 'test'):
@@ -158,6 +185,7 @@ def _load(root: pathlib.Path, image_size: int) -> FolderData:
 
   train_paths, train_labels = listing(train)
   test_paths, test_labels = listing(test)
+  _check_fits(train_paths + unlabeled_paths, root, image_size, max_in_memory_gb)
   all_paths = train_paths + test_paths + unlabeled_paths
   images = _open_all(all_paths, root)
   channels = 1 if all(image.mode in _GRAY_MODES for image in images) else 3
@@ -173,7 +201,7 @@ def load(data_config) -> FolderData:
   size = int(data_config.image_size)
   key = (str(root), size)
   if key not in _CACHE:
-    _CACHE[key] = _load(root, size)
+    _CACHE[key] = _load(root, size, data_config.max_in_memory_gb)
   return _CACHE[key]
 
 

@@ -15,6 +15,7 @@ streamed from its records with ImageNet's random-resized crops
 """
 
 import dataclasses
+import difflib
 import os
 
 import tensorflow_datasets as tfds
@@ -34,10 +35,12 @@ def builder(data_config):
   data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
   try:
     return tfds.builder(data_config.name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(data_config.name, tfds.list_builders(), n=3)
+    hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
     raise specs.UnknownDatasetError(
         f'Unknown dataset config.data.name={data_config.name!r}: neither one of this '
-        f'project\'s datasets nor a TFDS dataset ({str(e).splitlines()[0]}).') from None
+        f'project\'s datasets nor a TFDS dataset.{hint}') from None
 
 
 def _feature(features, key, kind, field):
