@@ -98,7 +98,7 @@ def imagenet():
   spec = datasets.get_spec(config.data)
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_as_dataset):
     build = lambda p, start=0: data.build_input(
-        config, None, start_step=start, process_index=p, process_count=2)
+        config, None, start_step=start, process_index=p, process_count=2, mesh=_MESH4())
     inputs = {(p, 0): build(p) for p in range(2)}
     inputs[(0, 5)] = build(0, start=5)
     yield spec, inputs
@@ -135,7 +135,8 @@ def test_imagenet_resume_gives_the_same_batches(imagenet):
   del spec
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_as_dataset):
     config = _config('imagenet2012')
-    fresh = data.build_input(config, None, process_index=0, process_count=2)
+    fresh = data.build_input(config, None, process_index=0, process_count=2,
+                             mesh=_MESH4())
     uninterrupted = [next(fresh.host_batches) for _ in range(7)]
   resumed = [next(inputs[(0, 5)].host_batches) for _ in range(2)]
   for a, b in zip(uninterrupted[5:], resumed):

@@ -34,7 +34,6 @@ from semimeta_jax.data import specs
 NAME = 'folder'
 _GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
 _MAX_NAMED = 5
-_AUGMENTS = ('pad_crop', 'pad_crop_flip', 'none')
 # (root, image size) -> loaded arrays: `get_spec` is called several times per run.
 _CACHE: dict = {}
 
@@ -222,10 +221,6 @@ def check_budget(data_config, data: FolderData):
 
 def get_spec(data_config) -> specs.DatasetSpec:
   """Reads and checks the folder, registers its arrays as dataset 'folder', returns its spec."""
-  augment = data_config.augment_kind
-  errors.require(augment in _AUGMENTS, 'data.augment_kind', augment, f'must be one of {_AUGMENTS}')
-  errors.require(int(data_config.image_size) >= 0, 'data.image_size',
-                 data_config.image_size, 'must be >= 0 (0 keeps the images\' size)')
   data = load(data_config)
   check_budget(data_config, data)
   _, height, width, channels = data.train_images.shape
@@ -233,7 +228,7 @@ def get_spec(data_config) -> specs.DatasetSpec:
   spec = specs.DatasetSpec(
       NAME, 'train', 'test', len(data.class_names), (height, width, channels),
       mean=None, std=None,  # Computed from the labeled pool (pipeline.build_input).
-      augment=augment,
+      augment=data_config.augment_kind,
       pad=max(1, min(height, width) // 8), in_memory=True,
       sizes=(len(data.train_labels) + num_unlabeled, len(data.test_labels)),
       num_unlabeled=num_unlabeled)

@@ -102,26 +102,15 @@ def dataset_info(data_config) -> specs.DatasetInfo:
   return datasets.dataset_info(data_config)
 
 
-def _check_config(config, process_index, process_count, start_step):
+def _check_arguments(config, mesh, process_index, process_count, start_step):
+  """The arguments, and the batch sizes against the devices and processes (one rule: parallel's)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in '
                      f'[0, process_count={process_count}).')
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
-  for field in _BATCH_FIELDS:
-    size = config[field]
-    if size <= 0 or size % process_count:
-      raise InputConfigError(
-          f'config.{field}={size} must be a positive multiple of the process '
-          f'count ({process_count}): each process takes an equal share.')
-  pad_mode = config.data.pad_mode
-  if pad_mode not in device_augment.PAD_MODES:
-    raise InputConfigError(f'config.data.pad_mode={pad_mode!r} must be one of '
-                     f'{sorted(device_augment.PAD_MODES)}.')
-  largest = max(config.labeled_batch_size, config.unlabeled_batch_size)
-  if config.num_train_steps * largest >= 2**31:
-    raise InputConfigError(f'config.num_train_steps={config.num_train_steps} x batch {largest} '
-                     'examples overflow the int32 stream positions (2**31).')
+  parallel.check_batch_sizes({field: config[field] for field in _BATCH_FIELDS}, mesh,
+                             process_count)
 
 
 def _stream_seeds(seed, stream_id):
@@ -248,7 +237,7 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   mesh = parallel.make_mesh() if mesh is None else mesh
-  _check_config(config, process_index, process_count, start_step)
+  _check_arguments(config, mesh, process_index, process_count, start_step)
   data = config.data
   spec = specs.get_spec(data)
   splits.check_label_config(data.num_labels, data.label_fraction, spec.num_classes)

@@ -167,6 +167,8 @@ def get_spec(data_config) -> DatasetSpec:
     ConfigError: a folder or TFDS dataset the config's fields do not fit.
     folder.FolderDataError: `data_config.folder` is set and its images cannot be used.
   """
+  from semimeta_jax import validation  # pylint: disable=g-import-not-at-top
+  validation.validate_data_config(data_config)
   if data_config.folder:
     from semimeta_jax.data import folder  # pylint: disable=g-import-not-at-top
     return folder.get_spec(data_config)

@@ -23,8 +23,6 @@ import tensorflow_datasets as tfds
 from semimeta_jax import errors
 from semimeta_jax.data import specs
 
-_AUGMENTS = ('pad_crop', 'pad_crop_flip', 'none')
-
 
 def builder(data_config):
   """The TFDS builder of `data_config.name` in the configured data_dir.
@@ -92,12 +90,6 @@ def get_spec(data_config, known=()) -> specs.DatasetSpec:
     UnknownDatasetError: TFDS does not know the name either.
     ConfigError: the features or the image size do not fit.
   """
-  errors.require(data_config.augment_kind in _AUGMENTS, 'data.augment_kind',
-                 data_config.augment_kind, f'must be one of {_AUGMENTS}')
-  errors.require(int(data_config.image_size) >= 0, 'data.image_size', data_config.image_size,
-                 "must be >= 0 (0 keeps the images' size)")
-  errors.require(data_config.max_in_memory_gb >= 0, 'data.max_in_memory_gb',
-                 data_config.max_in_memory_gb, 'must be >= 0')
   try:
     dataset_builder = builder(data_config)
   except specs.UnknownDatasetError as e:
