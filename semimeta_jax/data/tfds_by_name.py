@@ -21,6 +21,7 @@ import os
 import tensorflow_datasets as tfds
 
 from semimeta_jax import errors
+from semimeta_jax.data import datasets
 from semimeta_jax.data import specs
 
 
@@ -62,18 +63,13 @@ def _is_prepared(dataset_builder, split):
   return True
 
 
-def _num_examples(dataset_builder, split):
-  from semimeta_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.split_size(dataset_builder, split)
-
-
 def train_bytes(dataset_builder, spec) -> int | None:
   """uint8 bytes of the training images (and unlabeled ones) at the model's size; None if unknown."""
   if not _is_prepared(dataset_builder, spec.train_split):
     return None  # The data's absence is reported where it is read (datasets.get_builder).
-  rows = _num_examples(dataset_builder, spec.train_split)
+  rows = datasets.split_size(dataset_builder, spec.train_split)
   if spec.unlabeled_split:
-    rows += _num_examples(dataset_builder, spec.unlabeled_split)
+    rows += datasets.split_size(dataset_builder, spec.unlabeled_split)
   height, width, channels = spec.image_shape
   return rows * height * width * channels
 
