@@ -85,6 +85,8 @@ VARIANTS = {
                                 '--config.hypergrad.forward_mode=train'],
     'semimeta_exact_k3_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.inner_steps=3',
                                 '--config.hypergrad.forward_mode=train'],
+    # bfloat16 activations (the GPU/TPU precision question), official mode.
+    'semimeta_bf16': ['--config.half_precision=True'],
 }
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
@@ -109,6 +111,7 @@ LABELS = {
     'semimeta_jvp_train': 'SemiMeta, jvp, train-mode meta forward',
     'semimeta_exact_k2_train': 'SemiMeta, exact K = 2, train-mode meta forward',
     'semimeta_exact_k3_train': 'SemiMeta, exact K = 3, train-mode meta forward',
+    'semimeta_bf16': 'SemiMeta, finite_difference, bfloat16 activations',
 }
 
 
