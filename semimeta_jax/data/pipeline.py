@@ -25,7 +25,6 @@ import numpy as np
 
 from semimeta_jax import errors
 from semimeta_jax import parallel
-from semimeta_jax.data import device_augment
 from semimeta_jax.data import device_input
 from semimeta_jax.data import evaluation
 from semimeta_jax.data import specs
