@@ -169,3 +169,15 @@ def test_configs_stl10_trains_end_to_end_on_mock_data(tmp_path):
   assert json.loads((workdir / 'normalization.json').read_text())['dataset'] == 'stl10'
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert any('eval/error_top1' in row for row in rows)
+
+
+@pytest.mark.parametrize('max_in_memory_gb,where', [(4.0, 'on the devices'), (1e-9, 'streamed')])
+def test_the_dry_run_plan_counts_the_unlabeled_split_and_says_where_the_data_lives(
+    tmp_path, max_in_memory_gb, where):
+  from semimeta_jax import plan  # pylint: disable=g-import-not-at-top
+  config = _stl10(max_in_memory_gb=max_in_memory_gb)
+  with tfds.testing.mock_data(num_examples=NUM_MOCK):
+    text = plan.run_plan(config, str(tmp_path / 'new'))
+  assert f'stl10: {NUM_MOCK} train / {NUM_MOCK} test / {NUM_MOCK} unlabeled, 10 classes' in text
+  assert f'16x16x3 {where}' in text
+  assert f'unlabeled     {NUM_MOCK} examples' in text
