@@ -181,3 +181,13 @@ def test_the_dry_run_plan_counts_the_unlabeled_split_and_says_where_the_data_liv
   assert f'stl10: {NUM_MOCK} train / {NUM_MOCK} test / {NUM_MOCK} unlabeled, 10 classes' in text
   assert f'16x16x3 {where}' in text
   assert f'unlabeled     {NUM_MOCK} examples' in text
+
+
+def test_a_split_the_dataset_lacks_is_one_error_naming_the_field(tmp_path):
+  digits.Digits(data_dir=str(tmp_path)).download_and_prepare()
+  config = default.get_config()
+  config.data.update(name='digits', data_dir=str(tmp_path), test_split='validation[:50%]')
+  with pytest.raises(errors.ConfigError,
+                     match=r"test_split='validation\[:50%\]': 'digits' has no split 'validation'; "
+                           r"its splits are \['test', 'train'\]"):
+    datasets.get_builder(config.data)

@@ -15,6 +15,7 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from semimeta_jax import errors
 from semimeta_jax.data import digits
 from semimeta_jax.data import specs
 
@@ -106,6 +107,7 @@ def get_builder(data_config):
   """
   spec = get_spec(data_config)
   builder = _builder(spec, data_config)
+  check_splits(builder, spec)  # Prepared data has split metadata; before TFDS's own ValueError.
   if _is_prepared(builder, spec):
     return builder
   if spec.name == 'digits' or data_config.download:
@@ -114,6 +116,24 @@ def get_builder(data_config):
   raise not_found_error(
       spec, builder,
       'it is not prepared there and config.data.download=False.')
+
+
+def check_splits(builder, spec):
+  """A configured split the prepared dataset does not have: one error naming the field.
+
+  Split expressions ('train[:90%]', 'train+extra') are checked by their split names.
+  """
+  available = sorted(builder.info.splits.keys()) if builder.info.splits else None
+  if not available:  # Metadata without splits (mock data): TFDS itself will say.
+    return
+  for field, expression in (('train_split', spec.train_split), ('test_split', spec.test_split),
+                            ('unlabeled_split', spec.unlabeled_split)):
+    for part in filter(None, expression.split('+')):
+      name = part.split('[')[0].strip()
+      if name not in available:
+        raise errors.ConfigError(
+            f'config.data.{field}={expression!r}: {spec.name!r} has no split {name!r}; its '
+            f'splits are {available}.')
 
 
 def split_size(builder, split):
@@ -172,6 +192,7 @@ def prepared_sizes(data_config):
   if specs.registered_loader(spec.name):  # Arrays in memory (a folder of images): no TFDS files.
     return (*spec.sizes, spec.num_unlabeled)
   builder = _builder(spec, data_config)
+  check_splits(builder, spec)
   if not _is_prepared(builder, spec):
     return None
   num_unlabeled = split_size(builder, spec.unlabeled_split) if spec.unlabeled_split else 0

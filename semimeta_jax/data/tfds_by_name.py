@@ -65,6 +65,7 @@ def _is_prepared(dataset_builder, split):
 
 def train_bytes(dataset_builder, spec) -> int | None:
   """uint8 bytes of the training images (and unlabeled ones) at the model's size; None if unknown."""
+  datasets.check_splits(dataset_builder, spec)
   if not _is_prepared(dataset_builder, spec.train_split):
     return None  # The data's absence is reported where it is read (datasets.get_builder).
   rows = datasets.split_size(dataset_builder, spec.train_split)
