@@ -76,13 +76,10 @@ def _labeled_sample(builder, spec, labeled, limit=2048):
   keep = np.zeros(int(chosen[-1]) + 1, bool)
   keep[chosen] = True
   size, channels = spec.image_shape[0], spec.image_shape[2]
-  reader = builder.as_dataset(split=f'{spec.train_split}[0:{len(keep)}]', shuffle_files=False,
-                              decoders={spec.image_key: tfds.decode.SkipDecoding()},
-                              read_config=tfds.ReadConfig(interleave_cycle_length=1))
-  reader = reader.take(len(keep)).enumerate()
-  keep_tensor = tf.constant(keep)
-  reader = reader.filter(lambda i, ex: keep_tensor[i]).map(
-      lambda i, ex: augment.to_uint8(augment.center_crop(ex[spec.image_key], size, channels)))
+  reader = streaming.encoded_examples(builder, spec.train_split, 0, len(keep), keep,
+                                      (spec.image_key, None))
+  reader = reader.map(lambda image, label, index: augment.to_uint8(
+      augment.center_crop(image, size, channels)))
   return np.concatenate([batch for batch in tfds.as_numpy(reader.batch(256))])
 
 

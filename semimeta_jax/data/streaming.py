@@ -78,7 +78,7 @@ def scan_labels(builder, split, num_examples, num_readers=None, label_key='label
     return np.concatenate(list(pool.map(read, readers)))
 
 
-def _encoded_examples(builder, split, start, stop, keep, keys):
+def encoded_examples(builder, split, start, stop, keep, keys):
   """(encoded image, label, split index) of the kept records of [start, stop).
 
   `keys` is (image feature, label feature or None: a split without labels,
@@ -141,8 +141,8 @@ def train_dataset(builder, split, pool_mask, share, *, batch_size, start_step,
   for lo, hi in zip(bounds[:-1], bounds[1:]):
     kept = int(pool_mask[lo:hi].sum())
     if kept:
-      sources.append(_encoded_examples(builder, split, lo, hi,
-                                       pool_mask[lo:hi], keys))
+      sources.append(encoded_examples(builder, split, lo, hi,
+                                      pool_mask[lo:hi], keys))
       weights.append(kept / size)
 
   def epoch(e):
