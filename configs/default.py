@@ -58,6 +58,9 @@ def get_config():
   config.model_width = 0  # Base channel count; 0 = the model's own default.
   config.dropout_rate = 0.5  # Channel dropout of ConvLarge (PyTorch Dropout2d).
   config.half_precision = False  # bfloat16 activations (TPU/GPU); parameters stay float32.
+  # What a training forward keeps for its backward pass: none (every activation) | batch_norm
+  # (each batch norm's input only; the normalisation is recomputed). Same values, less memory.
+  config.remat = 'none'
   config.zero_init_residual = False  # ResNets: zero the last BN scale of each residual block.
 
   # SGD with momentum and coupled L2 weight decay, as the official optimizer.

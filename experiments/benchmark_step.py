@@ -75,6 +75,7 @@ XLA_FLAG_PRESETS = {
 COLUMNS = (  # (header, row key, format)
     ('device', 'device_kind', '{}'), ('XLA_FLAGS', 'xla_flags', '`{}`'), ('model', 'model', '{}'),
     ('batch (l+u)', 'batch', '{}'), ('input', 'input', '{}'), ('method / mode', 'name', '{}'),
+    ('remat', 'remat', '{}'),
     ('compile s', 'compile_s', '{:.2f}'), ('median step ms', 'median_step_ms', '{:.1f}'),
     ('steps/s', 'steps_per_s', '{:.2f}'), ('images/s', 'images_per_s', '{:.0f}'),
     ('GFLOP/step', 'gflop_per_step', '{:.4g}'), ('achieved GFLOP/s', 'achieved_gflop_per_s', '{:.1f}'),
@@ -83,7 +84,7 @@ COLUMNS = (  # (header, row key, format)
 )
 CSV_FIELDS = (
     'device_kind', 'platform', 'xla_flags', 'model', 'model_width', 'batch', 'input', 'num_classes',
-    'half_precision', 'method', 'mode', 'name', 'images_per_step', 'steps', 'warmup_steps',
+    'half_precision', 'remat', 'method', 'mode', 'name', 'images_per_step', 'steps', 'warmup_steps',
     'lower_s', 'compile_s', 'median_step_ms', 'min_step_ms', 'max_step_ms', 'steps_per_s',
     'images_per_s', 'flops', 'gflop_per_step', 'achieved_gflop_per_s', 'peak_tflops', 'mfu_percent',
     'xla_lowered_gflop', 'xla_compiled_gflop', 'compiled_mib',
@@ -91,11 +92,12 @@ CSV_FIELDS = (
 
 
 def make_config(mode: str, *, model: str, model_width: int, batch_size: int,
-                half_precision: bool = False, forward_mode: str = 'eval'):
+                half_precision: bool = False, forward_mode: str = 'eval', remat: str = 'none'):
   """The default config running `mode` ('supervised' or a hypergradient mode) at one size.
 
   `forward_mode` is the meta step's forward: 'eval' (official) makes theta~ = theta, so
   `jvp` and `finite_difference` skip the virtual step; 'train' makes every mode take it.
+  `remat` is `config.remat`, what a training forward keeps for its backward pass.
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')
@@ -109,6 +111,7 @@ def make_config(mode: str, *, model: str, model_width: int, batch_size: int,
   config.labeled_batch_size = batch_size
   config.unlabeled_batch_size = batch_size
   config.half_precision = half_precision
+  config.remat = remat
   # Full step sizes from step 0, as after warm-up: at lr = 0 the meta step would
   # scale its hypergradient to nothing, which is not the step being benchmarked.
   config.warmup_steps = 0
@@ -216,6 +219,7 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
       'input': f'{height}x{width}x{channels}',
       'num_classes': num_classes,
       'half_precision': bool(config.half_precision),
+      'remat': config.remat,
       'method': config.method,
       'mode': config.hypergrad.mode if uses_unlabeled else '',
       'name': f'semimeta / {config.hypergrad.mode}' if uses_unlabeled else config.method,
@@ -262,13 +266,14 @@ def resolve_flag_variants(spec: str) -> list[str]:
 def _size_args(args) -> list[str]:
   """The resolved size flags, passed on verbatim to each subprocess."""
   names = ('model', 'model_width', 'batch_size', 'image_size', 'channels', 'num_classes', 'steps',
-           'warmup_steps', 'seed', 'forward_mode')
+           'warmup_steps', 'seed', 'forward_mode', 'remat')
   flags = [f'--{name}={getattr(args, name)}' for name in names]
   return flags + (['--half_precision'] if args.half_precision else [])
 
 
-def _run_in_subprocess(args, mode: str, flags: str, rows_dir: str) -> dict:
+def _run_in_subprocess(args, mode: str, flags: str, remat: str, rows_dir: str) -> dict:
   """Measures one mode in a fresh process under XLA_FLAGS = inherited flags + `flags`."""
+  args = argparse.Namespace(**{**vars(args), 'remat': remat})
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()
   rows_out = os.path.join(rows_dir, f'{len(os.listdir(rows_dir))}.json')
@@ -276,7 +281,7 @@ def _run_in_subprocess(args, mode: str, flags: str, rows_dir: str) -> dict:
              f'--rows_out={rows_out}', *_size_args(args)]
   result = subprocess.run(command, env=env, check=False)
   if result.returncode != 0:
-    return {'xla_flags': env['XLA_FLAGS'], 'model': args.model, 'name': mode,
+    return {'xla_flags': env['XLA_FLAGS'], 'model': args.model, 'name': mode, 'remat': remat,
             'error': f'exit status {result.returncode}'}
   with open(rows_out) as f:
     return json.load(f)[0]
@@ -293,6 +298,8 @@ def _parse_args(argv):
   parser.add_argument('--forward_mode', default='eval', choices=('eval', 'train'),
                       help="The meta step's forward (config.hypergrad.forward_mode).")
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--remat', default='none',
+                      help='Comma-separated config.remat policies, one row each: none,batch_norm.')
   parser.add_argument('--xla_flags_variants', default='default',
                       help=f"';'-separated XLA_FLAGS sets; presets: {sorted(XLA_FLAG_PRESETS)}.")
   parser.add_argument('--out_dir', default='results')
@@ -306,6 +313,11 @@ def _parse_args(argv):
     if getattr(args, name) is None:
       setattr(args, name, value)
   args.modes = [mode.strip() for mode in args.modes.split(',') if mode.strip()]
+  if not args.single_variant:
+    args.remat_variants = [name.strip() for name in args.remat.split(',') if name.strip()]
+    unknown_remat = sorted(set(args.remat_variants) - set(models.REMAT_POLICIES))
+    if unknown_remat:
+      parser.error(f'unknown remat policies {unknown_remat}; expected a subset of {models.REMAT_POLICIES}')
   unknown = sorted(set(args.modes) - set(MODES))
   if unknown:
     parser.error(f'unknown modes {unknown}; expected a subset of {MODES}')
@@ -320,10 +332,10 @@ def main(argv=None):
     for mode in args.modes:
       config = make_config(mode, model=args.model, model_width=args.model_width,
                            batch_size=args.batch_size, half_precision=args.half_precision,
-                           forward_mode=args.forward_mode)
+                           forward_mode=args.forward_mode, remat=args.remat)
       row = measure_step(config, num_classes=args.num_classes, image_shape=image_shape,
                          steps=args.steps, warmup_steps=args.warmup_steps, seed=args.seed)
-      print(f'[{row["xla_flags"] or "(no XLA_FLAGS)"}] {row["name"]}: compile {row["compile_s"]:.1f} s, '
+      print(f'[{row["xla_flags"] or "(no XLA_FLAGS)"}] {row["name"]} remat={row["remat"]}: compile {row["compile_s"]:.1f} s, '
             f'median step {row["median_step_ms"]:.1f} ms', file=sys.stderr, flush=True)
       rows.append(row)
     if args.rows_out:
@@ -332,8 +344,9 @@ def main(argv=None):
     return rows
 
   with tempfile.TemporaryDirectory() as rows_dir:
-    rows = [_run_in_subprocess(args, mode, flags, rows_dir)
-            for flags in resolve_flag_variants(args.xla_flags_variants) for mode in args.modes]
+    rows = [_run_in_subprocess(args, mode, flags, policy, rows_dir)
+            for flags in resolve_flag_variants(args.xla_flags_variants)
+            for policy in args.remat_variants for mode in args.modes]
   platform = next((row['platform'] for row in rows if 'platform' in row), 'unknown')
   width = f'_w{args.model_width}' if args.model_width else ''
   half = '_bf16' if args.half_precision else ''

@@ -9,7 +9,8 @@ Resume policy, by config field:
   * FIXED_FIELDS define the labeled split, the data order, the model or the
     optimizer state's structure: they never change in a run directory.
   * FREE_FIELDS change nothing that is computed (cadence of logs, evaluations,
-    checkpoints; where the data is read from): they may always change.
+    checkpoints; where the data is read from; what the backward pass recomputes
+    rather than keeps): they may always change.
   * `num_train_steps` is free with the 'step' schedule; with 'cosine' it sets
     the decay length, so it is one of the fields below.
   * Every other field (learning rate and schedule, loss weights, hypergradient
@@ -44,7 +45,7 @@ FIXED_FIELDS = frozenset({
 FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'hypergrad_diagnostics_every_steps', 'preemption_check_every_steps', 'allow_config_change',
-    'data.data_dir', 'data.download', 'data.prefetch_batches',
+    'data.data_dir', 'data.download', 'data.prefetch_batches', 'remat',
 })
 
 

@@ -48,6 +48,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_finite(config)
   _one_of(config, 'method', methods.METHOD_NAMES)
   _one_of(config, 'model', models.MODEL_NAMES)
+  _one_of(config, 'remat', models.REMAT_POLICIES)
   _one_of(config, 'lr_schedule', schedules.SCHEDULES)
   _one_of(config, 'consistency_rampup', schedules.RAMPUPS)
 

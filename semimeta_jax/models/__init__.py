@@ -26,6 +26,9 @@ _MODELS = {
 }
 
 MODEL_NAMES = tuple(_MODELS)
+# `config.remat`: what a training forward keeps for its backward pass. 'none' keeps every
+# activation; 'batch_norm' keeps each batch norm's input only and recomputes the rest.
+REMAT_POLICIES = ('none', 'batch_norm')
 
 # Only ConvLarge has dropout; the ResNets are used without it, as in their references.
 _TAKES_DROPOUT = ('convlarge', 'convlarge_digits')
@@ -39,7 +42,7 @@ def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     config: reads `model` (one of `MODEL_NAMES`), `model_width` (0 keeps the model's own
       default width), `dropout_rate` (ConvLarge only), `half_precision` (bfloat16
       activations; parameters and logits stay float32) and, for the ResNets, the optional
-      `zero_init_residual`.
+      `zero_init_residual` and `remat` (one of `REMAT_POLICIES`, default 'none').
     num_classes: number of output logits.
 
   Returns:
@@ -51,7 +54,8 @@ def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   name = config.model
   if name not in _MODELS:
     raise ValueError(f'Unknown model {name!r}; registered models: {", ".join(MODEL_NAMES)}.')
-  kwargs = {'dtype': jnp.bfloat16 if config.half_precision else jnp.float32}
+  kwargs = {'dtype': jnp.bfloat16 if config.half_precision else jnp.float32,
+            'remat_batch_norm': config.get('remat', 'none') == 'batch_norm'}
   if config.model_width:
     kwargs['width'] = config.model_width
   if name in _TAKES_DROPOUT:

@@ -27,6 +27,7 @@ class ConvLarge(nn.Module):
     small_input: use SAME instead of VALID padding for the 3x3 conv after the second pool, so
       that 8x8 inputs (2x2 maps there) still work; 32x32 inputs use the official VALID conv.
     dtype: activation dtype (bfloat16 for half precision); parameters stay float32.
+    remat_batch_norm: recompute batch norm in the backward pass (`layers.RematBatchNorm`).
   """
 
   num_classes: int
@@ -34,11 +35,12 @@ class ConvLarge(nn.Module):
   dropout_rate: float = 0.5
   small_input: bool = False
   dtype: Any = jnp.float32
+  remat_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Returns float32 logits of shape (batch, num_classes) for NHWC images `x`."""
-    norm = layers.batch_norm(train, self.dtype)
+    norm = layers.batch_norm(train, self.dtype, self.remat_batch_norm)
 
     def conv_bn_lrelu(x, features, kernel_size, padding):
       x = nn.Conv(

@@ -51,7 +51,16 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 BN_MOMENTUM = 0.9
 
 
-def batch_norm(train: bool, dtype: Dtype) -> Callable[..., nn.BatchNorm]:
+# nn.BatchNorm under per-layer rematerialisation: its backward keeps only the layer's input and
+# recomputes the normalisation from it, where nn.BatchNorm keeps the centred input and the
+# normalised value, both float32 even under bfloat16 activations (the statistics are float32).
+# The class keeps nn.BatchNorm's name, so automatically named layers, their variables and
+# checkpoints are the same with and without it.
+RematBatchNorm = nn.remat(nn.BatchNorm)
+RematBatchNorm.__name__ = RematBatchNorm.__qualname__ = 'BatchNorm'
+
+
+def batch_norm(train: bool, dtype: Dtype, remat: bool = False) -> Callable[..., nn.BatchNorm]:
   """Returns a BatchNorm constructor with PyTorch's defaults.
 
   eps 1e-5 and running averages updated by 0.1 of the batch statistic (PyTorch momentum 0.1 is
@@ -66,13 +75,15 @@ def batch_norm(train: bool, dtype: Dtype) -> Callable[..., nn.BatchNorm]:
       than with the running averages.
     dtype: computation dtype of the output; statistics are reduced in float32 and the scale and
       bias parameters stay float32.
+    remat: recompute the normalisation in the backward pass (`RematBatchNorm`): the same
+      values and gradients, less memory kept between the forward and backward passes.
 
   Returns:
     `functools.partial(nn.BatchNorm, ...)`; further keyword arguments (e.g. `scale_init`, `name`)
     may be given when calling it.
   """
   return functools.partial(
-      nn.BatchNorm,
+      RematBatchNorm if remat else nn.BatchNorm,
       use_running_average=not train,
       momentum=BN_MOMENTUM,
       epsilon=1e-5,

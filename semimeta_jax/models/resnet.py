@@ -82,6 +82,7 @@ class ResNet(nn.Module):
     width: stem width w (64 in torchvision).
     zero_init_residual: zero-initialise the last BN scale of every block.
     dtype: activation dtype (bfloat16 for half precision); parameters stay float32.
+    remat_batch_norm: recompute batch norm in the backward pass (`layers.RematBatchNorm`).
   """
 
   stage_sizes: Sequence[int]
@@ -90,6 +91,7 @@ class ResNet(nn.Module):
   width: int = 64
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  remat_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -101,7 +103,7 @@ class ResNet(nn.Module):
         dtype=self.dtype,
         kernel_init=layers.kaiming_normal_fan_out,
     )
-    norm = layers.batch_norm(train, self.dtype)
+    norm = layers.batch_norm(train, self.dtype, self.remat_batch_norm)
 
     x = conv(self.width, (7, 7), 2, padding=3, name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))

@@ -58,6 +58,7 @@ class WideResNet(nn.Module):
     width: channels of the first group, 16 * widen factor (32 for WRN-28-2).
     stem_width: channels of the stem conv (16 for every widen factor in the literature).
     dtype: activation dtype (bfloat16 for half precision); parameters stay float32.
+    remat_batch_norm: recompute batch norm in the backward pass (`layers.RematBatchNorm`).
   """
 
   num_classes: int
@@ -65,6 +66,7 @@ class WideResNet(nn.Module):
   width: int = 32
   stem_width: int = 16
   dtype: Any = jnp.float32
+  remat_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -79,7 +81,7 @@ class WideResNet(nn.Module):
         dtype=self.dtype,
         kernel_init=layers.kaiming_normal_fan_out,
     )
-    norm = layers.batch_norm(train, self.dtype)
+    norm = layers.batch_norm(train, self.dtype, self.remat_batch_norm)
 
     x = conv(self.stem_width, (3, 3), padding=1, name='stem_conv')(x)
     for group in range(3):
