@@ -44,6 +44,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # configs/ is not an installed package: the config files import it from the repository root.
 sys.path.insert(0, str(REPO))
 
+from semimeta_jax import run_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # Variant -> command-line overrides of configs/digits.py.
 VARIANTS = {
     'labeled_only': ['--config.method=supervised'],
@@ -146,9 +148,12 @@ def resolve_config(flags_list):
 
 
 def _differences(saved, wanted, prefix=''):
+  """'field: ran X, requested Y' for each field that changes what a run computes."""
   diffs = []
   for key in sorted(set(saved) | set(wanted)):
     a, b = saved.get(key, '<missing>'), wanted.get(key, '<missing>')
+    if prefix + key in run_dir.FREE_FIELDS:  # Log cadence, data location, remat: same results.
+      continue
     if isinstance(a, dict) and isinstance(b, dict):
       diffs += _differences(a, b, f'{prefix}{key}.')
     elif a != b:

@@ -41,6 +41,15 @@ def test_a_finished_run_of_another_config_is_not_reused(runner, tmp_path):
        'num_labeled': 50, 'wall_seconds_this_run': 1.0}))
   # The same config is reused without running anything.
   assert runner.run_one('labeled_only', 0, tmp_path, None, [])['final_error_top1'] == 10.0
+  # So is a run whose config differs only in fields that change no result (remat, cadences),
+  # including a run from before such a field existed.
+  del ran['remat']
+  ran['log_every_steps'] = 7
+  (workdir / 'summary.json').write_text(json.dumps(
+      {'completed': True, 'config': ran, 'final_error_top1': 10.0, 'best_error_top1': 9.0,
+       'num_labeled': 50, 'wall_seconds_this_run': 1.0}))
+  assert runner.run_one('labeled_only', 0, tmp_path, None,
+                        ['--config.remat=batch_norm'])['final_error_top1'] == 10.0
   with pytest.raises(RuntimeError, match=r'data\.num_labels: ran 50, requested 30'):
     runner.run_one('labeled_only', 0, tmp_path, None, ['--config.data.num_labels=30'])
 
