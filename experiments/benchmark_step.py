@@ -151,7 +151,7 @@ def compiled_bytes(compiled) -> float:
                + stats.output_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def _initial_state(config, model, image_shape, key):
+def initial_state(config, model, image_shape, key):
   """The step-0 TrainState, built by one compiled initialiser (eager init compiles op by op)."""
   # Per-example buffers (Temporal Ensembling) over the synthetic batch's indices.
   init = functools.partial(methods.init_train_state, config, model, image_shape,
@@ -179,7 +179,7 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
   """
   init_key, batch_key = jax.random.split(jax.random.key(seed))
   model = models.get_model(config, num_classes)
-  state = _initial_state(config, model, tuple(image_shape), init_key)
+  state = initial_state(config, model, tuple(image_shape), init_key)
   batch_size = config.labeled_batch_size
   batch = synthetic_batch(batch_key, batch_size, tuple(image_shape), num_classes)
   step = jax.jit(methods.make_train_step(config, num_classes), donate_argnums=0)

@@ -81,7 +81,7 @@ def measure(mode: str, *, half_precision: bool, policy: str, size: dict) -> dict
   image_shape = (size['image_size'], size['image_size'], size['channels'])
   num_classes = size['num_classes']
   model = models.get_model(config, num_classes)
-  state = benchmark_step._initial_state(config, model, image_shape, jax.random.key(0))  # pylint: disable=protected-access
+  state = benchmark_step.initial_state(config, model, image_shape, jax.random.key(0))
   batch = benchmark_step.synthetic_batch(jax.random.key(1), size['batch_size'], image_shape, num_classes)
   kinds = residuals_by_kind(state, image_shape, size['batch_size'])
   step = jax.jit(methods.make_train_step(config, num_classes), donate_argnums=0)
@@ -140,7 +140,6 @@ def main(argv=None):
               f'({row["residual_by_kind"]}); compiled {row.get("compiled_mib", float("nan")):.1f} MiB',
               flush=True)
         rows.append(row)
-  os.makedirs(args.out, exist_ok=True)
   tag = f'{"small" if args.small else "convlarge_b128"}_{jax.default_backend()}'
   notes = [
       f'Command: `python experiments/memory_breakdown.py {" ".join(sys.argv[1:] if argv is None else argv)}`',
@@ -149,12 +148,7 @@ def main(argv=None):
       'backward (jaxpr residuals, parameters excluded; backend-independent). compiled MiB = '
       'temporaries + arguments + outputs - aliased (memory_analysis of the donated step).',
   ]
-  md_path = os.path.join(args.out, f'memory_breakdown_{tag}.md')
-  csv_path = os.path.join(args.out, f'memory_breakdown_{tag}.csv')
-  markdown = results_table.render_markdown(rows, COLUMNS)
-  results_table.write_markdown_and_csv(md_path, csv_path, markdown, rows, CSV_FIELDS, notes)
-  print('\n'.join(notes) + '\n\n' + markdown)
-  print(f'Wrote {md_path} and {csv_path}.')
+  results_table.publish(args.out, f'memory_breakdown_{tag}', rows, COLUMNS, CSV_FIELDS, notes)
   return rows
 
 

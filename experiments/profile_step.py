@@ -144,7 +144,7 @@ def profile(config, *, num_classes: int, image_shape, steps: int, seed: int = 0)
   """Traces `steps` steps of the compiled train step; returns the per-category split (one row)."""
   init_key, batch_key = jax.random.split(jax.random.key(seed))
   model = models.get_model(config, num_classes)
-  state = benchmark_step._initial_state(config, model, tuple(image_shape), init_key)  # pylint: disable=protected-access
+  state = benchmark_step.initial_state(config, model, tuple(image_shape), init_key)
   batch = benchmark_step.synthetic_batch(batch_key, config.labeled_batch_size, tuple(image_shape),
                                          num_classes)
   compiled = jax.jit(methods.make_train_step(config, num_classes), donate_argnums=0).lower(
@@ -234,12 +234,7 @@ def main(argv=None):
       '(on GPU, its kernels); ops ms/step may exceed the wall time where operations run on '
       'several threads at once (CPU) and falls short of it where the device idles.',
   ]
-  md_path = os.path.join(args.out, f'profile_step_{tag}.md')
-  csv_path = os.path.join(args.out, f'profile_step_{tag}.csv')
-  markdown = results_table.render_markdown(rows, COLUMNS)
-  results_table.write_markdown_and_csv(md_path, csv_path, markdown, rows, CSV_FIELDS, notes)
-  print('\n'.join(notes) + '\n\n' + markdown)
-  print(f'Wrote {md_path} and {csv_path}.')
+  results_table.publish(args.out, f'profile_step_{tag}', rows, COLUMNS, CSV_FIELDS, notes)
   return rows
 
 

@@ -44,3 +44,17 @@ def write_markdown_and_csv(md_path: str, csv_path: str, table: str, rows, csv_fi
     writer = csv.DictWriter(f, fieldnames=csv_fields, restval='', extrasaction='ignore')
     writer.writeheader()
     writer.writerows(rows)
+
+
+def publish(out_dir: str, name: str, rows, columns, csv_fields, notes=()) -> str:
+  """Prints the notes and the table of `rows`, and writes them to `<out_dir>/<name>.md` and `.csv`.
+
+  Returns:
+    The markdown table.
+  """
+  md_path, csv_path = os.path.join(out_dir, f'{name}.md'), os.path.join(out_dir, f'{name}.csv')
+  table = render_markdown(rows, columns)
+  write_markdown_and_csv(md_path, csv_path, table, rows, csv_fields, notes)
+  print('\n'.join(notes) + '\n\n' + table)
+  print(f'Wrote {md_path} and {csv_path}.')
+  return table
