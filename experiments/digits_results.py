@@ -89,6 +89,7 @@ VARIANTS = {
                                 '--config.hypergrad.forward_mode=train'],
     # bfloat16 activations (the GPU/TPU precision question), official mode.
     'semimeta_bf16': ['--config.half_precision=True'],
+    'semimeta_jvp_bf16': ['--config.half_precision=True', '--config.hypergrad.mode=jvp'],
 }
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
@@ -114,6 +115,7 @@ LABELS = {
     'semimeta_exact_k2_train': 'SemiMeta, exact K = 2, train-mode meta forward',
     'semimeta_exact_k3_train': 'SemiMeta, exact K = 3, train-mode meta forward',
     'semimeta_bf16': 'SemiMeta, finite_difference, bfloat16 activations',
+    'semimeta_jvp_bf16': 'SemiMeta, jvp, bfloat16 activations',
 }
 
 
