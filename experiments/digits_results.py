@@ -29,6 +29,7 @@ meta forward in training mode, where theta~ != theta and the estimators differ
 
 import argparse
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -149,17 +150,42 @@ def resolve_config(flags_list):
   return json.loads(values.config.to_json_best_effort())
 
 
-def _differences(saved, wanted, prefix=''):
-  """'field: ran X, requested Y' for each field that changes what a run computes."""
+# Config fields renamed since runs were recorded: old dotted name -> new dotted name.
+RENAMED_FIELDS = {'data.folder_augment': 'data.augment_kind'}
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+@functools.cache
+def _default_fields():
+  """configs/digits.py's fields without overrides, flattened (cached: the parser is slow)."""
+  return json.dumps(_flatten(resolve_config([])))
+
+
+def _differences(saved, wanted):
+  """'field: ran X, requested Y' for each field that changes what a run computes.
+
+  A run recorded by an earlier version is read in today's fields: a renamed field under its
+  new name, and a field added since at its default (every field is added with a default that
+  keeps the earlier behaviour), so such a run is reused unless it is asked to differ.
+  """
+  defaults = json.loads(_default_fields())
+  saved = {RENAMED_FIELDS.get(name, name): value for name, value in _flatten(saved).items()}
+  wanted = _flatten(wanted)
+  saved.update({name: defaults[name] for name in wanted.keys() - saved.keys() if name in defaults})
   diffs = []
-  for key in sorted(set(saved) | set(wanted)):
-    a, b = saved.get(key, '<missing>'), wanted.get(key, '<missing>')
-    if prefix + key in run_dir.FREE_FIELDS:  # Log cadence, data location, remat: same results.
-      continue
-    if isinstance(a, dict) and isinstance(b, dict):
-      diffs += _differences(a, b, f'{prefix}{key}.')
-    elif a != b:
-      diffs.append(f'{prefix}{key}: ran {a!r}, requested {b!r}')
+  for name in sorted(saved.keys() | wanted.keys()):
+    a, b = saved.get(name, '<missing>'), wanted.get(name, '<missing>')
+    if name not in run_dir.FREE_FIELDS and a != b:  # Free: log cadence, data location, remat.
+      diffs.append(f'{name}: ran {a!r}, requested {b!r}')
   return diffs
 
 

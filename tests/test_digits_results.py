@@ -50,6 +50,15 @@ def test_a_finished_run_of_another_config_is_not_reused(runner, tmp_path):
        'num_labeled': 50, 'wall_seconds_this_run': 1.0}))
   assert runner.run_one('labeled_only', 0, tmp_path, None,
                         ['--config.remat=batch_norm'])['final_error_top1'] == 10.0
+  # A run recorded before a field was renamed, or added at its default, is read in today's fields.
+  ran['data']['folder_augment'] = ran['data'].pop('augment_kind')
+  del ran['data']['max_in_memory_gb']
+  (workdir / 'summary.json').write_text(json.dumps(
+      {'completed': True, 'config': ran, 'final_error_top1': 10.0, 'best_error_top1': 9.0,
+       'num_labeled': 50, 'wall_seconds_this_run': 1.0}))
+  assert runner.run_one('labeled_only', 0, tmp_path, None, [])['final_error_top1'] == 10.0
+  with pytest.raises(RuntimeError, match=r'data\.max_in_memory_gb: ran 4.0, requested 1.0'):
+    runner.run_one('labeled_only', 0, tmp_path, None, ['--config.data.max_in_memory_gb=1.0'])
   with pytest.raises(RuntimeError, match=r'data\.num_labels: ran 50, requested 30'):
     runner.run_one('labeled_only', 0, tmp_path, None, ['--config.data.num_labels=30'])
 
