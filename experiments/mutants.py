@@ -28,6 +28,7 @@ PADDED_SHARES = 'tests/test_evaluation.py::TestPaddedShares'
 VAT = 'tests/test_vat.py'
 TE = 'tests/test_temporal_ensembling.py'
 FAST_SWA = 'tests/test_fast_swa.py'
+REMAT = 'tests/test_remat.py'
 # The baselines' tests train for 30 steps in a module fixture (~45 s in all); each
 # baseline mutant runs only the tests of its own method.
 _B = 'tests/test_baselines.py::'
@@ -441,5 +442,16 @@ MUTANTS = [
         'return int(bounds[process_index]), int(bounds[process_index + 1])',
         'return int(bounds[process_index]), int(bounds[process_index + 1]) + 1',
         'process shares overlap by one example',
+    )),
+    *_group('semimeta_jax/models/layers.py', (REMAT,), (
+        'remat-ignored',
+        'RematBatchNorm if remat else nn.BatchNorm,',
+        'nn.BatchNorm,',
+        'remat=batch_norm keeps every activation',
+    ), (
+        'remat-renames-layers',
+        "RematBatchNorm.__name__ = RematBatchNorm.__qualname__ = 'BatchNorm'",
+        'pass',
+        'rematerialised layers get other names (checkpoints no longer interchangeable)',
     )),
 ]
