@@ -12,6 +12,8 @@ Left out on purpose (equivalent mutants, no test can tell them apart):
     is computed from values, never differentiated.
   * not sorting the decay boundaries: the count of boundaries passed does not
     depend on their order.
+The planted bugs outside the training step (evaluation, models) are in
+`mutants_evaluation_models.py`.
 data/augment.py is being rewritten (sampling and augmentation on the device); its
 mutants belong with its new tests.
 """
@@ -23,12 +25,9 @@ MIXUP = 'tests/test_mixup.py'
 HYPERGRAD = 'tests/test_hypergrad.py'
 LOSSES = 'tests/test_losses.py'
 SCHEDULES = 'tests/test_schedules.py'
-EVALUATION = 'tests/test_evaluation.py'
-PADDED_SHARES = 'tests/test_evaluation.py::TestPaddedShares'
 VAT = 'tests/test_vat.py'
 TE = 'tests/test_temporal_ensembling.py'
 FAST_SWA = 'tests/test_fast_swa.py'
-REMAT = 'tests/test_remat.py'
 # The baselines' tests train for 30 steps in a module fixture (~45 s in all); each
 # baseline mutant runs only the tests of its own method.
 _B = 'tests/test_baselines.py::'
@@ -50,7 +49,7 @@ class Mutant:
   tests: tuple
 
 
-def _group(file, tests, *entries):
+def group(file, tests, *entries):
   return [Mutant(name, file, original, mutated, description, tests)
           for name, original, mutated, description in entries]
 
@@ -58,7 +57,7 @@ def _group(file, tests, *entries):
 H, M, S = 'semimeta_jax/hypergrad.py', 'semimeta_jax/methods/semimeta.py', 'semimeta_jax/schedules.py'
 
 MUTANTS = [
-    *_group(H, (HYPERGRAD, CORE), (
+    *group(H, (HYPERGRAD, CORE), (
         'hg-virtual-step-sign',
         'lambda p, g: p - alpha * g, params, grads)',
         'lambda p, g: p + alpha * g, params, grads)',
@@ -139,7 +138,7 @@ MUTANTS = [
         'return optax.projections.projection_simplex(y)',
         'simplex projection of the whole batch, not row by row (no vmap)',
     )),
-    *_group('semimeta_jax/losses.py', (LOSSES, CORE), (
+    *group('semimeta_jax/losses.py', (LOSSES, CORE), (
         'loss-ce-sign',
         'return optax.losses.softmax_cross_entropy_with_integer_labels(',
         'return -optax.losses.softmax_cross_entropy_with_integer_labels(',
@@ -192,7 +191,7 @@ MUTANTS = [
         'return x',
         'half-precision logits not upcast',
     )),
-    *_group(S, (SCHEDULES,), (
+    *group(S, (SCHEDULES,), (
         'sched-warmup-off-by-one',
         'base_lr * count / warmup_steps',
         'base_lr * (count + 1) / warmup_steps',
@@ -240,13 +239,13 @@ MUTANTS = [
         'momentum=None',
         'momentum ignored',
     )),
-    *_group(M, (CORE, MIXUP), (
+    *group(M, (CORE, MIXUP), (
         'sm-consistency-on-ytil',
         'consistency = losses.probability_mse(unlabeled_logits, yhat)',
         'consistency = losses.probability_mse(unlabeled_logits, ytil)',
         'real update trains on ytil, not yhat (planted bug 1)',
     )),
-    *_group(M, (MIXUP, CORE), (
+    *group(M, (MIXUP, CORE), (
         'sm-mixup-labeled-side',
         'image = lam_image * labeled[\'image\'] + (1.0 - lam_image) * unlabeled_image',
         'image = (1.0 - lam_image) * labeled[\'image\'] + lam_image * unlabeled_image',
@@ -272,7 +271,7 @@ MUTANTS = [
         'supervised = losses.cross_entropy(logits, labeled[\'label\'])',
         'mix-up path trains on hard labels',
     )),
-    *_group(M, (CORE, MIXUP), (
+    *group(M, (CORE, MIXUP), (
         'sm-weight-dropped',
         'return supervised + weight * consistency, (stats',
         'return supervised + consistency, (stats',
@@ -298,13 +297,13 @@ MUTANTS = [
         'theta_tilde_is_theta = True',
         'training-mode meta forward skips the virtual step',
     )),
-    *_group('semimeta_jax/methods/common.py', (CORE,), (
+    *group('semimeta_jax/methods/common.py', (CORE,), (
         'common-running-averages-frozen',
         "  return logits, updates['batch_stats']",
         '  return logits, batch_stats',
         'training forward never updates the running averages',
     )),
-    *_group('semimeta_jax/methods/pi_model.py', PI_TESTS, (
+    *group('semimeta_jax/methods/pi_model.py', PI_TESTS, (
         'pi-supervised-on-unlabeled',
         'supervised = losses.cross_entropy(logits[0][:num_labeled]',
         'supervised = losses.cross_entropy(logits[0][num_labeled:]',
@@ -315,7 +314,7 @@ MUTANTS = [
         'view_images = perturb(state.step_key(common.NOISE), images)',
         'both Pi-model views get the same perturbation',
     )),
-    *_group('semimeta_jax/methods/mean_teacher.py', TEACHER_TESTS, (
+    *group('semimeta_jax/methods/mean_teacher.py', TEACHER_TESTS, (
         'mt-ema-warmup',
         'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / (updates_taken + 1.0))',
         'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / updates_taken)',
@@ -326,13 +325,13 @@ MUTANTS = [
         '',
         'gradient flows into the teacher',
     )),
-    *_group('semimeta_jax/methods/augment.py', PERTURB_TESTS, (
+    *group('semimeta_jax/methods/augment.py', PERTURB_TESTS, (
         'aug-flip-never',
         'images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)',
         'images = jnp.where(mirrored[:, None, None, None], images, images)',
         'per-view horizontal flip never applied',
     )),
-    *_group('semimeta_jax/methods/vat.py', (VAT,), (
+    *group('semimeta_jax/methods/vat.py', (VAT,), (
         'vat-clean-gradient',
         'return losses.kl_divergence(jax.nn.softmax(jax.lax.stop_gradient(losses.at_least_float32(clean_logits))),',
         'return losses.kl_divergence(jax.nn.softmax(losses.at_least_float32(clean_logits)),',
@@ -348,7 +347,7 @@ MUTANTS = [
         'h_d = jax.grad(kl)(d)',
         'finite-difference probe at r = d, not xi d',
     )),
-    *_group('semimeta_jax/methods/temporal_ensembling.py', (TE,), (
+    *group('semimeta_jax/methods/temporal_ensembling.py', (TE,), (
         'te-bias-correction-off-by-one',
         'correction = 1.0 - jnp.power(momentum, visits.astype(jnp.float32))',
         'correction = 1.0 - jnp.power(momentum, (visits + 1).astype(jnp.float32))',
@@ -364,7 +363,7 @@ MUTANTS = [
         'consistency = jnp.mean(per_example)',
         'examples never seen are pulled towards a zero target',
     )),
-    *_group('semimeta_jax/methods/fast_swa.py', (FAST_SWA,), (
+    *group('semimeta_jax/methods/fast_swa.py', (FAST_SWA,), (
         'fswa-average-weight-off-by-one',
         'weight = include.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)',
         'weight = include.astype(jnp.float32) / (count + 1).astype(jnp.float32)',
@@ -380,78 +379,10 @@ MUTANTS = [
         'return after',
         'recomputed statistics left scaled by 1 - momentum',
     )),
-    *_group(S, (FAST_SWA, SCHEDULES), (
+    *group(S, (FAST_SWA, SCHEDULES), (
         'sched-swa-main-schedule-full-length',
         'main = _main_schedule(config, config.num_train_steps - tail)',
         'main = _main_schedule(config, config.num_train_steps)',
         'cosine main schedule spans the fast-SWA tail too',
-    )),
-    *_group('semimeta_jax/evaluation.py', (EVALUATION,), (
-        'eval-padding-summed',
-        'masked_sum = lambda values: jnp.sum(values * mask)',
-        'masked_sum = lambda values: jnp.sum(values)',
-        'sums over padded rows, count masked (planted bug 5)',
-    ), (
-        'eval-count-unmasked',
-        "'count': jnp.sum(mask),",
-        "'count': jnp.asarray(mask.shape[0], jnp.float32),",
-        'padded rows counted',
-    ), (
-        'eval-top5-is-top1',
-        "masked_sum(losses.topk_correct(logits, batch['label'], 5))",
-        "masked_sum(losses.topk_correct(logits, batch['label'], 1))",
-        'top-5 computed as top-1',
-    ), (
-        'eval-ema-params-ignored',
-        'params, stats = state.ema_params, state.ema_batch_stats',
-        'params, stats = state.params, state.ema_batch_stats',
-        'EMA evaluation reads the raw weights',
-    ), (
-        'eval-last-batch-only',
-        'totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)',
-        'totals = sums',
-        'only the last batch is kept',
-    )),
-    *_group('semimeta_jax/data/evaluation.py', (PADDED_SHARES,), (
-        'data-eval-batches-floor',
-        'largest_share = math.ceil(num_examples / process_count)',
-        'largest_share = num_examples // process_count',
-        'too few batches for the largest share',
-    ), (
-        'data-eval-mask-short',
-        'mask[:count] = True',
-        'mask[:max(count - 1, 0)] = True',
-        'last real row of a batch masked out',
-    ), (
-        'data-eval-normalise',
-        "yield {'image': (chunk - mean) / std,",
-        "yield {'image': (chunk - mean) * std,",
-        'normalisation multiplies by std',
-    ), (
-        'data-eval-padding-short',
-        'for _ in range(num_batches - count):',
-        'for _ in range(num_batches - count - 1):',
-        'one fully masked batch too few',
-    ), (
-        'data-eval-longer-stream-accepted',
-        'if count == num_batches:',
-        'if count > num_batches:',
-        'a stream longer than num_batches is accepted',
-    ), (
-        'data-eval-share-overlap',
-        'return int(bounds[process_index]), int(bounds[process_index + 1])',
-        'return int(bounds[process_index]), int(bounds[process_index + 1]) + 1',
-        'process shares overlap by one example',
-    )),
-    *_group('semimeta_jax/models/layers.py', (REMAT,), (
-        'remat-ignored',
-        'RematBatchNorm if remat else nn.BatchNorm,',
-        'nn.BatchNorm,',
-        'remat=batch_norm keeps every activation',
-    ), (
-        'remat-renames-layers',
-        "RematBatchNorm.__name__ = RematBatchNorm.__qualname__ = 'BatchNorm'",
-        'pass',
-        'rematerialised layers get other names (checkpoints no longer interchangeable)',
     )),
 ]

@@ -1,7 +1,8 @@
 """Mutation check: plant realistic bugs one at a time and see the fast tests fail.
 
-Each mutant (listed in `experiments/mutants.py`) replaces one exact snippet of a
-core module (hypergrad, losses, schedules, methods, evaluation) in a fresh copy of
+Each mutant (listed in `experiments/mutants.py` and `mutants_evaluation_models.py`)
+replaces one exact snippet of a core module (hypergrad, losses, schedules, methods,
+evaluation, models) in a fresh copy of
 the repository, then runs the mutant's fast test subset there (`pytest -x`). A
 mutant is *killed* when the subset fails (or runs past `--timeout`), *survived*
 when it passes. Before any mutant runs, every snippet must occur exactly once in
@@ -30,7 +31,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.mutants import MUTANTS  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import mutants  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import mutants_evaluation_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MUTANTS = mutants.MUTANTS + mutants_evaluation_models.MUTANTS
 
 # What a test run needs; everything else (results, .git) stays behind.
 COPIED = ('semimeta_jax', 'tests', 'configs', 'experiments', 'pyproject.toml', 'setup.cfg')
@@ -58,7 +62,7 @@ def check_snippets(mutants, root=ROOT):
     if m.original == m.mutated:
       problems.append(f'{m.name}: the mutated snippet equals the original')
   if problems:
-    raise SystemExit('Mutation check: stale mutants (update experiments/mutants.py):\n  '
+    raise SystemExit('Mutation check: stale mutants (update experiments/mutants.py or mutants_evaluation_models.py):\n  '
                      + '\n  '.join(problems))
 
 
