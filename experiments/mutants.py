@@ -54,7 +54,7 @@ def group(file, tests, *entries):
           for name, original, mutated, description in entries]
 
 
-H, M, S = 'semimeta_jax/hypergrad.py', 'semimeta_jax/methods/semimeta.py', 'semimeta_jax/schedules.py'
+H, M, S = 'semimeta_jax/methods/hypergrad.py', 'semimeta_jax/methods/semimeta.py', 'semimeta_jax/schedules.py'
 
 MUTANTS = [
     *group(H, (HYPERGRAD, CORE), (

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from semimeta_jax import errors
-from semimeta_jax import hypergrad
+from semimeta_jax.methods import hypergrad
 from semimeta_jax import losses
 from semimeta_jax import schedules
 from semimeta_jax.methods import base
