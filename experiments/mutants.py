@@ -229,8 +229,8 @@ MUTANTS = [
     ), (
         'sched-decoupled-decay',
         '      optax.add_decayed_weights(config.weight_decay),\n'
-        '      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None))',
-        '      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None),\n'
+        '      optax.sgd(learning_rate_schedule(config, tail), momentum=config.momentum or None))',
+        '      optax.sgd(learning_rate_schedule(config, tail), momentum=config.momentum or None),\n'
         '      optax.add_decayed_weights(config.weight_decay))',
         'weight decay added after momentum and lr (decoupled)',
     ), (
@@ -316,8 +316,8 @@ MUTANTS = [
     )),
     *group('semimeta_jax/methods/mean_teacher.py', TEACHER_TESTS, (
         'mt-ema-warmup',
-        'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / (updates_taken + 1.0))',
-        'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / updates_taken)',
+        'return jnp.minimum(config.ema.decay, 1.0 - 1.0 / (updates_taken + 1.0))',
+        'return jnp.minimum(config.ema.decay, 1.0 - 1.0 / updates_taken)',
         'teacher EMA warm-up one update off',
     ), (
         'mt-teacher-gradient',

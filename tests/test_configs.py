@@ -28,7 +28,7 @@ def test_paper_settings():
   assert load('cifar10').data.num_labels == 4000
   assert load('cifar100').data.num_labels == 10000
   svhn = load('svhn')
-  assert (svhn.data.num_labels, svhn.mixup_alpha, svhn.weight_decay) == (1000, 0.1, 5e-5)
+  assert (svhn.data.num_labels, svhn.semimeta.mixup_alpha, svhn.weight_decay) == (1000, 0.1, 5e-5)
   imagenet = load('imagenet')
   assert (imagenet.model, imagenet.data.label_fraction, imagenet.lr_schedule) == ('resnet18', 0.1, 'cosine')
   imagenet.num_epochs = 90  # The step counts follow the epoch fields.
@@ -51,7 +51,7 @@ BAD_FIELDS = [
     ('lr_schedule', 'linear'),
     ('data.num_labels', 0),
     ('data.label_fraction', 1.5),
-    ('ema_decay', 1.0),
+    ('ema.decay', 1.0),
 ]
 
 
@@ -79,5 +79,5 @@ def test_inner_steps_need_the_exact_mode():
 def test_mean_teacher_needs_an_ema():
   config = load('default')
   config.method = 'mean_teacher'
-  with pytest.raises(validation.ConfigError, match='config.ema_decay='):
+  with pytest.raises(validation.ConfigError, match='config.ema.decay='):
     validation.validate_config(config)
