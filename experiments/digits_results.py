@@ -84,7 +84,8 @@ VARIANTS = {
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
                  'jvp': 'semimeta_jvp', 'finite_difference': 'semimeta'}
-# Row labels; {labels} is the number of labeled examples the runs actually used.
+# Row labels (a preset without one is labelled by its name); {labels} is the number of labeled
+# examples the runs actually used.
 LABELS = {
     'labeled_only': 'Labeled only ({labels} labels)',
     'fully_supervised': 'Fully supervised ({labels} labels)',
@@ -216,7 +217,7 @@ def table(rows):
     final = np.array([r['final_error_top1'] for r in rows if r['variant'] == variant])
     best = np.array([r['best_error_top1'] for r in rows if r['variant'] == variant])
     labels = sorted({r['num_labeled'] for r in rows if r['variant'] == variant})
-    label = LABELS[variant].format(labels='/'.join(map(str, labels)))
+    label = LABELS.get(variant, variant).format(labels='/'.join(map(str, labels)))
     seconds = np.array([r['wall_seconds'] for r in rows if r['variant'] == variant])
     lines.append(f'| {label} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
                  f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} | {seconds.mean():.0f} |')
