@@ -19,6 +19,7 @@ from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import mean_teacher
 from semimeta_jax.methods import options as options_lib
+from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
 from semimeta_jax.methods import supervised
@@ -36,6 +37,7 @@ _REGISTRY = {method.name: method for method in (
     mean_teacher.METHOD,
     temporal_ensembling.METHOD,
     vat.METHOD,
+    pseudo_label.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
