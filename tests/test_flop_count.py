@@ -10,7 +10,6 @@ from experiments import benchmark_step
 from experiments import flop_count
 from semimeta_jax import methods
 from semimeta_jax import models
-from semimeta_jax import state as state_lib
 from semimeta_jax.models import convlarge
 
 
