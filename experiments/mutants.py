@@ -381,7 +381,7 @@ MUTANTS = [
     )),
     *group(S, (FAST_SWA, SCHEDULES), (
         'sched-swa-main-schedule-full-length',
-        'main = _main_schedule(config, config.num_train_steps - tail)',
+        'main = _main_schedule(config, config.num_train_steps - tail_steps)',
         'main = _main_schedule(config, config.num_train_steps)',
         'cosine main schedule spans the fast-SWA tail too',
     )),
