@@ -1,18 +1,21 @@
 """Defaults shared by every configuration: the official SemiMeta CIFAR-10 recipe.
 
 Dataset configs import this file and override a few fields. Any field can be changed
-on the command line, e.g. `--config.hypergrad.mode=exact --config.seed=3`.
+on the command line, e.g. `--config.hypergrad.mode=exact --config.seed=3`. A method's own
+fields come from its module (`semimeta_jax/methods/`), as one block per method.
 """
 
 import ml_collections
+
+from semimeta_jax import methods
 
 
 def get_config():
   """Returns the default configuration (official CIFAR-10 hyperparameters)."""
   config = ml_collections.ConfigDict()
 
-  # semimeta | supervised | pi_model | mean_teacher | temporal_ensembling | vat (see
-  # semimeta_jax/methods). `supervised` with data.num_labels=-1 is the fully-supervised baseline.
+  # One of semimeta_jax.methods.METHOD_NAMES (semimeta_jax/methods/). `supervised` with
+  # data.num_labels=-1 is the fully-supervised baseline.
   config.method = 'semimeta'
   config.seed = 0
 
@@ -73,60 +76,21 @@ def get_config():
   config.lr_decay_factor = 0.1
   config.num_train_steps = 400_000
 
-  # Pseudo-label meta step.
-  config.hypergrad = ml_collections.ConfigDict()
-  config.hypergrad.mode = 'finite_difference'  # exact | first_order | jvp | finite_difference
-  config.hypergrad.inner_steps = 1  # K unrolled virtual SGD steps (`exact` only).
-  config.hypergrad.inner_lr = 0.0  # alpha; 0 = the current learning rate (official).
-  config.hypergrad.meta_lr = 0.0  # beta; 0 = lr_t * B_u / alpha_t, the official update.
-  config.hypergrad.epsilon = 1e-2  # Finite-difference step, relative to ||v||.
-  config.hypergrad.forward_mode = 'eval'  # eval (official: running BN stats, no dropout) | train
-  config.hypergrad.projection = 'relu_normalize'  # relu_normalize (official) | simplex
-
-  # Training loss.
-  config.mixup = True
-  config.mixup_alpha = 1.0  # Beta(a, a) for the per-example mix-up coefficient.
+  # The consistency weight of the semi-supervised methods.
   config.consistency_weight = 1.0  # w in w(t) = w * min(1, t / rampup).
   config.consistency_rampup_steps = 4000
   config.consistency_rampup = 'linear'  # linear (SemiMeta) | sigmoid (Pi-model / Mean Teacher papers)
 
-  # On-device input perturbations of the Pi-model and Mean Teacher (two views per example).
-  config.input_noise_std = 0.15
-  config.max_translation = 2  # Pixels.
-  config.perturb_flip = False  # Independent horizontal flips per view (the pipeline flips both alike).
-
-  # Temporal Ensembling: Z <- a Z + (1 - a) z per example at each visit, target Z / (1 - a^visits).
-  config.ensemble_momentum = 0.6  # The paper's alpha.
-
-  # VAT: r_adv = vat_epsilon * direction found by power iteration from a vat_xi-sized probe.
-  config.vat_epsilon = 6.0  # L2 radius per example (official CIFAR-10 value, ZCA inputs).
-  config.vat_xi = 1e-6  # Finite-difference probe (paper); 0 = exact Hessian-vector product (float32-safe).
-  config.vat_power_iterations = 1
-  config.entropy_weight = 0.0  # > 0: VAT+Ent, the entropy of the unlabeled predictions (paper: 1).
-
-  # fast-SWA (any method): after the main schedule, `cycles` cosine cycles of `cycle_steps` from
-  # lr_max to lr_min (the last steps of num_train_steps), weights averaged every
-  # `average_every_steps`; batch-norm statistics of the average recomputed over
-  # `bn_update_batches` recent training batches before each evaluation (eval_swa/...).
-  config.fast_swa = ml_collections.ConfigDict()
-  config.fast_swa.cycles = 0  # 0 = off.
-  config.fast_swa.cycle_steps = 0
-  config.fast_swa.average_every_steps = 0
-  config.fast_swa.lr_max = 0.0
-  config.fast_swa.lr_min = 0.0
-  config.fast_swa.bn_update_batches = 0
-  config.fast_swa.headline = True  # The run's reported error is the averaged weights' (else the raw).
-
-  # Exponential moving average of the weights: Mean Teacher's teacher, optional eval weights.
-  config.ema_decay = 0.0  # 0 = no EMA (mean_teacher requires > 0).
-  config.eval_with_ema = False
+  # Every registered method's and option's own block (e.g. config.vat.epsilon), its defaults
+  # and their meaning beside its math in semimeta_jax/methods/.
+  for name, block in methods.config_blocks().items():
+    config[name] = block
 
   # Loop.
   config.log_every_steps = 100
   config.eval_every_steps = 400
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
-  config.hypergrad_diagnostics_every_steps = 0  # > 0: log cosine(mode, exact) every N steps.
   # Several processes without JAX's preemption service compare their SIGTERM flags every N
   # steps: an all-gather that waits for the devices, so not every step.
   config.preemption_check_every_steps = 10

@@ -3,13 +3,17 @@
 50 labels (5 per class) out of 1497 training images; 300 test images. The official
 recipe scaled to a tiny dataset: a quarter-width ConvLarge for 8x8 inputs, short
 warm-up and ramp, and a run short enough for a laptop.
+
+Every method's paper settings, scaled to digits, are presets declared beside the
+method (`PRESETS` in semimeta_jax/methods/): `--config=configs/digits.py:vat_ent`.
 """
 
 from configs import default
+from semimeta_jax import methods
 
 
-def get_config():
-  """Returns the digits configuration."""
+def get_config(preset=None):
+  """Returns the digits configuration, with a method's preset applied if one is named."""
   config = default.get_config()
   config.data.name = 'digits'
   config.data.num_labels = 50
@@ -26,4 +30,4 @@ def get_config():
   config.log_every_steps = 50
   config.eval_every_steps = 100
   config.checkpoint_every_steps = 250
-  return config
+  return methods.apply_preset(config, 'digits', preset)

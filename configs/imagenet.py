@@ -35,7 +35,7 @@ def get_config():
   config.num_train_steps = config.get_ref('num_epochs') * steps_per_epoch
   config.warmup_steps = config.get_ref('warmup_epochs') * steps_per_epoch
   config.consistency_rampup_steps = 0  # The official ImageNet loss adds L_u at full weight.
-  config.mixup_alpha = 1.0
+  config.semimeta.mixup_alpha = 1.0
 
   config.eval_every_steps = 5 * steps_per_epoch
   config.checkpoint_every_steps = steps_per_epoch

@@ -8,6 +8,6 @@ def get_config():
   config = default.get_config()
   config.data.name = 'svhn_cropped'
   config.data.num_labels = 1000
-  config.mixup_alpha = 0.1  # Beta(0.1, 0.1): mostly near-pure examples, as the official SVHN run.
+  config.semimeta.mixup_alpha = 0.1  # Beta(0.1, 0.1): mostly near-pure examples, as the official SVHN run.
   config.weight_decay = 5e-5
   return config

@@ -10,12 +10,13 @@ over seeds) and writes it, with a CSV of every run, into `--out`.
   python experiments/digits_results.py --out=results/digits \
       --variants=labeled_only,semimeta,fully_supervised --seeds=0,1,2,3,4
 
-The comparison methods' settings are their papers', scaled to 8x8 digits as the
+The comparison methods' settings are their papers' (each method's digits preset,
+`PRESETS` in semimeta_jax/methods/, also runnable as --config=configs/digits.py:NAME), scaled to 8x8 digits as the
 Pi-model's and Mean Teacher's were: consistency weights and ramps as those two
 (sigmoid ramp, w_max 10, 1-pixel shifts); Temporal Ensembling's alpha = 0.6 as
 published; VAT's weight 1 without ramp and eps = 2.0, MNIST's radius (standardised
 8x8 digits have about an MNIST digit's L2 norm, ~8 against ~9), one power
-iteration with xi -> 0 taken exactly (`vat_xi=0`: the Hessian-vector product; the
+iteration with xi -> 0 taken exactly (`vat.xi=0`: the Hessian-vector product; the
 paper's xi = 1e-6 is below float32 rounding here, see methods/vat.py); VAT+Ent adds the entropy at weight 1; fast-SWA appends 3 cosine
 cycles of 150 steps (the paper's 30-epoch cycles after 180 epochs, in proportion
 to this 1000-step main run) from lr 0.05 down to the main schedule's final 0.001,
@@ -45,57 +46,46 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # configs/ is not an installed package: the config files import it from the repository root.
 sys.path.insert(0, str(REPO))
 
+from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import run_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Variant -> command-line overrides of configs/digits.py.
+def _preset(name, *extra):
+  """The command-line overrides of a method's digits preset (methods/*.py `PRESETS`), then `extra`."""
+  overrides = methods.presets('digits')[name]
+  return [f'--config.{field}={value}' for field, value in overrides.items()] + list(extra)
+
+
+# Variant -> command-line overrides of configs/digits.py: a method's digits preset (its papers'
+# settings, declared beside the method), and for the SemiMeta ablations the estimator's fields.
 VARIANTS = {
-    'labeled_only': ['--config.method=supervised'],
-    'fully_supervised': ['--config.method=supervised', '--config.data.num_labels=-1'],
-    # On 8x8 digits a 2-pixel shift is a quarter of the image: shift by at most 1.
-    'pi_model': ['--config.method=pi_model', '--config.consistency_rampup=sigmoid',
-                 '--config.consistency_weight=10.0', '--config.max_translation=1'],
-    'mean_teacher': ['--config.method=mean_teacher', '--config.consistency_rampup=sigmoid',
-                     '--config.consistency_weight=10.0', '--config.ema_decay=0.99',
-                     '--config.eval_with_ema=True', '--config.max_translation=1'],
-    'temporal_ensembling': ['--config.method=temporal_ensembling', '--config.consistency_rampup=sigmoid',
-                            '--config.consistency_weight=10.0', '--config.max_translation=1',
-                            '--config.ensemble_momentum=0.6'],
-    'vat': ['--config.method=vat', '--config.consistency_weight=1.0',
-            '--config.consistency_rampup_steps=0', '--config.vat_epsilon=2.0', '--config.vat_xi=0.0'],
-    'vat_ent': ['--config.method=vat', '--config.consistency_weight=1.0',
-                '--config.consistency_rampup_steps=0', '--config.vat_epsilon=2.0', '--config.vat_xi=0.0',
-                '--config.entropy_weight=1.0'],
-    'mean_teacher_fast_swa': ['--config.method=mean_teacher', '--config.consistency_rampup=sigmoid',
-                              '--config.consistency_weight=10.0', '--config.ema_decay=0.99',
-                              '--config.eval_with_ema=True', '--config.max_translation=1',
-                              '--config.num_train_steps=1450', '--config.fast_swa.cycles=3',
-                              '--config.fast_swa.cycle_steps=150',
-                              '--config.fast_swa.average_every_steps=25',
-                              '--config.fast_swa.lr_max=0.05', '--config.fast_swa.lr_min=0.001',
-                              '--config.fast_swa.bn_update_batches=23'],
-    # The config's own hypergradient mode, the official finite difference.
-    'semimeta': [],
-    'semimeta_exact': ['--config.hypergrad.mode=exact'],
-    'semimeta_first_order': ['--config.hypergrad.mode=first_order'],
-    'semimeta_jvp': ['--config.hypergrad.mode=jvp'],
+    **{name: _preset(name) for name in methods.presets('digits')},
+    # The config's own hypergradient mode, the official finite difference, is the 'semimeta' preset.
+    'semimeta_exact': _preset('semimeta', '--config.hypergrad.mode=exact'),
+    'semimeta_first_order': _preset('semimeta', '--config.hypergrad.mode=first_order'),
+    'semimeta_jvp': _preset('semimeta', '--config.hypergrad.mode=jvp'),
     # The estimator ablation: training-mode meta forward, where the estimators differ.
-    'semimeta_train': ['--config.hypergrad.forward_mode=train'],
-    'semimeta_exact_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.forward_mode=train'],
-    'semimeta_first_order_train': ['--config.hypergrad.mode=first_order',
-                                   '--config.hypergrad.forward_mode=train'],
-    'semimeta_jvp_train': ['--config.hypergrad.mode=jvp', '--config.hypergrad.forward_mode=train'],
-    'semimeta_exact_k2_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.inner_steps=2',
-                                '--config.hypergrad.forward_mode=train'],
-    'semimeta_exact_k3_train': ['--config.hypergrad.mode=exact', '--config.hypergrad.inner_steps=3',
-                                '--config.hypergrad.forward_mode=train'],
+    'semimeta_train': _preset('semimeta', '--config.hypergrad.forward_mode=train'),
+    'semimeta_exact_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                    '--config.hypergrad.forward_mode=train'),
+    'semimeta_first_order_train': _preset('semimeta', '--config.hypergrad.mode=first_order',
+                                          '--config.hypergrad.forward_mode=train'),
+    'semimeta_jvp_train': _preset('semimeta', '--config.hypergrad.mode=jvp',
+                                  '--config.hypergrad.forward_mode=train'),
+    'semimeta_exact_k2_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                       '--config.hypergrad.inner_steps=2',
+                                       '--config.hypergrad.forward_mode=train'),
+    'semimeta_exact_k3_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                       '--config.hypergrad.inner_steps=3',
+                                       '--config.hypergrad.forward_mode=train'),
     # bfloat16 activations (the GPU/TPU precision question), official mode.
-    'semimeta_bf16': ['--config.half_precision=True'],
-    'semimeta_jvp_bf16': ['--config.half_precision=True', '--config.hypergrad.mode=jvp'],
+    'semimeta_bf16': _preset('semimeta', '--config.half_precision=True'),
+    'semimeta_jvp_bf16': _preset('semimeta', '--config.half_precision=True', '--config.hypergrad.mode=jvp'),
 }
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
                  'jvp': 'semimeta_jvp', 'finite_difference': 'semimeta'}
-# Row labels; {labels} is the number of labeled examples the runs actually used.
+# Row labels (a preset without one is labelled by its name); {labels} is the number of labeled
+# examples the runs actually used.
 LABELS = {
     'labeled_only': 'Labeled only ({labels} labels)',
     'fully_supervised': 'Fully supervised ({labels} labels)',
@@ -151,7 +141,7 @@ def resolve_config(flags_list):
 
 
 # Config fields renamed since runs were recorded: old dotted name -> new dotted name.
-RENAMED_FIELDS = {'data.folder_augment': 'data.augment_kind'}
+RENAMED_FIELDS = run_dir.RENAMED_FIELDS
 
 
 def _flatten(tree, prefix=''):
@@ -227,7 +217,7 @@ def table(rows):
     final = np.array([r['final_error_top1'] for r in rows if r['variant'] == variant])
     best = np.array([r['best_error_top1'] for r in rows if r['variant'] == variant])
     labels = sorted({r['num_labeled'] for r in rows if r['variant'] == variant})
-    label = LABELS[variant].format(labels='/'.join(map(str, labels)))
+    label = LABELS.get(variant, variant).format(labels='/'.join(map(str, labels)))
     seconds = np.array([r['wall_seconds'] for r in rows if r['variant'] == variant])
     lines.append(f'| {label} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
                  f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} | {seconds.mean():.0f} |')

@@ -61,7 +61,7 @@ from experiments.hypergrad_fidelity import half_precision_table  # pylint: disab
 from experiments.hypergrad_fidelity import variant_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import hypergrad  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax.methods import hypergrad  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -10,7 +10,7 @@ evidence for (or against) training the meta step in bf16.
 import jax.numpy as jnp
 import numpy as np
 
-from semimeta_jax import hypergrad
+from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import common
 from semimeta_jax.methods import semimeta
 

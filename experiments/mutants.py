@@ -54,7 +54,7 @@ def group(file, tests, *entries):
           for name, original, mutated, description in entries]
 
 
-H, M, S = 'semimeta_jax/hypergrad.py', 'semimeta_jax/methods/semimeta.py', 'semimeta_jax/schedules.py'
+H, M, S = 'semimeta_jax/methods/hypergrad.py', 'semimeta_jax/methods/semimeta.py', 'semimeta_jax/schedules.py'
 
 MUTANTS = [
     *group(H, (HYPERGRAD, CORE), (
@@ -229,8 +229,8 @@ MUTANTS = [
     ), (
         'sched-decoupled-decay',
         '      optax.add_decayed_weights(config.weight_decay),\n'
-        '      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None))',
-        '      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None),\n'
+        '      optax.sgd(learning_rate_schedule(config, tail), momentum=config.momentum or None))',
+        '      optax.sgd(learning_rate_schedule(config, tail), momentum=config.momentum or None),\n'
         '      optax.add_decayed_weights(config.weight_decay))',
         'weight decay added after momentum and lr (decoupled)',
     ), (
@@ -316,8 +316,8 @@ MUTANTS = [
     )),
     *group('semimeta_jax/methods/mean_teacher.py', TEACHER_TESTS, (
         'mt-ema-warmup',
-        'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / (updates_taken + 1.0))',
-        'return jnp.minimum(config.ema_decay, 1.0 - 1.0 / updates_taken)',
+        'return jnp.minimum(config.ema.decay, 1.0 - 1.0 / (updates_taken + 1.0))',
+        'return jnp.minimum(config.ema.decay, 1.0 - 1.0 / updates_taken)',
         'teacher EMA warm-up one update off',
     ), (
         'mt-teacher-gradient',
@@ -381,7 +381,7 @@ MUTANTS = [
     )),
     *group(S, (FAST_SWA, SCHEDULES), (
         'sched-swa-main-schedule-full-length',
-        'main = _main_schedule(config, config.num_train_steps - tail)',
+        'main = _main_schedule(config, config.num_train_steps - tail_steps)',
         'main = _main_schedule(config, config.num_train_steps)',
         'cosine main schedule spans the fast-SWA tail too',
     )),

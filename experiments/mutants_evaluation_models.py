@@ -26,15 +26,16 @@ MUTANTS = [
         "masked_sum(losses.topk_correct(logits, batch['label'], 1))",
         'top-5 computed as top-1',
     ), (
-        'eval-ema-params-ignored',
-        'params, stats = state.ema_params, state.ema_batch_stats',
-        'params, stats = state.params, state.ema_batch_stats',
-        'EMA evaluation reads the raw weights',
-    ), (
         'eval-last-batch-only',
         'totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)',
         'totals = sums',
         'only the last batch is kept',
+    )),
+    *group('semimeta_jax/methods/ema.py', (EVALUATION,), (
+        'eval-ema-params-ignored',
+        "return state.extra[NAME]['params'], state.extra[NAME]['batch_stats']",
+        "return state.params, state.extra[NAME]['batch_stats']",
+        'EMA evaluation reads the raw weights',
     )),
     *group('semimeta_jax/data/evaluation.py', (PADDED_SHARES,), (
         'data-eval-batches-floor',

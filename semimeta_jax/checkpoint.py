@@ -181,10 +181,27 @@ class Checkpointer:
     """The steps of all finished checkpoints, in increasing order."""
     return sorted(self._manager.all_steps())
 
-  def _abstract(self, target_state):
-    return jax.tree.map(
+  def _abstract(self, target_state, step: int):
+    abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         _saved_fields(target_state))
+    # A field that an earlier TrainState had and saved empty (None) is read back as None
+    # (orbax restores only a tree of the saved structure) and dropped by `_fields_of`.
+    try:
+      saved = dict(ocp.StandardCheckpointHandler().metadata(
+          self.directory / str(step) / integrity.STATE))
+    except Exception:  # pylint: disable=broad-exception-caught
+      saved = {}  # Unreadable metadata: the restore below reports the checkpoint's problem.
+    for name, value in saved.items():
+      if value is None and name not in abstract:
+        abstract[name] = None
+    return abstract
+
+  @staticmethod
+  def _fields_of(target_state, restored):
+    """The restored values of `target_state`'s own fields (retired empty ones dropped)."""
+    names = _saved_fields(target_state).keys()
+    return {name: value for name, value in restored.items() if name in names}
 
   def restore(self, target_state: state_lib.TrainState, step: int | None = None
              ) -> state_lib.TrainState:
@@ -211,12 +228,12 @@ class Checkpointer:
       step = self._manager.latest_step()
     if step is None or step not in self._manager.all_steps():
       raise FileNotFoundError(f'No checkpoint {step} in {self.directory}.')
-    restored, problem = integrity.read_verified(self._manager, step, self._abstract(target_state))
+    restored, problem = integrity.read_verified(self._manager, step, self._abstract(target_state, step))
     problem = integrity.agreed(problem)
     if problem:
       raise CorruptCheckpointError(f'Checkpoint {step} in {self.directory}: {problem}.')
     logging.info('Restored checkpoint %d from %s (checksums verified).', step, self.directory)
-    return target_state.replace(**restored)
+    return target_state.replace(**self._fields_of(target_state, restored))
 
   def restore_newest_intact(self, target_state: state_lib.TrainState
                             ) -> tuple[state_lib.TrainState, int | None]:
@@ -234,14 +251,13 @@ class Checkpointer:
         (all are then set aside, so a rerun starts over from step 0).
       CheckpointMismatchError: the config builds a state of another structure.
     """
-    abstract = self._abstract(target_state)
     damaged = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      restored, problem = integrity.read_verified(self._manager, step, abstract)
+      restored, problem = integrity.read_verified(self._manager, step, self._abstract(target_state, step))
       problem = integrity.agreed(problem)
       if problem is None:
         logging.info('Restored checkpoint %d from %s (checksums verified).', step, self.directory)
-        return target_state.replace(**restored), step
+        return target_state.replace(**self._fields_of(target_state, restored)), step
       aside = self._set_aside(step)
       logging.error('Checkpoint %d is %s; moved it to %s and trying an older one.',
                     step, problem if problem.startswith('damaged') else f'unusable: {problem}', aside)

@@ -57,13 +57,21 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
   return value
 
 
-def _load_config_file(path: str):
-  """Calls `get_config()` of the config file at `path` (the check before absl parses it)."""
+def _split_config_arg(value: str) -> tuple[str, str | None]:
+  """`configs/digits.py:vat_ent` -> ('configs/digits.py', 'vat_ent'), as ml_collections reads it."""
+  path, _, arg = value.partition(':')
+  return path, (arg or None)
+
+
+def _load_config_file(path: str, arg: str | None = None):
+  """Calls `get_config([arg])` of the config file at `path` (the check before absl parses it)."""
   spec = importlib.util.spec_from_file_location('_semimeta_jax_user_config', path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
+  except errors.UserError as e:
+    fail(f'{path}:{arg}: {e}')
   except Exception as e:  # pylint: disable=broad-except
     fail(f'could not load the config file {path}: {type(e).__name__}: {e}')
 
@@ -77,16 +85,21 @@ def _field_names(config, prefix: str = '') -> list[str]:
   return names
 
 
-def _check_overrides(argv: Sequence[str], config_path: str):
-  """Refuses an override of a field the config does not have, suggesting the closest one."""
-  config = _load_config_file(config_path)
+def _check_overrides(argv: Sequence[str], config_path: str, config_arg: str | None = None):
+  """Refuses an override of a field the config does not have, suggesting the closest one.
+
+  A field's earlier flat name (e.g. `vat_epsilon`) is refused with its new name.
+  """
+  from semimeta_jax import run_dir  # pylint: disable=g-import-not-at-top
+  config = _load_config_file(config_path, config_arg)
   known = set(_field_names(config))
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
     field = arg[len('--config.'):].split('=', 1)[0]
     if field not in known:
-      close = difflib.get_close_matches(field, sorted(known), n=1)
+      renamed = run_dir.RENAMED_FIELDS.get(field)
+      close = [renamed] if renamed in known else difflib.get_close_matches(field, sorted(known), n=1)
       hint = f' (did you mean {close[0]!r}?)' if close else ''
       fail(f'unknown config field {field!r}{hint}; `--dry_run` lists every field of {config_path}.')
 
@@ -96,7 +109,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   if any(arg in _HELP_FLAGS for arg in argv[1:]):
     _print_help(argv)
     sys.exit(0)
-  config_path = _flag_value(argv, 'config')
+  config_path, config_arg = _split_config_arg(_flag_value(argv, 'config') or '')
   if not config_path:
     fail('--config is required, e.g. --config=configs/digits.py (see --help).')
   if not os.path.isfile(config_path):
@@ -105,7 +118,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         here) else ''
     fail(f'config file {config_path!r} not found' + (f'; the configs in {here} are {listing}.'
                                                        if listing else '.'))
-  _check_overrides(argv, config_path)
+  _check_overrides(argv, config_path, config_arg)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.config_with_absl()  # --jax_* flags, e.g. --jax_platforms=cpu.
   try:

@@ -8,24 +8,24 @@ from semimeta_jax import parallel
 from semimeta_jax.methods import common
 
 
-def eval_step(state, batch, *, use_ema: bool = False, use_swa: bool = False):
+def raw_weights(state):
+  """(params, batch_stats) the state trains."""
+  return state.params, state.batch_stats
+
+
+def eval_step(state, batch, *, select=raw_weights):
   """Masked sums over one global batch {'image', 'label', 'mask'}.
 
   Args:
     state: the TrainState.
     batch: a global evaluation batch; rows with mask False are padding.
-    use_ema: evaluate the EMA weights instead of the raw ones.
-    use_swa: evaluate fast-SWA's averaged weights with their recomputed statistics.
+    select: `(state) -> (params, batch_stats)`, the weight set to evaluate (a
+      `methods.base.WeightSet`'s `select`); default the raw weights.
 
   Returns:
     {'correct_top1', 'correct_top5', 'loss_sum', 'count'} as float32 scalars.
   """
-  if use_swa:
-    params, stats = state.swa['params'], state.swa['batch_stats']
-  elif use_ema:
-    params, stats = state.ema_params, state.ema_batch_stats
-  else:
-    params, stats = state.params, state.batch_stats
+  params, stats = select(state)
   logits = common.eval_forward(state, params, batch['image'], batch_stats=stats)
   mask = batch['mask'].astype(jnp.float32)
   masked_sum = lambda values: jnp.sum(values * mask)
@@ -41,7 +41,7 @@ def evaluate(compiled_eval_step, state, local_batches, mesh) -> dict[str, float]
   """Runs a compiled `eval_step` over padded batches and returns the errors.
 
   Args:
-    compiled_eval_step: `parallel.jit_eval_step(eval_step, mesh)` (with `use_ema` bound).
+    compiled_eval_step: `parallel.jit_eval_step(eval_step, mesh)` (with `select` bound).
     state: the replicated TrainState.
     local_batches: this process's padded numpy batches, or global batches already
       on the mesh (`jax.Array`s); every process yields the same number of batches.

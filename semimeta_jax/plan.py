@@ -34,6 +34,7 @@ def run_plan(config, workdir: str) -> str:
     Lines of text.
   """
   from semimeta_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  method = methods.configure(config)
   spec = datasets.get_spec(config.data)
   sizes = datasets.prepared_sizes(config.data)
   prepared = sizes is not None
@@ -56,10 +57,7 @@ def run_plan(config, workdir: str) -> str:
          + 'not prepared in the data_dir yet'
          + ('; it is built offline from scikit-learn on first use)' if spec.name == 'digits'
             else '; the run will stop and say how to prepare it)')),
-      f'method        {config.method}' + (f' (hypergradient {config.hypergrad.mode}, '
-                                          f'K={config.hypergrad.inner_steps}, meta forward '
-                                          f'{config.hypergrad.forward_mode})'
-                                          if config.method == 'semimeta' else ''),
+      f'method        {method.describe()}',
       f'model         {config.model}' + (' in bfloat16' if config.half_precision else ''),
       f'steps         {steps} (checkpoint every {config.checkpoint_every_steps}, evaluate every '
       f'{config.eval_every_steps}, log every {config.log_every_steps})',
@@ -67,7 +65,7 @@ def run_plan(config, workdir: str) -> str:
       f'{steps * config.labeled_batch_size / max(num_labeled, 1):.1f} epochs' if sizes_known else
       f'labeled       batch {config.labeled_batch_size}',
   ]
-  if methods.get(config.method).uses_unlabeled:
+  if method.uses_unlabeled:
     if num_unlabeled:
       pool = num_unlabeled + (num_labeled if config.data.unlabeled_includes_labeled else 0)
     else:

@@ -21,6 +21,11 @@ Resume policy, by config field:
 
 Each accepted change is recorded: the previous `config.json` is kept as
 `config.<step>.json` (step = where the new config takes over).
+
+A config saved by an earlier version is read in today's fields (`upgrade_saved`):
+a renamed field under its new name (`RENAMED_FIELDS`), and a field of a method's
+or option's block added since at its default (every such field is added with a
+default that keeps the earlier behaviour).
 """
 
 import json
@@ -33,8 +38,12 @@ import jax
 import ml_collections
 
 from semimeta_jax import errors
+from semimeta_jax import methods
 
 CONFIG_FILE = 'config.json'
+
+# Earlier dotted field name -> today's, over the shared fields and every method's and option's.
+RENAMED_FIELDS = {'data.folder_augment': 'data.augment_kind', **methods.renamed_fields()}
 
 FIXED_FIELDS = frozenset({
     'seed', 'method', 'model', 'model_width',
@@ -44,7 +53,7 @@ FIXED_FIELDS = frozenset({
 })
 FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-    'hypergrad_diagnostics_every_steps', 'preemption_check_every_steps', 'allow_config_change',
+    'hypergrad.diagnostics_every_steps', 'preemption_check_every_steps', 'allow_config_change',
     'data.data_dir', 'data.download', 'data.prefetch_batches', 'remat',
 })
 
@@ -81,6 +90,22 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
       flat.update(_flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def upgrade_saved(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (nested, as in config.json) in today's dotted field names.
+
+  Renamed fields take their new names; the fields of method and option blocks
+  that the saved config lacks (added since it was written) and `current` (the
+  config compared with it) has take their defaults.
+  """
+  flat = {RENAMED_FIELDS.get(name, name): value for name, value in _flatten(saved).items()}
+  blocks = {name: block.to_dict() for name, block in methods.config_blocks().items()}
+  current = _flatten(current)
+  for name, value in _flatten(blocks).items():
+    if name in current:
+      flat.setdefault(name, value)
   return flat
 
 
@@ -137,7 +162,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
     raise ConfigChangedError(
         f'{path} is not valid JSON ({e}); restore it from a config.<step>.json beside it, '
         'or use a new --workdir.') from e
-  differences = config_differences(saved, json.loads(config.to_json_best_effort()))
+  current = json.loads(config.to_json_best_effort())
+  differences = config_differences(upgrade_saved(saved, current), current)
   fixed = {k: v for k, v in differences.items() if k in FIXED_FIELDS}
   if fixed:
     raise ConfigChangedError(

@@ -35,22 +35,6 @@ def warmup_step_decay(base_lr: float, warmup_steps: int, boundaries, factor: flo
   return schedule
 
 
-def fast_swa_tail_steps(config) -> int:
-  """Steps of fast-SWA's cyclic tail: the last ones of `num_train_steps` (0 when off)."""
-  swa = config.fast_swa
-  return swa.cycles * swa.cycle_steps if swa.cycles > 0 else 0
-
-
-def cyclic_cosine(start: int, cycle_steps: int, lr_max: float, lr_min: float) -> optax.Schedule:
-  """fast-SWA's tail from step `start` on: every cycle a cosine from lr_max down to lr_min."""
-
-  def schedule(count):
-    phase = jnp.mod(jnp.asarray(count) - start, cycle_steps).astype(jnp.float32) / cycle_steps
-    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + jnp.cos(jnp.pi * phase))
-
-  return schedule
-
-
 def _main_schedule(config, main_steps: int) -> optax.Schedule:
   if config.lr_schedule == 'step':
     return warmup_step_decay(config.learning_rate, config.warmup_steps,
@@ -64,19 +48,21 @@ def _main_schedule(config, main_steps: int) -> optax.Schedule:
   raise ValueError(f'config.lr_schedule={config.lr_schedule!r}; expected one of {SCHEDULES}.')
 
 
-def learning_rate_schedule(config) -> optax.Schedule:
-  """The learning-rate schedule named by `config.lr_schedule`, then fast-SWA's tail if on.
+def learning_rate_schedule(config, tail=None) -> optax.Schedule:
+  """The learning-rate schedule named by `config.lr_schedule`, then `tail` if given.
 
-  The main schedule fills the first `num_train_steps - fast_swa_tail_steps` steps.
+  Args:
+    config: the run configuration.
+    tail: None, or (steps, schedule): `schedule` (a function of the step) takes
+      over for the last `steps` of `num_train_steps`, and the main schedule fills
+      the steps before (a training option's cycles, `methods.options`).
   """
-  tail = fast_swa_tail_steps(config)
-  main = _main_schedule(config, config.num_train_steps - tail)
-  if not tail:
+  tail_steps, tail_schedule = tail if tail else (0, None)
+  main = _main_schedule(config, config.num_train_steps - tail_steps)
+  if not tail_steps:
     return main
-  start = config.num_train_steps - tail
-  swa = config.fast_swa
-  cyclic = cyclic_cosine(start, swa.cycle_steps, swa.lr_max, swa.lr_min)
-  return lambda count: jnp.where(jnp.asarray(count) < start, main(count), cyclic(count))
+  start = config.num_train_steps - tail_steps
+  return lambda count: jnp.where(jnp.asarray(count) < start, main(count), tail_schedule(count))
 
 
 def consistency_weight_schedule(config) -> optax.Schedule:
@@ -100,8 +86,11 @@ def consistency_weight_schedule(config) -> optax.Schedule:
   return schedule
 
 
-def sgd_with_coupled_weight_decay(config) -> optax.GradientTransformation:
-  """PyTorch's SGD(momentum, weight_decay): L2 added to the gradient before momentum."""
+def sgd_with_coupled_weight_decay(config, tail=None) -> optax.GradientTransformation:
+  """PyTorch's SGD(momentum, weight_decay): L2 added to the gradient before momentum.
+
+  `tail` as in `learning_rate_schedule`.
+  """
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None))
+      optax.sgd(learning_rate_schedule(config, tail), momentum=config.momentum or None))

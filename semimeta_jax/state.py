@@ -20,14 +20,9 @@ class TrainState(flax.struct.PyTreeNode):
     params: model parameters.
     batch_stats: batch-norm running averages (empty dict for models without BN).
     opt_state: optax optimizer state.
-    ema_params: exponential moving average of `params` (Mean Teacher's teacher,
-      optional evaluation weights); `None` when no EMA is kept.
-    ema_batch_stats: the batch statistics that go with `ema_params`.
-    extra: the method's own state (e.g. Temporal Ensembling's per-example
-      ensemble), `{}` when it keeps none.
-    swa: fast-SWA's running average {'params', 'batch_stats', 'count'} (the
-      statistics recomputed for the averaged weights before each evaluation);
-      `None` when fast-SWA is off.
+    extra: what the method and its options keep beside the weights (e.g. Temporal
+      Ensembling's per-example ensemble; an option's copy of the weights under its
+      name), `{}` when they keep nothing. The training loop never reads it.
     rng: raw uint32 key data of the run's base key; per-step keys are
       `fold_in(key, step)`, so a resumed run draws the same randomness.
     apply_fn: `model.apply` (static, not saved).
@@ -38,16 +33,13 @@ class TrainState(flax.struct.PyTreeNode):
   params: PyTree
   batch_stats: PyTree
   opt_state: optax.OptState
-  ema_params: PyTree
-  ema_batch_stats: PyTree
   extra: PyTree
-  swa: PyTree
   rng: jax.Array
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, *, apply_fn, params, batch_stats, tx, rng, use_ema=False, extra=None, use_swa=False):
+  def create(cls, *, apply_fn, params, batch_stats, tx, rng, extra=None):
     """Builds a fresh state at step 0.
 
     Args:
@@ -56,23 +48,16 @@ class TrainState(flax.struct.PyTreeNode):
       batch_stats: initial batch statistics (`{}` if the model has none).
       tx: the optimizer.
       rng: a typed or raw PRNG key, the base of every per-step key.
-      use_ema: whether to keep an EMA copy of params and batch statistics.
-      extra: the method's own state (default `{}`).
-      use_swa: whether to keep fast-SWA's average of the weights.
+      extra: what the method and its options keep (default `{}`).
     """
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)
-    copy = lambda tree: jax.tree.map(jnp.array, tree)
     return cls(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
-        ema_params=copy(params) if use_ema else None,
-        ema_batch_stats=copy(batch_stats) if use_ema else None,
         extra={} if extra is None else extra,
-        swa=({'params': copy(params), 'batch_stats': copy(batch_stats),
-              'count': jnp.zeros((), jnp.int32)} if use_swa else None),
         rng=rng,
         apply_fn=apply_fn,
         tx=tx)
@@ -84,35 +69,26 @@ class TrainState(flax.struct.PyTreeNode):
       key = jax.random.fold_in(key, tag)
     return key
 
-  def apply_gradients(self, *, grads, batch_stats, ema_decay=0.0):
-    """Takes one optimizer step and, if an EMA is kept, updates it.
+  def apply_gradients(self, *, grads, batch_stats):
+    """Takes one optimizer step.
 
     Args:
       grads: gradients with the structure of `params`.
       batch_stats: the batch statistics after this step's forward passes.
-      ema_decay: EMA decay (ignored when no EMA is kept).
 
     Returns:
       The state after the update, with `step` incremented.
     """
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
-    ema_params, ema_batch_stats = self.ema_params, self.ema_batch_stats
-    if ema_params is not None:
-      ema = lambda old, new: ema_decay * old + (1.0 - ema_decay) * new
-      ema_params = jax.tree.map(ema, ema_params, params)
-      ema_batch_stats = jax.tree.map(ema, ema_batch_stats, batch_stats)
     return self.replace(
         step=self.step + 1,
-        params=params,
+        params=optax.apply_updates(self.params, updates),
         batch_stats=batch_stats,
-        opt_state=opt_state,
-        ema_params=ema_params,
-        ema_batch_stats=ema_batch_stats)
+        opt_state=opt_state)
 
 
-def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use_ema=False, extra=None,
-                     use_swa=False) -> TrainState:
+def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None,
+                     extra=None) -> TrainState:
   """Initialises a model's variables and optimizer at step 0.
 
   Args:
@@ -120,20 +96,19 @@ def init_train_state(config, model, image_shape, rng: jax.Array, *, tx=None, use
     model: a Flax module called as `model.apply(variables, x, train=...)`.
     image_shape: (H, W, C) of one input.
     rng: the run's base key (typed).
-    tx: the optimizer; default: SGD with coupled weight decay from `config`.
-    use_ema: keep an EMA copy of the weights.
-    extra: the method's own state (`methods.init_train_state` fills it).
-    use_swa: keep fast-SWA's average of the weights.
+    tx: the optimizer; default: SGD with coupled weight decay on `config`'s main
+      schedule (`methods.init_train_state` passes the run's, options included).
+    extra: what the method and its options keep: a pytree, or
+      `(params, batch_stats) -> pytree` for state built from the initial weights.
   """
   init_key, dropout_key, base_key = jax.random.split(rng, 3)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({'params': init_key, 'dropout': dropout_key}, dummy, train=False)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
   return TrainState.create(
       apply_fn=model.apply,
-      params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}),
+      params=params,
+      batch_stats=batch_stats,
       tx=tx if tx is not None else schedules.sgd_with_coupled_weight_decay(config),
       rng=base_key,
-      use_ema=use_ema,
-      extra=extra,
-      use_swa=use_swa)
+      extra=extra(params, batch_stats) if callable(extra) else extra)

@@ -23,7 +23,6 @@ from semimeta_jax import run_dir
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
 from semimeta_jax import workdir_lock
-from semimeta_jax.methods import fast_swa
 
 
 class NonFiniteLossError(errors_lib.UserError, FloatingPointError):
@@ -31,13 +30,15 @@ class NonFiniteLossError(errors_lib.UserError, FloatingPointError):
 
 
 def create_train_state(config, model, image_shape, mesh, *, num_train=0,
-                       num_classes=0) -> state_lib.TrainState:
+                       num_classes=0, method=None) -> state_lib.TrainState:
   """The step-0 state of `config.seed`, created directly replicated over `mesh`.
 
-  It holds what the method keeps (EMA, per-example buffers over `num_train`
-  examples and `num_classes` classes) and fast-SWA's average when that is on.
+  It holds what the method and its options keep (per-example buffers over
+  `num_train` examples and `num_classes` classes, averages of the weights).
+  `method` is `methods.configure(config)`, built here when not given.
   """
-  init = functools.partial(methods.init_train_state, config, model, image_shape,
+  method = method or methods.configure(config)
+  init = functools.partial(method.init_train_state, model, image_shape,
                            num_train=num_train, num_classes=num_classes)
   return parallel.jit_replicated_init(init, mesh)(jax.random.key(config.seed))
 
@@ -62,7 +63,8 @@ def _earlier_evaluations(workdir: str, up_to_step: int, key: str) -> list[float]
 class _Run:
   """The mutable parts of one training run, so the loop body reads as the algorithm."""
 
-  def __init__(self, config, workdir, mesh, inp, writer, checkpointer, start_step, target_state):
+  def __init__(self, config, workdir, mesh, inp, writer, checkpointer, start_step, target_state,
+               headline):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     # Shapes and shardings only: what a checkpoint check restores into.
     self.target_state = jax.tree.map(
@@ -70,10 +72,7 @@ class _Run:
     self.inp, self.writer, self.checkpointer = inp, writer, checkpointer
     self.pending: list[dict[str, jax.Array]] = []
     self.last_checked_step = start_step
-    if fast_swa.enabled(config) and config.fast_swa.headline:
-      self.headline = 'eval_swa'
-    else:
-      self.headline = 'eval_ema' if config.eval_with_ema else 'eval'
+    self.headline = headline  # The prefix of the weight set whose error the run reports.
     self.errors = _earlier_evaluations(workdir, start_step, f'{self.headline}/error_top1')
     self.last_eval: dict[str, float] = {}
 
@@ -99,29 +98,32 @@ class _Run:
     self.last_checked_step = step
     self.writer.write_scalars(step, {f'train/{k}': v for k, v in {**means, **extra}.items()})
 
-  def evaluate(self, step: int, state, compiled_eval_steps, swa_statistics=None, recent_batches=()):
-    """Evaluates every weight set (raw; EMA and fast-SWA when kept) and logs the errors.
+  def evaluate(self, step: int, state, evaluators, recent_batches=()):
+    """Evaluates every weight set the method and its options keep, and logs the errors.
 
-    fast-SWA's average is evaluated once it holds a snapshot, after its batch-norm
-    statistics are recomputed over `recent_batches`. Returns the state (with those
-    statistics, so that a checkpoint carries them).
+    A set that is not ready (e.g. an average without a snapshot yet) is skipped;
+    one that needs batch statistics gets them from the last of `recent_batches`
+    first (skipped when there is none since a resume). Returns the state (with
+    those statistics, so that a checkpoint carries them).
     """
-    weight_sets = dict(compiled_eval_steps)
-    if 'eval_swa' in weight_sets:
-      if int(jax.device_get(state.swa['count'])) and recent_batches:
-        state = fast_swa.with_recomputed_batch_stats(
-            state, [swa_statistics(state, batch) for batch in recent_batches])
-      else:
-        del weight_sets['eval_swa']  # No average yet (or no batch since a resume).
-    scalars = {}
-    for prefix, eval_step in weight_sets.items():
+    scalars, evaluated = {}, set()
+    for weight_set, eval_step, statistics in evaluators:
+      if not weight_set.ready(state):
+        continue
+      if weight_set.statistics_batches:
+        if not recent_batches:
+          continue
+        batches = list(recent_batches)[-weight_set.statistics_batches:]
+        state = weight_set.with_statistics(state, [statistics(state, batch) for batch in batches])
       started = time.time()
       result = evaluation.evaluate(eval_step, state, self.inp.global_eval_batches(self.mesh),
                                    self.mesh)
+      prefix = weight_set.prefix
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
       scalars[f'{prefix}/seconds'] = time.time() - started
+      evaluated.add(prefix)
     self.writer.write_scalars(step, scalars)
-    if self.headline not in weight_sets:
+    if self.headline not in evaluated:
       return state
     self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items()
                       if k.startswith(self.headline + '/')}
@@ -149,26 +151,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The summary written to `<workdir>/summary.json`.
   """
   workdir = run_dir.check_workdir_path(workdir)
-  validation.validate_config(config)
+  method = validation.validate_config(config)
   info = data.dataset_info(config.data)
   mesh = parallel.make_mesh()
   parallel.check_batch_sizes({name: config[name] for name in
                               ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')}, mesh)
   run_dir.check_config(workdir, config)
   with workdir_lock.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, info, mesh)
+    return _train_and_evaluate(config, workdir, info, mesh, method)
 
 
-def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
+def _compile_evaluators(method, mesh):
+  """(weight set, its compiled eval step, its compiled batch-statistics pass or None), per set."""
+  return [(weight_set,
+           parallel.jit_eval_step(functools.partial(evaluation.eval_step, select=weight_set.select), mesh),
+           parallel.jit_eval_step(weight_set.batch_statistics, mesh)
+           if weight_set.statistics_batches else None)
+          for weight_set in method.weight_sets()]
+
+
+def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
   """`train_and_evaluate` once the cheap checks have passed and the workdir is ours."""
   logging.info('%d process(es), %d device(s) (%s); dataset %s: %d train / %d test, %d classes',
                jax.process_count(), jax.device_count(), jax.devices()[0].platform, info.name,
                info.num_train, info.num_test, info.num_classes)
 
-  method = methods.get(config.method)
   model = models.get_model(config, info.num_classes)
   state = create_train_state(config, model, info.image_shape, mesh, num_train=info.num_train,
-                             num_classes=info.num_classes)
+                             num_classes=info.num_classes, method=method)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   target_state = state
   try:
@@ -185,22 +195,16 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
   except BaseException:
     checkpointer.close()
     raise
-  train_step = parallel.jit_train_step(methods.make_train_step(config, info.num_classes), mesh)
-  compiled_eval_steps = {'eval': parallel.jit_eval_step(evaluation.eval_step, mesh)}
-  if state.ema_params is not None:
-    compiled_eval_steps['eval_ema'] = parallel.jit_eval_step(
-        functools.partial(evaluation.eval_step, use_ema=True), mesh)
-  swa_statistics, recent_batches = None, ()
-  if state.swa is not None:
-    compiled_eval_steps['eval_swa'] = parallel.jit_eval_step(
-        functools.partial(evaluation.eval_step, use_swa=True), mesh)
-    swa_statistics = parallel.jit_eval_step(fast_swa.batch_statistics, mesh)
-    # The statistics pass reads the last training batches: no second stream to keep in step.
-    recent_batches = collections.deque(maxlen=config.fast_swa.bn_update_batches)
+  train_step = parallel.jit_train_step(method.make_train_step(info.num_classes), mesh)
+  evaluators = _compile_evaluators(method, mesh)
+  # A weight set's statistics pass reads the last training batches: no second stream to keep in step.
+  keep_batches = max(weight_set.statistics_batches for weight_set, _, _ in evaluators)
+  recent_batches = collections.deque(maxlen=keep_batches)
 
-  diagnose, diagnose_every = None, method.diagnostics_every_steps(config)
-  if diagnose_every and method.diagnostics is not None:
-    diagnose = parallel.jit_eval_step(functools.partial(method.diagnostics, config=config), mesh)
+  own = method.method
+  diagnose, diagnose_every = None, own.diagnostics_every_steps(config)
+  if diagnose_every and own.diagnostics is not None:
+    diagnose = parallel.jit_eval_step(functools.partial(own.diagnostics, config=config), mesh)
 
   finished = start_step >= config.num_train_steps
   # A finished run started again is evaluated and reported, not logged again:
@@ -209,7 +213,8 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
     # Before the writer opens the file for appending (the rewrite replaces it).
     metrics_lib.drop_rows_after(workdir, start_step)
   writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
-  run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state)
+  run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state,
+             method.headline)
   progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
   guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps)
   started, step, preempted = time.time(), start_step, False
@@ -218,12 +223,12 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
     for step in range(start_step + 1, config.num_train_steps + 1):
       # Computed on the devices from (seed, step), or prefetched there: no host work per step.
       batch = inp.train_batch(step - 1)
-      if swa_statistics is not None:
+      if keep_batches:
         recent_batches.append(batch)
       if diagnose and step % diagnose_every == 0:
         # On the state the step is about to update (it is donated to the step).
         values = jax.device_get(diagnose(state, batch))
-        writer.write_scalars(step, {f'{method.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
+        writer.write_scalars(step, {f'{own.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
       # A save runs in the background while training goes on; one that has failed stops the
@@ -242,7 +247,7 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
         jax.block_until_ready(step_metrics)
         run.report_train_metrics(step, progress(step) or {})  # Also the finiteness check before a save.
       if step % config.eval_every_steps == 0 or is_last:
-        state = run.evaluate(step, state, compiled_eval_steps, swa_statistics, recent_batches)
+        state = run.evaluate(step, state, evaluators, recent_batches)
       if must_save:
         checkpointer.save(step, state)
       if preempted:
@@ -251,7 +256,7 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
         break
     if not run.last_eval and not preempted:
       # Nothing left to train (a finished run started again): evaluate what was restored.
-      state = run.evaluate(step, state, compiled_eval_steps, swa_statistics, recent_batches)
+      state = run.evaluate(step, state, evaluators, recent_batches)
   finally:
     guard.close()
     try:

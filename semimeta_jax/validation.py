@@ -1,8 +1,8 @@
 """Configuration checks that run before any compute, with messages that name the field.
 
-One contract: the fields every run reads are checked here, and the method checks
-its own through the registry (`methods.validate`, i.e. `Method.validate` and the
-fast-SWA option); this module names no method.
+One contract: the fields every run reads are checked here, and the method and its
+options check their own through the registry (`methods.configure`: `Method.validate`
+and each `Option.validate`); this module names no method and no option.
 """
 
 import math
@@ -36,10 +36,11 @@ def _check_finite(config, prefix=''):
       _require(math.isfinite(value), prefix + name, value, 'must be a finite number')
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> methods.Configured:
   """Raises `ConfigError` naming the first field with an unusable value.
 
-  The shared fields first, then `config.method`'s own (`Method.validate`).
+  The shared fields first, then `config.method`'s own (`Method.validate`) and its
+  options'. Returns the configured method (`methods.configure`), checked once.
 
   Dataset-dependent checks (label counts against class sizes, unknown dataset
   names, data presence) are made by `semimeta_jax.data`; device-dependent ones
@@ -61,22 +62,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 'preemption_check_every_steps'):
     _require(isinstance(config[field], int) and config[field] > 0, field, config[field],
              'must be a positive integer')
-  for field in ('warmup_steps', 'consistency_rampup_steps', 'hypergrad_diagnostics_every_steps'):
+  for field in ('warmup_steps', 'consistency_rampup_steps'):
     _require(isinstance(config[field], int) and config[field] >= 0, field, config[field],
              'must be an integer >= 0')
   _require(config.consistency_weight >= 0, 'consistency_weight', config.consistency_weight, 'must be >= 0')
   _require(0 <= config.dropout_rate < 1, 'dropout_rate', config.dropout_rate, 'must be in [0, 1)')
   _require(config.model_width >= 0, 'model_width', config.model_width, 'must be >= 0 (0 = default)')
 
-  _require(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay, 'must be in [0, 1)')
-  if config.eval_with_ema:
-    _require(config.ema_decay > 0, 'eval_with_ema', True, 'needs config.ema_decay > 0')
-
   validate_data_config(config.data)
   largest = max(config.labeled_batch_size, config.unlabeled_batch_size)
   _require(config.num_train_steps * largest < 2**31, 'num_train_steps', config.num_train_steps,
            f'x batch {largest} examples overflow the int32 stream positions (2**31)')
-  methods.validate(config)
+  return methods.configure(config)
 
 
 def validate_data_config(data: ml_collections.ConfigDict) -> None:

@@ -49,7 +49,10 @@ def tiny_config(**overrides):
   config.consistency_rampup_steps = 0
   config.learning_rate = 0.05
   config.lr_decay_boundaries = ()
+  from semimeta_jax import run_dir  # pylint: disable=g-import-not-at-top
   for name, value in overrides.items():
+    # A field's earlier flat name (e.g. vat_epsilon) is read as today's, as a saved config is.
+    name = run_dir.RENAMED_FIELDS.get(name, name)
     target = config
     *parents, leaf = name.split('.')
     for parent in parents:

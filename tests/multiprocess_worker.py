@@ -37,7 +37,6 @@ from semimeta_jax import data
 from semimeta_jax import methods
 from semimeta_jax import models
 from semimeta_jax import parallel
-from semimeta_jax import state as state_lib
 from semimeta_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -132,8 +131,8 @@ def _restore(args):
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     info = data.dataset_info(config.data)
   model = models.get_model(config, info.num_classes)
-  init = functools.partial(state_lib.init_train_state, config, model, info.image_shape,
-                           use_ema=methods.uses_ema(config))
+  init = functools.partial(methods.init_train_state, config, model, info.image_shape,
+                           num_train=info.num_train, num_classes=info.num_classes)
   # Shapes and shardings are all a restore needs: no initialisation is computed.
   replicated = parallel.replicated(parallel.make_mesh())
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

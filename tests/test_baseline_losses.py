@@ -24,7 +24,7 @@ def test_supervised_loss_is_the_ce_of_the_labeled_rows(method, extra):
   config = tiny_config(method=method, **NO_NOISE, **extra)
   state = tiny_state(config)
   if method == 'mean_teacher':  # tiny_state keeps no EMA unless asked; the teacher starts as a copy.
-    state = state.replace(ema_params=state.params, ema_batch_stats=state.batch_stats)
+    state = state.replace(extra={'ema': {'params': state.params, 'batch_stats': state.batch_stats}})
   batch = synthetic_batch(jax.random.key(2))
   _, metrics = jax.jit(methods.make_train_step(config, 10))(state, batch)
 

@@ -46,10 +46,12 @@ _init_variables = jax.jit(lambda key: _MODEL.init({'params': key}, jnp.zeros((1,
 
 def fresh_state(config, seed=0):
   variables = _init_variables(jax.random.key(seed))
+  params, batch_stats = variables['params'], variables['batch_stats']
+  extra = methods.configure(config).init_extra(num_train=0, num_classes=10)(params, batch_stats)
   return state_lib.TrainState.create(
-      apply_fn=models.get_model(config, 10).apply, params=variables['params'],
-      batch_stats=variables['batch_stats'], tx=schedules.sgd_with_coupled_weight_decay(config),
-      rng=jax.random.key(seed + 1), use_ema=methods.uses_ema(config))
+      apply_fn=models.get_model(config, 10).apply, params=params,
+      batch_stats=batch_stats, tx=schedules.sgd_with_coupled_weight_decay(config),
+      rng=jax.random.key(seed + 1), extra=extra)
 
 
 def run(config, num_steps, seed=1):
@@ -124,7 +126,7 @@ def test_consistency_weight_follows_the_sigmoid_rampup(trained):
 def test_teacher_is_the_ema_of_the_student(trained):
   method, states, _ = trained
   if method != 'mean_teacher':
-    assert states[-1].ema_params is None  # The Pi-model keeps no average at ema_decay=0.
+    assert 'ema' not in states[-1].extra  # The Pi-model keeps no average at ema.decay=0.
     return
   teacher = jax.tree.map(np.asarray, states[0].params)
   teacher_stats = jax.tree.map(np.asarray, states[0].batch_stats)
@@ -134,10 +136,11 @@ def test_teacher_is_the_ema_of_the_student(trained):
     average = lambda old, new, a=decay: a * old + (1.0 - a) * np.asarray(new)
     teacher = jax.tree.map(average, teacher, state.params)
     teacher_stats = jax.tree.map(average, teacher_stats, state.batch_stats)
-    chex.assert_trees_all_close(state.ema_params, teacher, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(state.ema_batch_stats, teacher_stats, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(state.extra['ema']['params'], teacher, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(state.extra['ema']['batch_stats'], teacher_stats, rtol=1e-5, atol=1e-6)
   # The teacher lags the student: it is an average, not a copy.
-  assert not np.allclose(jax.tree.leaves(states[-1].ema_params)[0], jax.tree.leaves(states[-1].params)[0])
+  assert not np.allclose(jax.tree.leaves(states[-1].extra['ema']['params'])[0],
+                         jax.tree.leaves(states[-1].params)[0])
 
 
 def test_teacher_targets_carry_no_gradient():
@@ -178,9 +181,9 @@ def test_pi_consistency_is_zero_exactly_when_the_views_coincide(noise, expect_ze
 
 def test_mean_teacher_requires_an_ema_decay():
   config = baseline_config('mean_teacher', ema_decay=0.0)
-  assert methods.uses_ema(config)
+  assert methods.get('mean_teacher').keeps_ema(config)
   # One check, through the registry: config validation and building the step both refuse it.
-  with pytest.raises(validation.ConfigError, match='config.ema_decay=0.0'):
+  with pytest.raises(validation.ConfigError, match='config.ema.decay=0.0'):
     validation.validate_config(config)
-  with pytest.raises(validation.ConfigError, match='ema_decay'):
+  with pytest.raises(validation.ConfigError, match='ema.decay'):
     methods.make_train_step(config, 10)

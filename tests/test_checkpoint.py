@@ -18,6 +18,7 @@ import pytest
 from semimeta_jax import checkpoint
 from tests import conftest
 from semimeta_jax import state as state_lib
+from semimeta_jax.methods import ema
 
 
 class _MLP(nn.Module):
@@ -33,14 +34,16 @@ def _make_state(*, use_ema=False, seed=0):
   return state_lib.TrainState.create(
       apply_fn=model.apply, params=params, batch_stats={},
       tx=optax.sgd(0.1, momentum=0.9), rng=jax.random.key(seed + 1),
-      use_ema=use_ema)
+      extra={'ema': ema.init_state(None, params, {})} if use_ema else None)
 
 
 def _advance(state, n=1):
   """Takes n optimizer steps with a fixed non-zero gradient (fills the momentum)."""
   for _ in range(n):
     grads = jax.tree.map(jnp.ones_like, state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=state.batch_stats, ema_decay=0.5)
+    state = state.apply_gradients(grads=grads, batch_stats=state.batch_stats)
+    if 'ema' in state.extra:
+      state = state.replace(extra={'ema': ema.update(state.extra['ema'], state.params, {}, 0.5)})
   return state
 
 
@@ -57,7 +60,7 @@ def test_round_trip_restores_every_field(tmp_path, use_ema):
     fresh = _make_state(use_ema=use_ema, seed=7)
     restored = ckpt.restore(fresh)
   chex.assert_trees_all_equal(_leaves(restored), _leaves(state))
-  assert (restored.ema_params is None) == (not use_ema)
+  assert ('ema' in restored.extra) == use_ema
   assert int(restored.step) == 2
   # Static fields come from the target, not the checkpoint.
   assert restored.tx is fresh.tx and restored.apply_fn is fresh.apply_fn
@@ -146,7 +149,7 @@ def _wide_state(seed=0):
   params = model.init(jax.random.key(seed), jnp.ones((1, 64)))['params']
   return state_lib.TrainState.create(
       apply_fn=model.apply, params=params, batch_stats={},
-      tx=optax.sgd(0.1, momentum=0.9), rng=jax.random.key(seed + 1), use_ema=False)
+      tx=optax.sgd(0.1, momentum=0.9), rng=jax.random.key(seed + 1))
 
 
 def _largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:

@@ -48,11 +48,25 @@ def test_help_exits_zero_and_says_how_fields_are_listed_and_overridden():
     (['--config.seed=abc'], ['config.seed', 'abc']),
     (['--config.learning_rate=-1'], ['learning_rate']),
     (['--config.data.name=nope'], ['data.name', 'nope']),
+    # A field's earlier flat name: the error names today's field.
+    (['--config.vat_epsilon=2.0'], ["'vat_epsilon'", "did you mean 'vat.epsilon'"]),
 ])
 def test_a_bad_field_is_one_line_and_nothing_is_written(tmp_path, args, names):
   workdir = tmp_path / 'run'
   result = run_main('--config=configs/digits.py', f'--workdir={workdir}', *args)
   assert_one_clear_error(result, *names, workdir=workdir)
+
+
+def test_a_preset_runs_its_method_and_an_unknown_one_is_named(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_main('--config=configs/digits.py:vat_ent', f'--workdir={workdir}', '--dry_run',
+                    '--config.vat.epsilon=3.0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'method        vat' in result.stdout
+  assert 'entropy_weight: 1.0' in result.stdout and 'epsilon: 3.0' in result.stdout  # Overrides follow.
+  assert not workdir.exists()
+  result = run_main('--config=configs/digits.py:vat_entropy', f'--workdir={workdir}')
+  assert_one_clear_error(result, "'vat_entropy'", 'vat_ent', workdir=workdir)
 
 
 def test_a_missing_config_file_names_it_and_the_configs_there(tmp_path):

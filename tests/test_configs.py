@@ -3,9 +3,12 @@
 import importlib
 import pathlib
 
+import ml_collections
 import pytest
 
+from semimeta_jax import methods
 from semimeta_jax import validation
+from semimeta_jax.methods import base
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem != '__init__')
@@ -28,7 +31,7 @@ def test_paper_settings():
   assert load('cifar10').data.num_labels == 4000
   assert load('cifar100').data.num_labels == 10000
   svhn = load('svhn')
-  assert (svhn.data.num_labels, svhn.mixup_alpha, svhn.weight_decay) == (1000, 0.1, 5e-5)
+  assert (svhn.data.num_labels, svhn.semimeta.mixup_alpha, svhn.weight_decay) == (1000, 0.1, 5e-5)
   imagenet = load('imagenet')
   assert (imagenet.model, imagenet.data.label_fraction, imagenet.lr_schedule) == ('resnet18', 0.1, 'cosine')
   imagenet.num_epochs = 90  # The step counts follow the epoch fields.
@@ -51,7 +54,7 @@ BAD_FIELDS = [
     ('lr_schedule', 'linear'),
     ('data.num_labels', 0),
     ('data.label_fraction', 1.5),
-    ('ema_decay', 1.0),
+    ('ema.decay', 1.0),
 ]
 
 
@@ -79,5 +82,42 @@ def test_inner_steps_need_the_exact_mode():
 def test_mean_teacher_needs_an_ema():
   config = load('default')
   config.method = 'mean_teacher'
-  with pytest.raises(validation.ConfigError, match='config.ema_decay='):
+  with pytest.raises(validation.ConfigError, match='config.ema.decay='):
     validation.validate_config(config)
+
+
+def test_the_default_config_composes_every_registered_block():
+  config = load('default')
+  for name, block in methods.config_blocks().items():
+    assert config[name].to_dict() == block.to_dict(), name
+
+
+def test_a_new_method_brings_its_own_block_and_preset(monkeypatch):
+  """One `Method` in the registry is all a method needs: its fields and presets appear in the configs."""
+  new = base.Method(
+      name='newcomer', train_step=lambda state, batch, *, config, num_classes: (state, {}),
+      uses_unlabeled=False,
+      config_blocks=lambda: {'newcomer': ml_collections.ConfigDict({'strength': 0.5})},
+      presets={'digits': {'newcomer_paper': {'newcomer.strength': 2.0}}})
+  monkeypatch.setitem(methods._REGISTRY, 'newcomer', new)  # pylint: disable=protected-access
+  config = importlib.import_module('configs.digits').get_config('newcomer_paper')
+  assert (config.method, config.newcomer.strength) == ('newcomer', 2.0)
+  assert load('default').newcomer.strength == 0.5
+
+
+@pytest.mark.parametrize('dataset', ['digits', 'cifar10'])
+def test_every_method_has_presets_that_validate(dataset):
+  presets = methods.presets(dataset)
+  assert {preset['method'] for preset in presets.values()} == set(methods.METHOD_NAMES)
+  for name, overrides in presets.items():
+    config = importlib.import_module(f'configs.{dataset}').get_config(name)
+    assert config.method == overrides['method']
+    configured = validation.validate_config(config)
+    assert configured.method.name == overrides['method'], name
+
+
+def test_a_preset_sets_its_fields_and_an_unknown_one_is_named():
+  config = importlib.import_module('configs.digits').get_config('vat_ent')
+  assert (config.method, config.vat.epsilon, config.vat.xi, config.vat.entropy_weight) == ('vat', 2.0, 0.0, 1.0)
+  with pytest.raises(validation.ConfigError, match="config.preset='vat_entropy'"):
+    importlib.import_module('configs.digits').get_config('vat_entropy')

@@ -68,3 +68,46 @@ def test_the_table_names_the_label_budget_the_runs_used(runner):
            'num_labeled': 30, 'wall_seconds': 60.0} for s, e in ((0, 10.0), (1, 12.0))]
   table = runner.table(rows)
   assert '| Labeled only (30 labels) | 2 | 11.00 ± 1.00 | 11.00 ± 1.00 | 60 |' in table
+
+
+def _in_flat_names(config, renamed):
+  """A resolved config as the version before method blocks recorded it (earlier flat names)."""
+  flat = {}
+  def walk(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat[prefix + key] = value
+  walk(config)
+  earlier = {new: old for old, new in renamed.items()}
+  nested = {}
+  for name, value in flat.items():
+    *parents, leaf = earlier.get(name, name).split('.')
+    target = nested
+    for parent in parents:
+      target = target.setdefault(parent, {})
+    target[leaf] = value
+  return nested
+
+
+def test_a_variant_reads_its_methods_preset_and_reuses_runs_recorded_in_flat_names(runner, tmp_path):
+  from semimeta_jax import methods  # pylint: disable=g-import-not-at-top
+  for name, preset in methods.presets('digits').items():
+    resolved = runner.resolve_config(runner.VARIANTS[name])
+    for field, value in preset.items():
+      target = resolved
+      for part in field.split('.'):
+        target = target[part]
+      assert target == value, (name, field)
+  workdir = tmp_path / 'mean_teacher_fast_swa' / 'seed_0'
+  workdir.mkdir(parents=True)
+  ran = runner.resolve_config(['--config.seed=0', *runner.VARIANTS['mean_teacher_fast_swa']])
+  old = _in_flat_names(ran, runner.RENAMED_FIELDS)
+  assert old['ema_decay'] == 0.99 and old['eval_with_ema'] is True and 'ema' not in old
+  (workdir / 'summary.json').write_text(json.dumps(
+      {'completed': True, 'config': old, 'final_error_top1': 7.0, 'best_error_top1': 6.0,
+       'num_labeled': 50, 'wall_seconds_this_run': 1.0}))
+  assert runner.run_one('mean_teacher_fast_swa', 0, tmp_path, None, [])['final_error_top1'] == 7.0
+  with pytest.raises(RuntimeError, match=r'ema\.decay: ran 0.99, requested 0.9'):
+    runner.run_one('mean_teacher_fast_swa', 0, tmp_path, None, ['--config.ema.decay=0.9'])

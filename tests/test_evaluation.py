@@ -15,6 +15,7 @@ from semimeta_jax import evaluation
 from semimeta_jax import parallel
 from semimeta_jax import state as state_lib
 from semimeta_jax.data import evaluation as data_evaluation
+from semimeta_jax.methods import ema
 
 NUM_CLASSES = 6
 
@@ -28,9 +29,10 @@ def logits_model(variables, x, train):
 def make_state(bias=0.0, ema_bias=None):
   state = state_lib.TrainState.create(
       apply_fn=logits_model, params={'bias': jnp.full((NUM_CLASSES,), bias)}, batch_stats={},
-      tx=optax.sgd(0.1), rng=jax.random.key(0), use_ema=ema_bias is not None)
+      tx=optax.sgd(0.1), rng=jax.random.key(0))
   if ema_bias is not None:
-    state = state.replace(ema_params={'bias': jnp.full((NUM_CLASSES,), ema_bias)})
+    state = state.replace(extra={'ema': {'params': {'bias': jnp.full((NUM_CLASSES,), ema_bias)},
+                                         'batch_stats': {}}})
   return state
 
 
@@ -76,18 +78,19 @@ def test_eval_step_sums_only_the_real_rows():
   np.testing.assert_allclose(sums['loss_sum'], expected_loss, rtol=1e-5)
 
 
-def test_eval_step_reads_the_ema_weights_when_asked():
+def test_eval_step_reads_the_weight_set_it_is_given():
   # A bias of +10 on class 5 makes every real row predict 5: only row 2 and row 4 are labelled 5.
   ema_bias = np.zeros(NUM_CLASSES)
   ema_bias[5] = 10.0
-  state = make_state(bias=0.0, ema_bias=0.0).replace(ema_params={'bias': jnp.asarray(ema_bias, jnp.float32)})
+  state = make_state(bias=0.0, ema_bias=ema_bias)
   batch = batch_of(LOGITS, LABELS, NUM_VALID)
   raw = jax.jit(evaluation.eval_step)(state, batch)
-  ema = jax.jit(lambda s, b: evaluation.eval_step(s, b, use_ema=True))(state, batch)
+  ema_set, = ema.OPTION.weight_sets(None)
+  ema_sums = jax.jit(lambda s, b: evaluation.eval_step(s, b, select=ema_set.select))(state, batch)
   assert float(raw['correct_top1']) == 3.0
-  assert float(ema['correct_top1']) == 2.0
+  assert float(ema_sums['correct_top1']) == 2.0
   expected = numpy_cross_entropy(LOGITS + ema_bias, LABELS)[:NUM_VALID].sum()
-  np.testing.assert_allclose(ema['loss_sum'], expected, rtol=1e-5)
+  np.testing.assert_allclose(ema_sums['loss_sum'], expected, rtol=1e-5)
 
 
 def test_evaluate_over_a_mesh_gives_exact_errors_and_loss():

@@ -29,7 +29,7 @@ def swa_config(**overrides):
 
 def test_the_tail_is_a_cyclic_cosine_after_the_unchanged_main_schedule():
   config = swa_config()
-  schedule = schedules.learning_rate_schedule(config)
+  schedule = methods.learning_rate_schedule(config)
   plain = tiny_config(learning_rate=0.1, lr_decay_boundaries=(2,))
   for t in range(MAIN):
     np.testing.assert_allclose(schedule(t), schedules.learning_rate_schedule(plain)(t), rtol=1e-6)
@@ -42,7 +42,7 @@ def test_the_tail_is_a_cyclic_cosine_after_the_unchanged_main_schedule():
 def test_a_cosine_main_schedule_decays_over_the_main_steps_only():
   """The cosine reaches its end at the tail's start, not at num_train_steps (closed form)."""
   warmup = 1
-  schedule = schedules.learning_rate_schedule(swa_config(lr_schedule='cosine', warmup_steps=warmup))
+  schedule = methods.learning_rate_schedule(swa_config(lr_schedule='cosine', warmup_steps=warmup))
   for t in range(MAIN):
     progress = max(t - warmup, 0) / (MAIN - warmup)
     expected = 0.1 * t / warmup if t < warmup else 0.1 * 0.5 * (1 + np.cos(np.pi * progress))
@@ -67,7 +67,7 @@ def test_the_average_is_the_mean_of_its_snapshots():
     assert int(metrics['swa_count']) == len(snapshots)
   assert len(snapshots) == CYCLES * CYCLE // EVERY
   mean = jax.tree.map(lambda *p: np.mean(np.stack(p), axis=0), *snapshots)
-  chex.assert_trees_all_close(state.swa['params'], mean, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state.extra['fast_swa']['params'], mean, rtol=1e-5, atol=1e-6)
 
 
 class _BNNet(nn.Module):
@@ -102,11 +102,11 @@ def test_recomputed_statistics_are_those_of_a_full_pass_over_the_batches():
   state = state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                       batch_stats=variables['batch_stats'],
                                       tx=schedules.sgd_with_coupled_weight_decay(config),
-                                      rng=jax.random.key(1), use_swa=True)
+                                      rng=jax.random.key(1))
   # Averaged weights that differ from the raw ones, and stale statistics to be replaced.
   shifted = jax.tree.map(lambda a: a + 0.3, state.params)
-  state = state.replace(swa=dict(state.swa, params=shifted,
-                                 batch_stats=jax.tree.map(lambda a: a + 5.0, state.batch_stats)))
+  stale = jax.tree.map(lambda a: a + 5.0, state.batch_stats)
+  state = state.replace(extra={'fast_swa': fast_swa.init_state(config, shifted, stale)})
   batches = [synthetic_batch(jax.random.key(k), batch_size=8) for k in range(3)]
   per_batch = [jax.jit(fast_swa.batch_statistics)(state, b) for b in batches]
   state = fast_swa.with_recomputed_batch_stats(state, per_batch)
@@ -114,7 +114,7 @@ def test_recomputed_statistics_are_those_of_a_full_pass_over_the_batches():
                                  np.concatenate([b['labeled']['image'], b['unlabeled']['image']]))
              for b in batches]
   full_pass = jax.tree.map(lambda *s: np.mean(np.stack(s), axis=0), *by_hand)
-  chex.assert_trees_all_close(state.swa['batch_stats'], full_pass, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(state.extra['fast_swa']['batch_stats'], full_pass, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('field,value', [('fast_swa.average_every_steps', 3), ('fast_swa.cycles', 5),

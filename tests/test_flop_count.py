@@ -10,7 +10,6 @@ from experiments import benchmark_step
 from experiments import flop_count
 from semimeta_jax import methods
 from semimeta_jax import models
-from semimeta_jax import state as state_lib
 from semimeta_jax.models import convlarge
 
 
@@ -42,8 +41,7 @@ def test_the_convlarge_forward_is_1_46_gflop_per_image():
 def test_a_training_step_counts_forward_and_backward(mode, low, high):
   config = benchmark_step.make_config(mode, model='convlarge', model_width=0, batch_size=2)
   model = models.get_model(config, 10)
-  state = jax.eval_shape(lambda: state_lib.init_train_state(
-      config, model, (32, 32, 3), jax.random.key(0), use_ema=methods.uses_ema(config)))
+  state = jax.eval_shape(lambda: methods.init_train_state(config, model, (32, 32, 3), jax.random.key(0)))
   batch = jax.eval_shape(lambda: benchmark_step.synthetic_batch(jax.random.key(1), 2, (32, 32, 3), 10))
   counted = flop_count.count_flops(methods.make_train_step(config, 10), state, batch)
   # The supervised step is a forward and a backward (two convs per conv, less the first layer's

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semimeta_jax import hypergrad
+from semimeta_jax.methods import hypergrad
 
 PARITY_FILE = pathlib.Path(__file__).resolve().parent / 'data' / 'semimeta_reference_mlp.npz'
 EXACT_MODES = ('exact', 'first_order', 'jvp')

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semimeta_jax import hypergrad
+from semimeta_jax.methods import hypergrad
 from semimeta_jax import methods
 from semimeta_jax import models
 from semimeta_jax import state as state_lib

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from semimeta_jax import hypergrad
+from semimeta_jax.methods import hypergrad
 from semimeta_jax import methods
 from semimeta_jax import models
 from semimeta_jax import parallel

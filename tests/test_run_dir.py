@@ -101,8 +101,8 @@ def test_the_cosine_schedule_length_needs_allow_config_change(tmp_path):
 def test_a_new_field_counts_as_a_change(tmp_path):
   run_dir.record_config(tmp_path, _config(), 0)
   extended = _config()
-  extended.mixup = True
-  with pytest.raises(run_dir.ConfigChangedError, match='mixup'):
+  extended.brand_new_field = True
+  with pytest.raises(run_dir.ConfigChangedError, match='brand_new_field'):
     run_dir.check_config(tmp_path, extended)
 
 

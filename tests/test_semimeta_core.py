@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semimeta_jax import hypergrad
+from semimeta_jax.methods import hypergrad
 from semimeta_jax import methods
 from tests.conftest import synthetic_batch, tiny_config
 from tests.tiny_net import tiny_state

@@ -69,8 +69,8 @@ def _traceable(step):
 
 def test_step_trains_traces_once_and_keeps_the_ensemble_of_its_predictions():
   config = tiny_config(method='temporal_ensembling', dropout_rate=0.0, learning_rate=0.1,
-                       max_translation=1, consistency_rampup='sigmoid', consistency_rampup_steps=4,
-                       consistency_weight=3.0, ensemble_momentum=MOMENTUM)
+                       consistency_rampup='sigmoid', consistency_rampup_steps=4, consistency_weight=3.0,
+                       **{'perturb.max_translation': 1, 'temporal_ensembling.momentum': MOMENTUM})
   num_train = 40
   model = models.get_model(config, 10)
   state = methods.init_train_state(config, model, (8, 8, 1), jax.random.key(0), num_train=num_train,
@@ -98,7 +98,8 @@ def test_step_trains_traces_once_and_keeps_the_ensemble_of_its_predictions():
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('field,value', [('ensemble_momentum', 1.0), ('max_translation', -1)])
+@pytest.mark.parametrize('field,value', [('temporal_ensembling.momentum', 1.0),
+                                         ('perturb.max_translation', -1)])
 def test_a_bad_temporal_ensembling_field_is_named(field, value):
   with pytest.raises(validation.ConfigError, match=f'config.{field}='):
     validation.validate_config(tiny_config(method='temporal_ensembling', **{field: value}))

@@ -53,7 +53,7 @@ def test_vat_ent_runs(tmp_path):
 
 def test_mean_teacher_with_fast_swa_reports_the_averaged_weights(tmp_path):
   config = mock_config(tmp_path, **{
-      'method': 'mean_teacher', 'ema_decay': 0.9, 'num_train_steps': 8, 'eval_every_steps': 4,
+      'method': 'mean_teacher', 'ema.decay': 0.9, 'num_train_steps': 8, 'eval_every_steps': 4,
       'checkpoint_every_steps': 4, 'fast_swa.cycles': 1, 'fast_swa.cycle_steps': 4,
       'fast_swa.average_every_steps': 2, 'fast_swa.lr_max': 0.05, 'fast_swa.lr_min': 0.005,
       'fast_swa.bn_update_batches': 2})
@@ -66,4 +66,4 @@ def test_mean_teacher_with_fast_swa_reports_the_averaged_weights(tmp_path):
   assert evals[8]['eval_swa/num_examples'] == 40
   assert summary['final_error_top1'] == evals[8]['eval_swa/error_top1']  # fast_swa.headline.
   state = saved_state(config, tmp_path / 'run')
-  assert int(jax.device_get(state.swa['count'])) == 2  # After updates 6 and 8.
+  assert int(jax.device_get(state.extra['fast_swa']['count'])) == 2  # After updates 6 and 8.

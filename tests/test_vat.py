@@ -65,8 +65,8 @@ def _traceable(step):
 
 
 def test_vat_ent_step_trains_traces_once_and_adds_its_terms():
-  config = tiny_config(method='vat', dropout_rate=0.0, learning_rate=0.1, vat_epsilon=1.0,
-                       entropy_weight=1.0, consistency_weight=1.0)
+  config = tiny_config(method='vat', dropout_rate=0.0, learning_rate=0.1, consistency_weight=1.0,
+                       **{'vat.epsilon': 1.0, 'vat.entropy_weight': 1.0})
   model = models.get_model(config, 10)
   state = methods.init_train_state(config, model, (8, 8, 1), jax.random.key(0))
   batch = synthetic_batch(jax.random.key(5))
@@ -87,8 +87,8 @@ def test_vat_ent_step_trains_traces_once_and_adds_its_terms():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize('field,value', [('vat_epsilon', 0.0), ('vat_xi', -1.0),
-                                         ('vat_power_iterations', 0), ('entropy_weight', -1.0)])
+@pytest.mark.parametrize('field,value', [('vat.epsilon', 0.0), ('vat.xi', -1.0),
+                                         ('vat.power_iterations', 0), ('vat.entropy_weight', -1.0)])
 def test_a_bad_vat_field_is_named(field, value):
   with pytest.raises(validation.ConfigError, match=f'config.{field}='):
     validation.validate_config(tiny_config(method='vat', **{field: value}))

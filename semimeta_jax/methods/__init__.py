@@ -1,18 +1,25 @@
 """Training methods behind one interface (`base.Method`), and the registry of `config.method`.
 
-A method knows the math of one update and nothing of files, devices or logging;
-the training loop compiles whichever `make_train_step` returns and reads the
-method's attributes (`uses_unlabeled`, extra state, diagnostics) without naming it.
-fast-SWA (`fast_swa.py`) is an option of every method, wrapped around its step.
+A method knows the math of one update and nothing of files, devices or logging.
+Its module brings everything else it needs: its config block (composed into the
+default config by `config_blocks`), its checks, its papers' settings (`presets`)
+and its step. The options (`options.py`: the EMA of the weights, fast-SWA) wrap
+any method's step and add the weight sets they keep to the evaluation. The loop
+receives a `Configured` (the method and its options, checked once) and reads its
+attributes without naming either.
 """
 
+import dataclasses
 import functools
+from typing import Any
 
 from semimeta_jax import errors
 from semimeta_jax import state as state_lib
+from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
-from semimeta_jax.methods import fast_swa
 from semimeta_jax.methods import mean_teacher
+from semimeta_jax.methods import options as options_lib
+from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
 from semimeta_jax.methods import supervised
@@ -20,6 +27,7 @@ from semimeta_jax.methods import temporal_ensembling
 from semimeta_jax.methods import vat
 
 Method = base.Method
+OPTIONS = options_lib.OPTIONS
 
 # One line per method.
 _REGISTRY = {method.name: method for method in (
@@ -29,9 +37,12 @@ _REGISTRY = {method.name: method for method in (
     mean_teacher.METHOD,
     temporal_ensembling.METHOD,
     vat.METHOD,
+    pseudo_label.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
+# The blocks that are neither a method's nor an option's own: shared by several methods.
+_SHARED_BLOCKS = (augment,)
 
 
 def get(name: str) -> base.Method:
@@ -44,29 +55,146 @@ def get(name: str) -> base.Method:
   return _REGISTRY[name]
 
 
+def config_blocks() -> dict[str, Any]:
+  """Every registered method's, option's and shared config block, by name (fresh copies)."""
+  blocks = {}
+  providers = [m.config_blocks for m in _REGISTRY.values()] + [o.config_blocks for o in OPTIONS]
+  for provider in providers + [shared.config_blocks for shared in _SHARED_BLOCKS]:
+    for name, block in provider().items():
+      if name in blocks:
+        raise ValueError(f'Two registered modules define the config block {name!r}.')
+      blocks[name] = block
+  return blocks
+
+
+def renamed_fields() -> dict[str, str]:
+  """{earlier dotted field name: current one} over every method, option and shared block."""
+  renamed = {}
+  for owner in [*_REGISTRY.values(), *OPTIONS, *_SHARED_BLOCKS]:
+    renamed.update(owner.renamed_fields)
+  return renamed
+
+
+def presets(dataset: str) -> dict[str, dict[str, Any]]:
+  """{preset name: {dotted field: value}} of every method for `dataset` (e.g. 'digits').
+
+  Each preset names its method (`method`). Raises ValueError if two methods declare one name.
+  """
+  found = {}
+  for method in _REGISTRY.values():
+    for name, overrides in method.presets.get(dataset, {}).items():
+      if name in found:
+        raise ValueError(f'Two methods declare the {dataset} preset {name!r}.')
+      found[name] = {'method': method.name, **overrides}
+  return found
+
+
+def apply_preset(config, dataset: str, name: str | None):
+  """`config` with the overrides of preset `name` for `dataset` (None or '' = unchanged).
+
+  What `--config=configs/digits.py:NAME` runs (the config file passes NAME here).
+
+  Raises:
+    errors.ConfigError: if no method declares that preset for `dataset`.
+  """
+  if not name:
+    return config
+  known = presets(dataset)
+  errors.require(name in known, 'preset', name, f'expected one of {tuple(known)} for {dataset}')
+  for field, value in known[name].items():
+    target = config
+    *parents, leaf = field.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
 def validate(config) -> None:
-  """The checks of `config.method` and of the fast-SWA option."""
+  """The checks of `config.method`, of the shared blocks and of every option."""
   get(config.method).validate(config)
-  fast_swa.validate(config)
+  for shared in _SHARED_BLOCKS:
+    shared.validate(config)
+  for option in OPTIONS:
+    option.validate(config)
+  options_lib.learning_rate_tail(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Configured:
+  """A method with the options a config turns on, built once from a checked config.
+
+  Attributes:
+    method: the `Method` of `config.method`.
+    config: the run configuration.
+    options: the options this config enables, in registry order.
+  """
+  method: base.Method
+  config: Any
+  options: tuple[base.Option, ...]
+
+  @property
+  def uses_unlabeled(self) -> bool:
+    return self.method.uses_unlabeled
+
+  def make_train_step(self, num_classes: int):
+    """`train_step(state, batch) -> (state, metrics)`, the options' updates after the method's."""
+    step = functools.partial(self.method.train_step, config=self.config, num_classes=num_classes)
+    for option in self.options:
+      step = option.wrap(step, self.config, self.method)
+    return step
+
+  def init_extra(self, *, num_train: int, num_classes: int):
+    """`(params, batch_stats) -> extra`: the method's buffers and each option's state."""
+    own = self.method.init_extra_state(self.config, num_train=num_train, num_classes=num_classes)
+    return lambda params, batch_stats: {
+        **own, **{o.name: o.init_state(self.config, params, batch_stats) for o in self.options}}
+
+  def init_train_state(self, model, image_shape, rng, *, num_train: int = 0, num_classes: int = 0,
+                       tx=None) -> state_lib.TrainState:
+    """The step-0 state with everything the method and its options keep (see `init_train_state`)."""
+    return state_lib.init_train_state(
+        self.config, model, image_shape, rng, tx=tx if tx is not None else options_lib.optimizer(self.config),
+        extra=self.init_extra(num_train=num_train, num_classes=num_classes))
+
+  def weight_sets(self) -> list[base.WeightSet]:
+    """The weight sets to evaluate: the raw weights ('eval'), then each option's."""
+    raw = base.WeightSet(prefix='eval', select=lambda state: (state.params, state.batch_stats))
+    return [raw] + [ws for option in self.options for ws in option.weight_sets(self.config)]
+
+  @property
+  def headline(self) -> str:
+    """The prefix of the weight set whose error the run reports: the last option that claims it."""
+    claims = [option.weight_sets(self.config)[0].prefix for option in self.options
+              if option.headline(self.config)]
+    return claims[-1] if claims else 'eval'
+
+  def describe(self) -> str:
+    """The method and its options, in one line of the run plan."""
+    parts = [self.method.describe(self.config)] + [o.describe(self.config) for o in self.options]
+    details = '; '.join(part for part in parts if part)
+    return self.method.name + (f' ({details})' if details else '')
+
+
+def configure(config) -> Configured:
+  """The `Configured` method of a config, after its checks (`validate`).
+
+  Raises:
+    errors.ConfigError: if `config.method` is unknown or a field is unusable.
+  """
+  method = get(config.method)
+  validate(config)
+  return Configured(method=method, config=config,
+                    options=tuple(o for o in OPTIONS if o.enabled(config, method)))
 
 
 def make_train_step(config, num_classes: int):
-  """Returns `train_step(state, batch) -> (state, metrics)` for `config.method`.
-
-  With fast-SWA on, the step also keeps the running average of the weights.
+  """Returns `train_step(state, batch) -> (state, metrics)` for `config.method` and its options.
 
   Raises:
     errors.ConfigError: if `config.method` is unknown or its fields are unusable.
   """
-  method = get(config.method)
-  method.validate(config)
-  step = functools.partial(method.train_step, config=config, num_classes=num_classes)
-  return fast_swa.wrap(step, config) if fast_swa.enabled(config) else step
-
-
-def uses_ema(config) -> bool:
-  """Whether the state keeps an exponential moving average of the weights."""
-  return get(config.method).keeps_ema(config)
+  return configure(config).make_train_step(num_classes)
 
 
 def init_train_state(config, model, image_shape, rng, *, num_train: int = 0, num_classes: int = 0,
@@ -80,10 +208,12 @@ def init_train_state(config, model, image_shape, rng, *, num_train: int = 0, num
     rng: the run's base key (typed).
     num_train: size of the training split (per-example buffers are this long).
     num_classes: number of classes (width of per-example buffers).
-    tx: the optimizer; default from `config`.
+    tx: the optimizer; default from `config` (with the options' schedule tail).
   """
-  method = get(config.method)
-  return state_lib.init_train_state(
-      config, model, image_shape, rng, tx=tx, use_ema=method.keeps_ema(config),
-      extra=method.init_extra_state(config, num_train=num_train, num_classes=num_classes),
-      use_swa=fast_swa.enabled(config))
+  return configure(config).init_train_state(model, image_shape, rng, num_train=num_train,
+                                            num_classes=num_classes, tx=tx)
+
+
+def learning_rate_schedule(config):
+  """The learning rate of each step, options' tail included (`options.learning_rate_schedule`)."""
+  return options_lib.learning_rate_schedule(config)

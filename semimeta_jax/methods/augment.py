@@ -4,7 +4,7 @@ The input pipeline gives each step one augmented view of every image. The Pi-mod
 and Mean Teacher compare two predictions of the same image under *different* noise,
 so each view is perturbed again here, inside the jitted step, from the step's key:
 
-  * a random translation of up to `max_translation` pixels along each axis: a crop
+  * a random translation of up to `perturb.max_translation` pixels along each axis: a crop
     of the image padded by reflection, as in Laine & Aila's reference code;
   * optionally a random horizontal flip drawn per view. The pipeline's own flip is
     shared by both views, which is what the Pi-model code does; the per-view flip
@@ -17,8 +17,22 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from semimeta_jax import errors
+
+# Earlier flat names of the `perturb` block's fields.
+renamed_fields = {'input_noise_std': 'perturb.noise_std', 'max_translation': 'perturb.max_translation',
+                  'perturb_flip': 'perturb.flip'}
+
+
+def config_blocks():
+  """The `perturb` block, read by the Pi-model, Mean Teacher and Temporal Ensembling."""
+  return {'perturb': ml_collections.ConfigDict({
+      'noise_std': 0.15,  # Gaussian input noise (the papers' 0.15 on normalised images).
+      'max_translation': 2,  # Pixels.
+      'flip': False,  # Independent horizontal flips per view (the pipeline flips both alike).
+  })}
 
 
 def translate(images: jax.Array, offsets: jax.Array, max_translation: int) -> jax.Array:
@@ -77,18 +91,19 @@ def validate(config) -> None:
   Raises:
     errors.ConfigError: naming the field.
   """
-  errors.require(config.input_noise_std >= 0, 'input_noise_std', config.input_noise_std, 'must be >= 0')
-  errors.require(isinstance(config.max_translation, int) and config.max_translation >= 0,
-                 'max_translation', config.max_translation, 'must be an integer >= 0')
+  block = config.perturb
+  errors.require(block.noise_std >= 0, 'perturb.noise_std', block.noise_std, 'must be >= 0')
+  errors.require(isinstance(block.max_translation, int) and block.max_translation >= 0,
+                 'perturb.max_translation', block.max_translation, 'must be an integer >= 0')
 
 
 def from_config(config):
   """`perturb` with its options read from the config: `(key, images) -> images`.
 
-  Reads `input_noise_std`, `max_translation` and `perturb_flip` (configs/default.py).
+  Reads the `perturb` block (`config_blocks`).
   """
   return functools.partial(
       perturb,
-      max_translation=int(config.max_translation),
-      flip=bool(config.perturb_flip),
-      noise_std=float(config.input_noise_std))
+      max_translation=int(config.perturb.max_translation),
+      flip=bool(config.perturb.flip),
+      noise_std=float(config.perturb.noise_std))

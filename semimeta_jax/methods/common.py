@@ -1,6 +1,7 @@
-"""Pieces every training method shares: forwards in either mode, and the optimizer step."""
+"""Pieces every training method shares: forwards in either mode, and the end of a step."""
 
 import jax.numpy as jnp
+import optax
 
 from semimeta_jax import losses
 
@@ -39,7 +40,24 @@ def accuracy(logits, labels):
   return jnp.mean(losses.topk_correct(logits, labels, 1))
 
 
-def apply_update(state, grads, batch_stats, config):
-  """One optimizer step (and EMA update when the state keeps one)."""
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats, ema_decay=config.ema_decay)
+def finish_step(state, grads, batch_stats, metrics, scored=()):
+  """The end every step shares: the optimizer update and the metrics dict.
 
+  Args:
+    state: the TrainState the step started from.
+    grads: gradients with the structure of `state.params`.
+    batch_stats: the batch statistics after the step's forwards.
+    metrics: the method's own scalars (loss terms, learning rate, weights, ...).
+    scored: (metric name, logits, batch part) triples: the accuracy of `logits`
+      on the part's labels is added when the part has labels (a truly unlabeled
+      pool has none to score).
+
+  Returns:
+    (the updated state, the metrics with 'grad_norm' and the scored accuracies).
+  """
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  for name, logits, part in scored:
+    if 'label' in part:
+      metrics[name] = accuracy(logits, part['label'])
+  return new_state, metrics

@@ -2,7 +2,7 @@
 why you should average", ICLR 2019), an option of every method.
 
 After the main schedule, the last `cycles * cycle_steps` of `config.num_train_steps`
-follow a cyclic cosine learning rate (`schedules.learning_rate_schedule`): each
+follow a cyclic cosine learning rate (`learning_rate_tail`): each
 cycle falls from `fast_swa.lr_max` to `fast_swa.lr_min`. Inside the cycles the
 weights are averaged every `average_every_steps` updates (fast-SWA averages many
 points of each cycle where plain SWA takes one per cycle), the running mean kept
@@ -15,11 +15,28 @@ of each batch's statistics.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from semimeta_jax import errors
-from semimeta_jax import schedules
+from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.models import layers
+
+NAME = 'fast_swa'
+PREFIX = 'eval_swa'
+
+
+def config_blocks():
+  """The `fast_swa` block: off by default (`cycles = 0`)."""
+  return {NAME: ml_collections.ConfigDict({
+      'cycles': 0,  # 0 = off.
+      'cycle_steps': 0,
+      'average_every_steps': 0,
+      'lr_max': 0.0,
+      'lr_min': 0.0,
+      'bn_update_batches': 0,
+      'headline': True,  # The run's reported error is the averaged weights' (else the raw).
+  })}
 
 
 def enabled(config) -> bool:
@@ -27,7 +44,29 @@ def enabled(config) -> bool:
   return config.fast_swa.cycles > 0
 
 
-tail_steps = schedules.fast_swa_tail_steps
+def tail_steps(config) -> int:
+  """Steps of fast-SWA's cyclic tail: the last ones of `num_train_steps` (0 when off)."""
+  swa = config.fast_swa
+  return swa.cycles * swa.cycle_steps if swa.cycles > 0 else 0
+
+
+def cyclic_cosine(start: int, cycle_steps: int, lr_max: float, lr_min: float):
+  """fast-SWA's tail from step `start` on: every cycle a cosine from lr_max down to lr_min."""
+
+  def schedule(count):
+    phase = jnp.mod(jnp.asarray(count) - start, cycle_steps).astype(jnp.float32) / cycle_steps
+    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + jnp.cos(jnp.pi * phase))
+
+  return schedule
+
+
+def learning_rate_tail(config):
+  """(steps, schedule) of the cyclic tail that replaces the main schedule's last steps, or None."""
+  steps = tail_steps(config)
+  if not steps:
+    return None
+  swa = config.fast_swa
+  return steps, cyclic_cosine(config.num_train_steps - steps, swa.cycle_steps, swa.lr_max, swa.lr_min)
 
 
 def validate(config) -> None:
@@ -72,14 +111,15 @@ def update_average(swa, params, include: jax.Array):
   return dict(swa, params=average, count=count)
 
 
-def wrap(step, config):
+def wrap(step, config, method=None):
   """`step` followed by the fast-SWA average update. Pure: (state, batch) -> (state, metrics)."""
+  del method  # The average is the same for every method.
 
   def swa_step(state, batch):
     state, metrics = step(state, batch)
     include = average_now(config, state.step)
-    swa = update_average(state.swa, state.params, include)
-    return state.replace(swa=swa), dict(metrics, swa_count=swa['count'])
+    swa = update_average(state.extra[NAME], state.params, include)
+    return state.replace(extra=dict(state.extra, **{NAME: swa})), dict(metrics, swa_count=swa['count'])
 
   return swa_step
 
@@ -97,14 +137,15 @@ def batch_statistics(state, batch):
   Dropout acts as in training (PyTorch's `bn_update` runs `model.train()`), with a
   fixed key so that the pass is deterministic. Pure; the loop jits it over the mesh.
   """
-  zeros = jax.tree.map(jnp.zeros_like, state.swa['batch_stats'])
-  _, after = common.train_forward(state, state.swa['params'], _joined_images(batch), zeros,
+  swa = state.extra[NAME]
+  zeros = jax.tree.map(jnp.zeros_like, swa['batch_stats'])
+  _, after = common.train_forward(state, swa['params'], _joined_images(batch), zeros,
                                   jax.random.key(0))
   return jax.tree.map(lambda s: s / (1.0 - layers.BN_MOMENTUM), after)
 
 
 def with_recomputed_batch_stats(state, per_batch_stats):
-  """The state with `swa['batch_stats']` the mean of the per-batch statistics.
+  """The state with the average's batch statistics the mean of the per-batch statistics.
 
   Args:
     state: a TrainState with fast-SWA on.
@@ -115,4 +156,50 @@ def with_recomputed_batch_stats(state, per_batch_stats):
     those batches (PyTorch's `bn_update`: the plain mean of the batch statistics).
   """
   mean = jax.tree.map(lambda *s: sum(s) / len(s), *per_batch_stats)
-  return state.replace(swa=dict(state.swa, batch_stats=mean))
+  swa = dict(state.extra[NAME], batch_stats=mean)
+  return state.replace(extra=dict(state.extra, **{NAME: swa}))
+
+
+def init_state(config, params, batch_stats):
+  """An empty average (count 0) of the weights' shapes."""
+  del config
+  copy = lambda tree: jax.tree.map(jnp.array, tree)
+  return {'params': copy(params), 'batch_stats': copy(batch_stats), 'count': jnp.zeros((), jnp.int32)}
+
+
+def weights(state):
+  """(params, batch_stats) of the average."""
+  return state.extra[NAME]['params'], state.extra[NAME]['batch_stats']
+
+
+def has_snapshot(state) -> bool:
+  """Whether the average holds a snapshot yet (host-side; reads the count)."""
+  return int(jax.device_get(state.extra[NAME]['count'])) > 0
+
+
+def weight_sets(config):
+  """The averaged weights, their batch statistics recomputed before each evaluation."""
+  return [base.WeightSet(prefix=PREFIX, select=weights, ready=has_snapshot,
+                         statistics_batches=config.fast_swa.bn_update_batches,
+                         batch_statistics=batch_statistics,
+                         with_statistics=with_recomputed_batch_stats)]
+
+
+def describe(config) -> str:
+  """fast-SWA's settings in the run plan."""
+  swa = config.fast_swa
+  return (f'fast-SWA: {swa.cycles} cycles of {swa.cycle_steps} steps (lr {swa.lr_max} -> {swa.lr_min}), '
+          f'averaged every {swa.average_every_steps}')
+
+
+OPTION = base.Option(
+    name=NAME,
+    config_blocks=config_blocks,
+    validate=validate,
+    enabled=lambda config, method: enabled(config),
+    init_state=init_state,
+    wrap=wrap,
+    weight_sets=weight_sets,
+    headline=lambda config: config.fast_swa.headline,
+    learning_rate_tail=learning_rate_tail,
+    describe=describe)

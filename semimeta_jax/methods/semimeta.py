@@ -14,16 +14,37 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
+import ml_collections
 
 from semimeta_jax import errors
-from semimeta_jax import hypergrad
 from semimeta_jax import losses
 from semimeta_jax import schedules
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
+from semimeta_jax.methods import hypergrad
+from semimeta_jax.methods import options
 
 FORWARD_MODES = ('eval', 'train')
+
+
+def config_blocks():
+  """The `hypergrad` block (the pseudo-label meta step) and the `semimeta` block (mix-up)."""
+  return {
+      'hypergrad': ml_collections.ConfigDict({
+          'mode': 'finite_difference',  # exact | first_order | jvp | finite_difference
+          'inner_steps': 1,  # K unrolled virtual SGD steps (`exact` only).
+          'inner_lr': 0.0,  # alpha; 0 = the current learning rate (official).
+          'meta_lr': 0.0,  # beta; 0 = lr_t * B_u / alpha_t, the official update.
+          'epsilon': 1e-2,  # Finite-difference step, relative to ||v||.
+          'forward_mode': 'eval',  # eval (official: running BN stats, no dropout) | train
+          'projection': 'relu_normalize',  # relu_normalize (official) | simplex
+          'diagnostics_every_steps': 0,  # > 0: log cosine(mode, exact) every N steps.
+      }),
+      'semimeta': ml_collections.ConfigDict({
+          'mixup': True,
+          'mixup_alpha': 1.0,  # Beta(a, a) for the per-example mix-up coefficient.
+      }),
+  }
 
 
 def validate(config) -> None:
@@ -43,8 +64,11 @@ def validate(config) -> None:
   require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
   require(hg.meta_lr >= 0, 'hypergrad.meta_lr', hg.meta_lr, 'must be >= 0 (0 = the official value)')
   require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
-  if config.mixup:
-    require(config.mixup_alpha > 0, 'mixup_alpha', config.mixup_alpha, 'must be > 0')
+  require(isinstance(hg.diagnostics_every_steps, int) and hg.diagnostics_every_steps >= 0,
+          'hypergrad.diagnostics_every_steps', hg.diagnostics_every_steps, 'must be an integer >= 0')
+  if config.semimeta.mixup:
+    require(config.semimeta.mixup_alpha > 0, 'semimeta.mixup_alpha', config.semimeta.mixup_alpha,
+            'must be > 0')
     require(config.labeled_batch_size == config.unlabeled_batch_size, 'unlabeled_batch_size',
             config.unlabeled_batch_size,
             f'mix-up pairs the i-th labeled with the i-th unlabeled example, so it must equal '
@@ -93,7 +117,7 @@ def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
 def mixup(labeled, unlabeled_image, yhat, *, num_classes, concentration, key):
   """The official mix-up: the i-th labeled with the i-th unlabeled example, lambda_i ~ Beta(a, a).
 
-  `concentration` is a = `config.mixup_alpha` (named apart from the inner step alpha).
+  `concentration` is a = `config.semimeta.mixup_alpha` (named apart from the inner step alpha).
   """
   lam = jax.random.beta(key, concentration, concentration, (labeled['image'].shape[0],))
   lam_image = lam.reshape((-1,) + (1,) * (labeled['image'].ndim - 1))
@@ -106,7 +130,7 @@ def mixup(labeled, unlabeled_image, yhat, *, num_classes, concentration, key):
 def train_step(state, batch, *, config, num_classes):
   """One SemiMeta update. Pure: (state, batch) -> (state, metrics)."""
   labeled, unlabeled = batch['labeled'], batch['unlabeled']
-  lr = schedules.learning_rate_schedule(config)(state.step)
+  lr = options.learning_rate_schedule(config)(state.step)
   weight = schedules.consistency_weight_schedule(config)(state.step)
   key = state.step_key
 
@@ -114,9 +138,9 @@ def train_step(state, batch, *, config, num_classes):
       state, labeled, unlabeled, lr=lr, key=key(common.DROPOUT_META), config=config)
 
   def loss_fn(params):
-    if config.mixup:
+    if config.semimeta.mixup:
       image, target = mixup(labeled, unlabeled['image'], yhat, num_classes=num_classes,
-                            concentration=config.mixup_alpha, key=key(common.MIXUP))
+                            concentration=config.semimeta.mixup_alpha, key=key(common.MIXUP))
       logits, stats = common.train_forward(state, params, image, state.batch_stats,
                                            key(common.DROPOUT_LABELED))
       supervised = losses.kl_divergence(target, logits)
@@ -131,7 +155,6 @@ def train_step(state, batch, *, config, num_classes):
     return supervised + weight * consistency, (stats, supervised, consistency, unlabeled_logits)
 
   grads, (stats, supervised, consistency, unlabeled_logits) = jax.grad(loss_fn, has_aux=True)(state.params)
-  new_state = common.apply_update(state, grads, stats, config)
   metrics = {
       'loss': supervised + weight * consistency,
       'supervised_loss': supervised,
@@ -141,14 +164,11 @@ def train_step(state, batch, *, config, num_classes):
       'pseudo_label_entropy': losses.entropy(yhat),
       'pseudo_label_change': jnp.mean(jnp.sum(jnp.abs(yhat - ytil), axis=-1)),
       'hypergradient_norm': jnp.linalg.norm(grad),
-      'grad_norm': optax.tree.norm(grads),
   }
-  if 'label' in unlabeled:  # A truly unlabeled pool has no labels to score.
-    truth = unlabeled['label']
-    metrics['pseudo_label_accuracy'] = common.accuracy(yhat, truth)
-    metrics['initial_pseudo_label_accuracy'] = common.accuracy(ytil, truth)
-    metrics['unlabeled_accuracy'] = common.accuracy(unlabeled_logits, truth)
-  return new_state, metrics
+  return common.finish_step(state, grads, stats, metrics,
+                            scored=[('pseudo_label_accuracy', yhat, unlabeled),
+                                    ('initial_pseudo_label_accuracy', ytil, unlabeled),
+                                    ('unlabeled_accuracy', unlabeled_logits, unlabeled)])
 
 
 def hypergradient_fidelity(state, batch, *, config):
@@ -160,7 +180,7 @@ def hypergradient_fidelity(state, batch, *, config):
   Returns:
     {'cosine': cos(g_mode, g_exact), 'relative_error': ||g_mode - g_exact|| / ||g_exact||}.
   """
-  lr = schedules.learning_rate_schedule(config)(state.step)
+  lr = options.learning_rate_schedule(config)(state.step)
   exact_config = config.copy_and_resolve_references()
   exact_config.hypergrad.mode = 'exact'
   grads = []
@@ -177,11 +197,25 @@ def hypergradient_fidelity(state, batch, *, config):
   }
 
 
+def describe(config) -> str:
+  """The meta step's settings, for the run plan."""
+  hg = config.hypergrad
+  return f'hypergradient {hg.mode}, K={hg.inner_steps}, meta forward {hg.forward_mode}'
+
+
+# The official recipe is the default config's (configs/default.py, CIFAR-10) and configs/digits.py's.
+PRESETS = {'digits': {'semimeta': {}}, 'cifar10': {'semimeta': {}}}
+
 METHOD = base.Method(
     name='semimeta',
     train_step=train_step,
     uses_unlabeled=True,
+    config_blocks=config_blocks,
+    renamed_fields={'mixup': 'semimeta.mixup', 'mixup_alpha': 'semimeta.mixup_alpha',
+                    'hypergrad_diagnostics_every_steps': 'hypergrad.diagnostics_every_steps'},
     validate=validate,
     diagnostics=hypergradient_fidelity,
-    diagnostics_every_steps=lambda config: config.hypergrad_diagnostics_every_steps,
-    diagnostics_prefix='hypergrad')
+    diagnostics_every_steps=lambda config: config.hypergrad.diagnostics_every_steps,
+    diagnostics_prefix='hypergrad',
+    describe=describe,
+    presets=PRESETS)

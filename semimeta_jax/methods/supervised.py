@@ -1,12 +1,11 @@
 """The supervised baselines: labeled-only, and fully-supervised (the same step with every label)."""
 
 import jax
-import optax
 
 from semimeta_jax import losses
-from semimeta_jax import schedules
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
+from semimeta_jax.methods import options
 
 
 def train_step(state, batch, *, config, num_classes):
@@ -16,7 +15,7 @@ def train_step(state, batch, *, config, num_classes):
   """
   del num_classes  # The labels carry it.
   labeled = batch['labeled']
-  lr = schedules.learning_rate_schedule(config)(state.step)
+  lr = options.learning_rate_schedule(config)(state.step)
 
   def loss_fn(params):
     logits, stats = common.train_forward(state, params, labeled['image'], state.batch_stats,
@@ -24,16 +23,21 @@ def train_step(state, batch, *, config, num_classes):
     return losses.cross_entropy(logits, labeled['label']), (stats, logits)
 
   (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = common.apply_update(state, grads, stats, config)
   metrics = {
       'loss': loss,
       'supervised_loss': loss,
       'learning_rate': lr,
       'train_accuracy': common.accuracy(logits, labeled['label']),
-      'grad_norm': optax.tree.norm(grads),
   }
-  return new_state, metrics
+  return common.finish_step(state, grads, stats, metrics)
 
 
 # Labeled-only, or fully supervised with data.num_labels=-1: no unlabeled stream either way.
-METHOD = base.Method(name='supervised', train_step=train_step, uses_unlabeled=False)
+# The papers' baselines: the same network on the labels alone, or on every label.
+PRESETS = {
+    'digits': {'labeled_only': {}, 'fully_supervised': {'data.num_labels': -1}},
+    'cifar10': {'labeled_only': {}, 'fully_supervised': {'data.num_labels': -1}},
+}
+
+METHOD = base.Method(name='supervised', train_step=train_step, uses_unlabeled=False,
+                     presets=PRESETS)

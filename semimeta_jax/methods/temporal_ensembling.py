@@ -2,7 +2,7 @@
 
 Every training example i keeps an ensemble prediction Z_i, an exponential moving
 average of the network's predictions z_i for it: Z_i <- a Z_i + (1 - a) z_i with
-a = `config.ensemble_momentum` (the paper's alpha = 0.6). The training target is
+a = `config.temporal_ensembling.momentum` (the paper's alpha = 0.6). The training target is
 the startup-corrected z~_i = Z_i / (1 - a^t), which is unbiased from the first
 update on (Z starts at zero).
 
@@ -33,7 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
+import ml_collections
 
 from semimeta_jax import errors
 from semimeta_jax import losses
@@ -41,12 +41,20 @@ from semimeta_jax import schedules
 from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
+from semimeta_jax.methods import options
+
+
+def config_blocks():
+  """The `temporal_ensembling` block."""
+  # Z <- a Z + (1 - a) z per example at each visit, target Z / (1 - a^visits); a = the paper's alpha.
+  return {'temporal_ensembling': ml_collections.ConfigDict({'momentum': 0.6})}
 
 
 def validate(config) -> None:
-  """`ensemble_momentum` in [0, 1) and the perturbation fields."""
+  """`temporal_ensembling.momentum` in [0, 1) and the perturbation fields."""
   augment.validate(config)
-  errors.require(0.0 <= config.ensemble_momentum < 1.0, 'ensemble_momentum', config.ensemble_momentum,
+  momentum = config.temporal_ensembling.momentum
+  errors.require(0.0 <= momentum < 1.0, 'temporal_ensembling.momentum', momentum,
                  'must be in [0, 1) (the paper uses 0.6)')
 
 
@@ -115,8 +123,8 @@ def train_step(state, batch, *, config, num_classes):
   num_labeled = labeled['image'].shape[0]
   images = jnp.concatenate([labeled['image'], unlabeled['image']])
   indices = jnp.concatenate([labeled['index'], unlabeled['index']]).astype(jnp.int32)
-  momentum = config.ensemble_momentum
-  lr = schedules.learning_rate_schedule(config)(state.step)
+  momentum = config.temporal_ensembling.momentum
+  lr = options.learning_rate_schedule(config)(state.step)
   weight = schedules.consistency_weight_schedule(config)(state.step)
   ensemble_targets, has_target = targets(state.extra, indices, momentum)
 
@@ -126,8 +134,6 @@ def train_step(state, batch, *, config, num_classes):
   (loss, (stats, supervised, consistency, logits)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   predictions = jax.lax.stop_gradient(jax.nn.softmax(losses.at_least_float32(logits)))
-  new_state = common.apply_update(state, grads, stats, config)
-  new_state = new_state.replace(extra=update_ensemble(state.extra, indices, predictions, momentum))
   metrics = {
       'loss': loss,
       'supervised_loss': supervised,
@@ -136,14 +142,28 @@ def train_step(state, batch, *, config, num_classes):
       'consistency_weight': weight,
       'ensemble_coverage': jnp.mean(has_target.astype(jnp.float32)),
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
-      'grad_norm': optax.tree.norm(grads),
   }
-  if 'label' in unlabeled:  # A truly unlabeled pool has no labels to score.
-    metrics['unlabeled_accuracy'] = common.accuracy(logits[num_labeled:], unlabeled['label'])
-    metrics['ensemble_unlabeled_accuracy'] = common.accuracy(ensemble_targets[num_labeled:],
-                                                             unlabeled['label'])
-  return new_state, metrics
+  new_state, metrics = common.finish_step(
+      state, grads, stats, metrics,
+      scored=[('unlabeled_accuracy', logits[num_labeled:], unlabeled),
+              ('ensemble_unlabeled_accuracy', ensemble_targets[num_labeled:], unlabeled)])
+  ensemble = update_ensemble(state.extra, indices, predictions, momentum)
+  return new_state.replace(extra=dict(new_state.extra, **ensemble)), metrics
 
 
-METHOD = base.Method(name='temporal_ensembling', train_step=train_step, uses_unlabeled=True,
-                     validate=validate, init_extra_state=init_extra_state)
+# Laine & Aila: alpha = 0.6, sigmoid ramp, w_max = 30 times the labeled fraction on CIFAR-10;
+# the digits settings are the Pi-model's (weight 10, 1-pixel shifts).
+PRESETS = {
+    'digits': {'temporal_ensembling': {'consistency_rampup': 'sigmoid', 'consistency_weight': 10.0,
+                                       'perturb.max_translation': 1, 'temporal_ensembling.momentum': 0.6}},
+    'cifar10': {'temporal_ensembling': {'consistency_rampup': 'sigmoid', 'consistency_weight': 2.4,
+                                        'perturb.max_translation': 2, 'perturb.noise_std': 0.15,
+                                        'temporal_ensembling.momentum': 0.6}},
+}
+
+METHOD = base.Method(
+    name='temporal_ensembling', train_step=train_step, uses_unlabeled=True,
+    config_blocks=config_blocks,
+    renamed_fields={'ensemble_momentum': 'temporal_ensembling.momentum'},
+    validate=validate, init_extra_state=init_extra_state,
+    presets=PRESETS)
