@@ -36,7 +36,7 @@ MUTANTS = [
         'totals = sums',
         'only the last batch is kept',
     )),
-    *group('semimeta_jax/data/evaluation.py', (PADDED_SHARES,), (
+    *group('semimeta_jax/data/eval_batches.py', (PADDED_SHARES,), (
         'data-eval-batches-floor',
         'largest_share = math.ceil(num_examples / process_count)',
         'largest_share = num_examples // process_count',

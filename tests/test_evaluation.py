@@ -14,7 +14,7 @@ import pytest
 from semimeta_jax import evaluation
 from semimeta_jax import parallel
 from semimeta_jax import state as state_lib
-from semimeta_jax.data import evaluation as data_evaluation
+from semimeta_jax.data import eval_batches as data_evaluation
 
 NUM_CLASSES = 6
 
