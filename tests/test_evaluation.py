@@ -118,7 +118,7 @@ def test_evaluate_without_batches_is_an_error():
 
 
 class TestPaddedShares:
-  """data/evaluation.py: every example in exactly one batch row, on any process count."""
+  """data/eval_batches.py: every example in exactly one batch row, on any process count."""
 
   @pytest.mark.parametrize('num_examples, process_count, batch_size', [
       (10, 1, 4), (10, 3, 2), (17, 4, 3), (3, 4, 2), (12, 2, 6)])

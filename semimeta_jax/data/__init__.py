@@ -6,14 +6,17 @@ The training loop uses:
   data.build_input(config, workdir, start_step=..., ...) -> data.Input
   data.DatasetNotFoundError
 
-Layers, each importing only those below it:
+Layers, top to bottom (a module imports from its own layer or the ones below, never above):
 
-  pipeline.py          build_input: checks, then one of the two input paths
-  resident_input.py    in-memory data on the devices  | streamed_input.py  record streams
-  input_contract.py    the `Input` both paths produce; train_pools.py, normalization.py,
-                       eval_batches.py, device_input.py shared by both
-  catalog.py           config.data -> DatasetSpec: the dispatcher over the dataset kinds
-  folder.py, tfds_by_name.py, tfds_builders.py, digits.py   the kinds and TFDS reading
+  pipeline.py         build_input: the checks, then one of the two input paths
+  resident_input.py   in-memory data, batches made on the devices
+  streamed_input.py   record streams decoded on the host (record_streams.py,
+                      stream_augment.py), prefetched to the devices
+  input_contract.py   the `Input` both paths produce; beside it what both share:
+                      train_pools.py, normalization.py, eval_batches.py, device_input.py
+  catalog.py          config.data -> DatasetSpec, the dispatcher over the dataset kinds:
+                      folder.py, tfds_by_name.py, the built-in and registered specs
+                      (digits.py, synthetic.py); TFDS reading in tfds_builders.py, tfds_arrays.py
   specs.py, config_checks.py, splits.py, sampling.py, device_augment.py   the bottom
 
 Importing this package does not import TensorFlow: only reading TFDS data does
