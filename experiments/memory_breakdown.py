@@ -21,7 +21,6 @@ Runs without TensorFlow. Writes `memory_breakdown_<tag>.md` and `.csv` into `--o
 import argparse
 import collections
 import datetime
-import os
 import sys
 
 import jax
