@@ -7,7 +7,7 @@ Runs on mock data (`tfds.testing.mock_data`), so it needs no dataset:
     (`data/device_input.py`).
   * ImageNet-shaped: JPEG records of 500x375 images streamed through TFDS's
     reader interface, random-resized crop to 224 and flip
-    (`data/streaming.py`), shipped as uint8 and normalised on the devices.
+    (`data/record_streams.py`), shipped as uint8 and normalised on the devices.
     The records come from memory, so this measures decoding and
     augmentation, not disk reads.
 

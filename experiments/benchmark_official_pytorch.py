@@ -55,14 +55,14 @@ Run on a GPU (the JAX rows to compare against come from `benchmark_step.py` on t
 its `finite_difference` mode is the official estimator, and its `jvp` mode the exact one at the
 same cost):
 
-  python experiments/benchmark_official_pytorch.py                # ConvLarge, 128 + 128, 32x32
-  python experiments/benchmark_official_pytorch.py --compile --sync_free
-  python experiments/benchmark_official_pytorch.py --model resnet18 --image_size 224 \
+  python -m experiments.benchmark_official_pytorch                # ConvLarge, 128 + 128, 32x32
+  python -m experiments.benchmark_official_pytorch --compile --sync_free
+  python -m experiments.benchmark_official_pytorch --model resnet18 --image_size 224 \
       --batch_size 64 --num_classes 1000                          # the ImageNet step per GPU
-  python experiments/benchmark_step.py --modes=supervised,jvp,finite_difference
-  python experiments/benchmark_step.py --modes=supervised,jvp,finite_difference --half_precision
+  python -m experiments.benchmark_step --modes=supervised,jvp,finite_difference
+  python -m experiments.benchmark_step --modes=supervised,jvp,finite_difference --half_precision
 
-and on a CPU, for a quick check: `python experiments/benchmark_official_pytorch.py --small`.
+and on a CPU, for a quick check: `python -m experiments.benchmark_official_pytorch --small`.
 The table is printed and written to `<out>/benchmark_official_pytorch_<tag>.md` and `.csv`
 (or to `--out` itself when it names a `.md` file).
 """
@@ -76,13 +76,9 @@ import sys
 
 import torch
 
-# Run as `python experiments/benchmark_official_pytorch.py`, Python puts experiments/ on the path,
-# not the repository root that the `experiments.official_pytorch` imports need.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.official_pytorch import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.official_pytorch import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import results_table
+from experiments.official_pytorch import models
+from experiments.official_pytorch import timing
 
 CASES = timing.CASES
 PRECISIONS = timing.PRECISIONS
@@ -239,7 +235,7 @@ def main(argv=None):
 
   width = f'_w{args.model_width}' if args.model_width else ''
   tag = args.tag or f'{args.model}{width}_{args.image_size}px_b{args.batch_size}_{device.type}'
-  command = [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+  command = ['-m', 'experiments.benchmark_official_pytorch'] + (sys.argv[1:] if argv is None else list(argv))
   device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
       f'CPU ({platform.machine()}, {torch.get_num_threads()} threads)')
   notes = [

@@ -22,8 +22,8 @@ and no TensorFlow is needed. Sizes:
             structure at 1/16 of its FLOPs, a few minutes in all on two CPU cores.
 Any size field can be overridden, e.g. the ImageNet-size step:
 
-  python experiments/benchmark_step.py --model resnet18 --image_size 224 --batch_size 64
-  python experiments/benchmark_step.py --small \
+  python -m experiments.benchmark_step --model resnet18 --image_size 224 --batch_size 64
+  python -m experiments.benchmark_step --small \
     --xla_flags_variants='default;no_ynn_conv'
 
 SemiMeta runs the default config (mix-up, K = 1, evaluation-mode meta forward, where
@@ -46,18 +46,15 @@ import sys
 import tempfile
 import time
 
-# Make `semimeta_jax` and `configs` importable when run as a script from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import flop_count  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default
+from experiments import flop_count
+from experiments import results_table
+from semimeta_jax import methods
+from semimeta_jax import models
 
 MODES = ('supervised', 'exact', 'first_order', 'jvp', 'finite_difference')
 SIZES = {
@@ -277,8 +274,8 @@ def _run_in_subprocess(args, mode: str, flags: str, remat: str, rows_dir: str) -
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()
   rows_out = os.path.join(rows_dir, f'{len(os.listdir(rows_dir))}.json')
-  command = [sys.executable, os.path.abspath(__file__), '--single_variant', f'--modes={mode}',
-             f'--rows_out={rows_out}', *_size_args(args)]
+  command = [sys.executable, '-m', 'experiments.benchmark_step', '--single_variant',
+             f'--modes={mode}', f'--rows_out={rows_out}', *_size_args(args)]
   result = subprocess.run(command, env=env, check=False)
   if result.returncode != 0:
     return {'xla_flags': env['XLA_FLAGS'], 'model': args.model, 'name': mode, 'remat': remat,
@@ -352,7 +349,7 @@ def main(argv=None):
   half = '_bf16' if args.half_precision else ''
   meta = '_train_meta' if args.forward_mode == 'train' else ''
   tag = args.tag or f'{args.model}{width}_{args.image_size}px_b{args.batch_size}{half}{meta}_{platform}'
-  command = [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+  command = ['-m', 'experiments.benchmark_step'] + (sys.argv[1:] if argv is None else list(argv))
   notes = [
       f'Command: `python {" ".join(shlex.quote(a) for a in command)}`',
       f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; '

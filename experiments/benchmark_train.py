@@ -16,8 +16,8 @@ r"""The training loop against its bare compiled step: steps/s of each, fp32 and 
 TensorFlow, TFDS and clu are blocked from import (`--allow_tensorflow` lifts it):
 this is how it runs on the GPU machines, which have none of them.
 
-  python experiments/benchmark_train.py --small --out=results   # 2 CPU cores
-  python experiments/benchmark_train.py --out=results           # GPU: ConvLarge 128+128, 32x32x3
+  python -m experiments.benchmark_train --small --out=results   # 2 CPU cores
+  python -m experiments.benchmark_train --out=results           # GPU: ConvLarge 128+128, 32x32x3
 """
 
 import argparse
@@ -41,9 +41,6 @@ def block_imports(names=BLOCKED):
 if __name__ == '__main__' and '--allow_tensorflow' not in sys.argv:
   block_imports()
 
-# Make `semimeta_jax` and `configs` importable when run as a script from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging
 import jax
@@ -55,6 +52,7 @@ from semimeta_jax import metrics as metrics_lib
 from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import train
+from semimeta_jax.data import catalog
 from semimeta_jax.data import pipeline
 from semimeta_jax.data import synthetic
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -139,7 +137,7 @@ class BareStep:
   """The config's compiled step on its initial state, with one batch made on the device beforehand."""
 
   def __init__(self, config):
-    info = pipeline.dataset_info(config.data)
+    info = catalog.dataset_info(config.data)
     mesh = parallel.make_mesh()
     self.state = train.create_train_state(config, models.get_model(config, info.num_classes),
                                           info.image_shape, mesh)
@@ -231,7 +229,7 @@ def main(argv=None):
     print(render(rows[-1:], []), flush=True)
   imported = [name for name in BLOCKED if sys.modules.get(name) is not None]
   notes = [
-      f'Command: `python experiments/benchmark_train.py {" ".join(argv or sys.argv[1:])}`',
+      f'Command: `python -m experiments.benchmark_train {" ".join(argv or sys.argv[1:])}`',
       f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s); host CPUs: {os.cpu_count()}; '
       f'TensorFlow/TFDS/clu imported: {imported or "none"}.',

@@ -7,17 +7,13 @@ issues, and how many bytes each device contributes. The state is replicated, so
 the expected traffic is the parameter-sized gradient all-reduces plus small
 batch-norm statistics; the table shows how many of each mode needs.
 
-  python experiments/communication.py --model=convlarge --batch_size=128
+  python -m experiments.communication --model=convlarge --batch_size=128
 """
 
 import argparse
 import os
 import pathlib
 import re
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 's64': 8, 'u64': 8, 'pred': 1,

@@ -2,23 +2,23 @@
 
 Two layouts:
 
-  * `python experiments/digits_as_folder.py ROOT`: ROOT/train/<digit>/<index>.png and
+  * `python -m experiments.digits_as_folder ROOT`: ROOT/train/<digit>/<index>.png and
     ROOT/test/<digit>/<index>.png; the run draws its labeled images from train/ and the
     rest form the unlabeled pool, as for `digits` (but the draw differs: the folder's
     rows are in class-then-file order).
-  * `python experiments/digits_as_folder.py ROOT --labeled_from=WORKDIR`: train/ holds only
+  * `python -m experiments.digits_as_folder ROOT --labeled_from=WORKDIR`: train/ holds only
     the images a built-in `digits` run in WORKDIR labeled (its labeled_indices.json), and
     unlabeled/ every other training image. Trained with `--config.data.num_labels=-1`,
     the folder run then sees exactly the built-in run's labeled images and unlabeled
     pool: the like-for-like comparison.
 
     python -m semimeta_jax.main --config=configs/digits.py --workdir=runs/digits_s0 --config.seed=0
-    python experiments/digits_as_folder.py /tmp/digits_s0 --labeled_from=runs/digits_s0
+    python -m experiments.digits_as_folder /tmp/digits_s0 --labeled_from=runs/digits_s0
     python -m semimeta_jax.main --config=configs/digits.py --workdir=runs/folder_s0 --config.seed=0 \
         --config.data.folder=/tmp/digits_s0 --config.data.image_size=0 --config.data.num_labels=-1
 
 `--compare=RESULTS --seeds=0,1,2,3,4` does that for every seed whose built-in SemiMeta run
-is in RESULTS/semimeta/seed_<k> (experiments/digits_results.py) and prints both errors.
+is in RESULTS/semimeta/seed_<k> (`python -m experiments.digits_results`) and prints both errors.
 """
 
 import argparse
@@ -31,9 +31,10 @@ import numpy as np
 from PIL import Image
 from sklearn import datasets as sk_datasets
 
+from semimeta_jax.data import digits
+
+# Where `configs/` is: the runs this script starts read configs/digits.py from there.
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from semimeta_jax.data import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def write(root: pathlib.Path, labeled_from: pathlib.Path | None = None):

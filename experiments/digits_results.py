@@ -7,7 +7,7 @@ script resumes where it stopped; one that was run with another config (say, anot
 label budget) is an error rather than a silent mix of two experiments. It prints a markdown table of test error (mean and standard deviation
 over seeds) and writes it, with a CSV of every run, into `--out`.
 
-  python experiments/digits_results.py --out=results/digits \
+  python -m experiments.digits_results --out=results/digits \
       --variants=labeled_only,semimeta,fully_supervised --seeds=0,1,2,3,4
 
 The comparison methods' settings are their papers' (each method's digits preset,
@@ -42,12 +42,11 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# configs/ is not an installed package: the config files import it from the repository root.
-sys.path.insert(0, str(REPO))
+from semimeta_jax import methods
+from semimeta_jax import run_dir
 
-from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import run_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Where `configs/` is: the runs read configs/digits.py from there.
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _preset(name, *extra):
   """The command-line overrides of a method's digits preset (methods/*.py `PRESETS`), then `extra`."""
@@ -262,7 +261,7 @@ def main():
   os.makedirs(out, exist_ok=True)
   tag = '_'.join(variants) if len(variants) <= 3 else f'{len(variants)}_variants'
   (out / f'table_{tag}.md').write_text(
-      f'Command: python experiments/digits_results.py --variants={args.variants} --seeds={args.seeds}'
+      f'Command: python -m experiments.digits_results --variants={args.variants} --seeds={args.seeds}'
       + ''.join(f' --override={o}' for o in args.override) + f'\n\n{markdown}\n')
   with open(out / f'runs_{tag}.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -21,7 +21,7 @@ r"""Exact vs approximate hypergradients: fidelity during a real run, step cost, 
 Writes ablation.md (all tables), fidelity.csv, step_cost.csv and fidelity.png into
 `--out`, and prints the tables:
 
-  python experiments/hypergrad_ablation.py --out=results/ablation --skip_training \
+  python -m experiments.hypergrad_ablation --out=results/ablation --skip_training \
       --config.data.data_dir=/tmp/tfds
 """
 
@@ -34,9 +34,6 @@ import os
 import pathlib
 import sys
 import time
-
-# Make `semimeta_jax`, `configs` and `experiments` importable when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -324,7 +321,7 @@ def main(argv):
     timings['final-error runs'] = time.time() - started
 
   header = [
-      f'Command: `python {" ".join(sys.argv)}`',
+      f'Command: `python -m experiments.hypergrad_ablation {" ".join(sys.argv[1:])}`',
       f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s); host CPUs: {os.cpu_count()}; '
       f'config {config_path.name}, run {run_dir}.',

@@ -12,8 +12,8 @@ Two measurements, both from compiling only (nothing is run, so the default ConvL
 SemiMeta's update differentiates two training forwards at once (the mixed labeled batch and
 the unlabeled batch), so its peak holds two sets of (1); the supervised step holds one.
 
-  python experiments/memory_breakdown.py --out=results            # ConvLarge 128 + 128
-  python experiments/memory_breakdown.py --small --out=results    # width 32, 32 + 32
+  python -m experiments.memory_breakdown --out=results            # ConvLarge 128 + 128
+  python -m experiments.memory_breakdown --small --out=results    # width 32, 32 + 32
 
 Runs without TensorFlow. Writes `memory_breakdown_<tag>.md` and `.csv` into `--out`.
 """
@@ -21,22 +21,18 @@ Runs without TensorFlow. Writes `memory_breakdown_<tag>.md` and `.csv` into `--o
 import argparse
 import collections
 import datetime
-import os
 import sys
 
-# Make `semimeta_jax` and `configs` importable when run as a script from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from jax._src import ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from experiments import benchmark_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax.methods import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import benchmark_step
+from experiments import results_table
+from semimeta_jax import methods
+from semimeta_jax import models
+from semimeta_jax.methods import common
 
 MIB = 2**20
 COLUMNS = (  # (header, row key, format)
@@ -142,7 +138,7 @@ def main(argv=None):
         rows.append(row)
   tag = f'{"small" if args.small else "convlarge_b128"}_{jax.default_backend()}'
   notes = [
-      f'Command: `python experiments/memory_breakdown.py {" ".join(sys.argv[1:] if argv is None else argv)}`',
+      f'Command: `python -m experiments.memory_breakdown {" ".join(sys.argv[1:] if argv is None else argv)}`',
       f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; compiled only.',
       '"one forward keeps": the activations one training-mode forward of one batch saves for its '
       'backward (jaxpr residuals, parameters excluded; backend-independent). compiled MiB = '

@@ -37,7 +37,7 @@ MUTANTS = [
         "return state.params, state.extra[NAME]['batch_stats']",
         'EMA evaluation reads the raw weights',
     )),
-    *group('semimeta_jax/data/evaluation.py', (PADDED_SHARES,), (
+    *group('semimeta_jax/data/eval_batches.py', (PADDED_SHARES,), (
         'data-eval-batches-floor',
         'largest_share = math.ceil(num_examples / process_count)',
         'largest_share = num_examples // process_count',

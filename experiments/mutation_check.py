@@ -11,9 +11,9 @@ skipping mutants), and the unmutated copy must pass every subset (so a kill mean
 the bug, not a broken suite).
 
 Usage (from the repository root; the full check takes ~11 minutes on 2 CPU cores):
-  PYTHONPATH=$PWD python experiments/mutation_check.py --out /tmp/mutation.md
-  PYTHONPATH=$PWD python experiments/mutation_check.py --only schedules --list
-  PYTHONPATH=$PWD python experiments/mutation_check.py --only=sm-mixup
+  python -m experiments.mutation_check --out /tmp/mutation.md
+  python -m experiments.mutation_check --only schedules --list
+  python -m experiments.mutation_check --only=sm-mixup
 
 Exits 1 when the kill rate is below `--min-kill-rate` (default 0.95).
 """
@@ -28,11 +28,11 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from experiments import mutants
+from experiments import mutants_evaluation_models
 
-from experiments import mutants  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import mutants_evaluation_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The checkout whose files are copied and mutated.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MUTANTS = mutants.MUTANTS + mutants_evaluation_models.MUTANTS
 

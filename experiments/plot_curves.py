@@ -3,7 +3,7 @@ r"""Plots test-error curves of training runs from their metrics.jsonl files.
 Runs with the same label (e.g. several seeds of one method) are drawn as their
 mean with a min/max band, like the paper's baseline-vs-SemiMeta figure:
 
-  python experiments/plot_curves.py \
+  python -m experiments.plot_curves \
     --runs 'runs/supervised_seed*,runs/semimeta_seed*' \
     --labels Supervised,SemiMeta --out results/curves.png
 

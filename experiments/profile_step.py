@@ -20,9 +20,9 @@ profiler's own events, which also enclose the operations) is left out; the CSV k
 and largest names, and the table the operations' time next to the traced wall time per step, so
 a trace this script cannot read shows as missing time rather than as a wrong split.
 
-  python experiments/profile_step.py --half_precision --out=results         # ConvLarge 128+128
-  python experiments/profile_step.py --small --out=results                  # 2 CPU cores
-  python experiments/profile_step.py --batch_size=512 --half_precision --modes=supervised,finite_difference
+  python -m experiments.profile_step --half_precision --out=results         # ConvLarge 128+128
+  python -m experiments.profile_step --small --out=results                  # 2 CPU cores
+  python -m experiments.profile_step --batch_size=512 --half_precision --modes=supervised,finite_difference
 
 Runs without TensorFlow. Prints a table per mode and writes `profile_step_<tag>.md` / `.csv`.
 """
@@ -38,15 +38,12 @@ import re
 import sys
 import tempfile
 
-# Make `semimeta_jax` and `configs` importable when run as a script from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from experiments import benchmark_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
-from semimeta_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import benchmark_step
+from experiments import results_table
+from semimeta_jax import methods
+from semimeta_jax import models
 
 CATEGORIES = ('convolution', 'matmul', 'reduction', 'layout', 'elementwise', 'collective', 'other')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -254,7 +251,7 @@ def main(argv=None):
   tag = (f'{"small" if args.small else size["model"]}_b{size["batch_size"]}'
          f'{"_bf16" if args.half_precision else ""}_{jax.default_backend()}')
   notes = [
-      f'Command: `python experiments/profile_step.py {" ".join(sys.argv[1:] if argv is None else argv)}`',
+      f'Command: `python -m experiments.profile_step {" ".join(sys.argv[1:] if argv is None else argv)}`',
       f'Date: {datetime.datetime.now().isoformat(timespec="seconds")}; jax {jax.__version__}; '
       f'{args.steps} traced steps after 3 warm-up steps; synthetic inputs.',
       'Percent of the time of the XLA operations the trace attributes to the compiled step '

@@ -19,7 +19,6 @@ one line on stderr with exit code 2.
 """
 
 import os
-import sys
 
 # Before TensorFlow or JAX load: their C++ start-up INFO lines (oneDNN notices,
 # absl::InitializeLog warnings) say nothing a user can act on.
@@ -28,9 +27,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# Config files live in configs/ beside the package; make them importable from a checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from semimeta_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -33,10 +33,10 @@ def run_plan(config, workdir: str) -> str:
   Returns:
     Lines of text.
   """
-  from semimeta_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from semimeta_jax.data import catalog  # pylint: disable=g-import-not-at-top
   method = methods.configure(config)
-  spec = datasets.get_spec(config.data)
-  sizes = datasets.prepared_sizes(config.data)
+  spec = catalog.get_spec(config.data)
+  sizes = catalog.prepared_sizes(config.data)
   prepared = sizes is not None
   num_train, num_test, num_unlabeled = sizes if prepared else (*spec.sizes, spec.num_unlabeled)
   # A truly unlabeled pool (a folder's unlabeled/, an unlabeled split) is the last rows: not

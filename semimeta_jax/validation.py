@@ -13,18 +13,18 @@ from semimeta_jax import errors
 from semimeta_jax import methods
 from semimeta_jax import models
 from semimeta_jax import schedules
-from semimeta_jax.data import device_augment
+from semimeta_jax.data import config_checks as data_config_checks
 
 
 ConfigError = errors.ConfigError
 _require = errors.require
 
 
-def _one_of(config, field: str, choices, prefix=''):
+def _one_of(config, field: str, choices):
   value = config
   for part in field.split('.'):
     value = value[part]
-  _require(value in choices, prefix + field, value, f'expected one of {tuple(choices)}')
+  _require(value in choices, field, value, f'expected one of {tuple(choices)}')
 
 
 def _check_finite(config, prefix=''):
@@ -69,27 +69,9 @@ def validate_config(config: ml_collections.ConfigDict) -> methods.Configured:
   _require(0 <= config.dropout_rate < 1, 'dropout_rate', config.dropout_rate, 'must be in [0, 1)')
   _require(config.model_width >= 0, 'model_width', config.model_width, 'must be >= 0 (0 = default)')
 
-  validate_data_config(config.data)
+  data_config_checks.validate_data_config(config.data)
   largest = max(config.labeled_batch_size, config.unlabeled_batch_size)
   _require(config.num_train_steps * largest < 2**31, 'num_train_steps', config.num_train_steps,
            f'x batch {largest} examples overflow the int32 stream positions (2**31)')
   return methods.configure(config)
 
-
-def validate_data_config(data: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` naming the first `config.data` field with an unusable value.
-
-  Called by `validate_config`, and by `data.get_spec` so that the data layer
-  used on its own checks the same fields the same way.
-  """
-  _require(isinstance(data.num_labels, int) and (data.num_labels == -1 or data.num_labels > 0),
-           'data.num_labels', data.num_labels, 'must be a positive integer, or -1 for every label')
-  _require(0 <= data.label_fraction <= 1, 'data.label_fraction', data.label_fraction, 'must be in [0, 1]')
-  _one_of(data, 'pad_mode', device_augment.PAD_MODES, prefix='data.')
-  _one_of(data, 'augment_kind', device_augment.KINDS, prefix='data.')
-  _require(isinstance(data.image_size, int) and data.image_size >= 0, 'data.image_size',
-           data.image_size, "must be an integer >= 0 (0 keeps a folder's or TFDS dataset's size)")
-  _require(data.max_in_memory_gb >= 0, 'data.max_in_memory_gb', data.max_in_memory_gb, 'must be >= 0')
-  for field in ('prefetch_batches', 'shuffle_buffer'):
-    _require(isinstance(data[field], int) and data[field] > 0, 'data.' + field, data[field],
-             'must be a positive integer')

@@ -1,10 +1,6 @@
 """Shared test fixtures: a tiny configuration and synthetic batches."""
 
 import os
-import sys
-
-# Make `configs` importable (it is a directory of config files, not an installed package).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The tests compile many small programs once each: XLA's CPU optimisation passes
 # cost more compile time than they save at these sizes (the multi-process test

@@ -18,7 +18,6 @@ starts its backend, which is why this is a separate script and not a test.
 import argparse
 import functools
 import json
-import os
 import sys
 
 import jax
@@ -26,11 +25,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
-# The repository root, for `configs` and `semimeta_jax` when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # Importing these does not start JAX's backend; `__main__` configures it first.
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from semimeta_jax import checkpoint
 from semimeta_jax import data

@@ -16,14 +16,15 @@ _TINY = ['--small', '--allow_tensorflow', '--precisions=fp32', '--model_width=4'
 
 
 def test_the_synthetic_loop_runs_without_tensorflow(tmp_path):
-  script = os.path.join(_REPO, 'experiments', 'benchmark_train.py')
+  # `python -m experiments.benchmark_train`, with the modules made absent first.
   program = (
       'import runpy, sys\n'
       f'for name in {_ABSENT!r}: sys.modules[name] = None\n'
-      f'sys.argv = [{script!r}] + sys.argv[1:]\n'
-      f'runpy.run_path({script!r}, run_name="__main__")\n'
+      'sys.argv = ["experiments.benchmark_train"] + sys.argv[1:]\n'
+      'runpy.run_module("experiments.benchmark_train", run_name="__main__", alter_sys=True)\n'
       f'assert not [n for n in sys.modules if n.split(".")[0] in {_ABSENT!r} and sys.modules[n]]\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(filter(None, (_REPO, os.environ.get('PYTHONPATH')))))
   result = subprocess.run([sys.executable, '-c', program, *_TINY, f'--out={tmp_path}'], env=env,
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=600,
                           check=False)

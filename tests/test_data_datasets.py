@@ -4,7 +4,7 @@ from configs import default
 import pytest
 
 from semimeta_jax import data
-from semimeta_jax.data import datasets
+from semimeta_jax.data import catalog
 
 
 def _data_config(name, data_dir, **overrides):
@@ -54,17 +54,17 @@ def test_missing_data_fails_before_any_input_is_built(tmp_path):
 
 def test_unknown_name():
   with pytest.raises(ValueError, match="Unknown dataset config.data.name='x'"):
-    datasets.get_spec(_data_config('x', None))
+    catalog.get_spec(_data_config('x', None))
 
 
 @pytest.mark.parametrize('alias,name', [('svhn', 'svhn_cropped'),
                                         ('imagenet', 'imagenet2012')])
 def test_aliases(alias, name):
-  assert datasets.get_spec(_data_config(alias, None)).name == name
+  assert catalog.get_spec(_data_config(alias, None)).name == name
 
 
 def test_imagenet_crop_size_is_configurable():
-  spec = datasets.get_spec(_data_config('imagenet2012', None, image_size=64))
+  spec = catalog.get_spec(_data_config('imagenet2012', None, image_size=64))
   assert spec.image_shape == (64, 64, 3)
-  assert datasets.get_spec(_data_config('imagenet2012', None)).image_shape == (
+  assert catalog.get_spec(_data_config('imagenet2012', None)).image_shape == (
       224, 224, 3)

@@ -9,9 +9,9 @@ import pytest
 from sklearn import datasets as sk_datasets
 
 from semimeta_jax import data
-from semimeta_jax.data import datasets
+from semimeta_jax.data import catalog
 from semimeta_jax.data import digits
-from semimeta_jax.data import in_memory
+from semimeta_jax.data import tfds_arrays
 from semimeta_jax.data import splits
 
 
@@ -19,7 +19,7 @@ from semimeta_jax.data import splits
 def _digits_spec():
   config = default.get_config()
   config.data.name = 'digits'
-  return datasets.get_spec(config.data)
+  return catalog.get_spec(config.data)
 
 
 _DIGITS = _digits_spec()
@@ -53,8 +53,8 @@ def _take(inp, count, start=0):
 
 def test_builder_split_sizes_and_values(data_dir):
   builder = digits.Digits(data_dir=data_dir)
-  train_images, train_labels = in_memory.load_split(builder, 'train', _DIGITS)
-  test_images, test_labels = in_memory.load_split(builder, 'test', _DIGITS)
+  train_images, train_labels = tfds_arrays.load_split(builder, 'train', _DIGITS)
+  test_images, test_labels = tfds_arrays.load_split(builder, 'test', _DIGITS)
   assert train_images.shape == (digits.NUM_TRAIN, 8, 8, 1) == (1497, 8, 8, 1)
   assert test_images.shape == (digits.NUM_TEST, 8, 8, 1) == (300, 8, 8, 1)
   assert train_images.dtype == np.uint8 and train_images.max() == 255
@@ -67,7 +67,7 @@ def test_builder_split_sizes_and_values(data_dir):
                                 digits.to_uint8(bunch.images[train]))
   np.testing.assert_array_equal(test_labels, bunch.target[test])
   # Normalisation constants are this training split's statistics.
-  spec = datasets.get_spec(_config(data_dir).data)
+  spec = catalog.get_spec(_config(data_dir).data)
   pixels = train_images / 255.0
   assert abs(pixels.mean() - spec.mean[0]) < 1e-4
   assert abs(pixels.std() - spec.std[0]) < 1e-4
@@ -98,15 +98,15 @@ def test_batches_shapes_and_split(data_dir, tmp_path):
 
 
 def _train_labels(data_dir):
-  return in_memory.load_split(digits.Digits(data_dir=data_dir), 'train', _DIGITS)[1]
+  return tfds_arrays.load_split(digits.Digits(data_dir=data_dir), 'train', _DIGITS)[1]
 
 
 def test_streams_draw_from_their_pools_epoch_by_epoch(data_dir):
   config = _config(data_dir, augment=False)
   inp = data.build_input(config, None, process_index=0, process_count=1)
-  images, labels = in_memory.load_split(digits.Digits(data_dir=data_dir),
+  images, labels = tfds_arrays.load_split(digits.Digits(data_dir=data_dir),
                                         'train', _DIGITS)
-  spec = datasets.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   normalised = ((images / 255.0 - spec.mean) / spec.std).astype(np.float32)
   # Without augmentation each image is a training image; find which one.
   flat = normalised.reshape(len(images), -1)
@@ -163,9 +163,9 @@ def test_the_global_batch_does_not_depend_on_the_process_count(data_dir):
 def test_evaluation_counts_every_example_once(data_dir, process_count):
   # 300 = 3 * 96 + 12: the last batch is partial.
   config = _config(data_dir, eval_batch_size=96, labeled_batch_size=24)
-  test_images, _ = in_memory.load_split(digits.Digits(data_dir=data_dir),
+  test_images, _ = tfds_arrays.load_split(digits.Digits(data_dir=data_dir),
                                         'test', _DIGITS)
-  spec = datasets.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   reference = ((test_images / 255.0 - spec.mean) / spec.std).astype(np.float32)
   per_process = []
   for p in range(process_count):

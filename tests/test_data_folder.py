@@ -12,6 +12,7 @@ from sklearn import datasets as sk_datasets
 
 from semimeta_jax import errors
 from semimeta_jax import parallel
+from semimeta_jax.data import catalog
 from semimeta_jax.data import folder
 from semimeta_jax.data import pipeline
 from semimeta_jax.data import specs
@@ -61,7 +62,7 @@ def folder_config(root, **overrides):
 
 
 def test_the_folder_reads_classes_images_and_the_unlabeled_pool(digits_folder):
-  spec = specs.get_spec(folder_config(digits_folder).data)
+  spec = catalog.get_spec(folder_config(digits_folder).data)
   assert spec.name == 'folder' and spec.num_classes == 10
   assert spec.image_shape == (8, 8, 1)
   assert spec.num_unlabeled == NUM_UNLABELED
@@ -74,7 +75,7 @@ def test_the_folder_reads_classes_images_and_the_unlabeled_pool(digits_folder):
 
 
 def test_a_resize_gives_every_image_the_configured_size(digits_folder):
-  spec = specs.get_spec(folder_config(digits_folder, **{'data.image_size': 12}).data)
+  spec = catalog.get_spec(folder_config(digits_folder, **{'data.image_size': 12}).data)
   assert spec.image_shape == (12, 12, 1)
 
 
@@ -198,7 +199,7 @@ def test_bad_data_is_one_user_error_naming_it(tmp_path, make):
   config = folder_config(root, **{'data.num_labels': 4 if make is _bad_budget else -1,
                                   'data.max_in_memory_gb': 1e-7 if make is _too_large else 4.0})
   with pytest.raises(errors.UserError) as raised:
-    specs.get_spec(config.data)
+    catalog.get_spec(config.data)
   assert isinstance(raised.value, folder.FolderDataError)
   for text in expected:
     assert text in str(raised.value), (text, str(raised.value))
@@ -243,7 +244,7 @@ def test_every_method_trains_on_a_truly_unlabeled_pool_without_reading_its_label
 
 def test_a_bad_augmentation_name_is_a_config_error(digits_folder):
   with pytest.raises(errors.ConfigError, match='data.augment_kind'):
-    specs.get_spec(folder_config(digits_folder, **{'data.augment_kind': 'flip'}).data)
+    catalog.get_spec(folder_config(digits_folder, **{'data.augment_kind': 'flip'}).data)
 
 
 def test_digits_as_folder_labeled_from_a_run_gives_that_runs_labeled_images(tmp_path):
@@ -257,7 +258,7 @@ def test_digits_as_folder_labeled_from_a_run_gives_that_runs_labeled_images(tmp_
   (workdir / 'labeled_indices.json').write_text(json.dumps({'indices': chosen.tolist()}))
   digits_as_folder.write(tmp_path / 'folder', workdir)
   config = folder_config(tmp_path / 'folder', **{'data.num_labels': -1})
-  spec = specs.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   images, labels, test_images, test_labels = specs.registered_loader('folder')()
   bunch = sk_datasets.load_digits()
   train, test = digits.split_indices()

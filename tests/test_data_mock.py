@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from semimeta_jax import data
 from semimeta_jax import parallel
-from semimeta_jax.data import datasets
+from semimeta_jax.data import catalog
 
 NUM_MOCK = 48
 # The batches of 8 and 12 rows divide over four devices.
@@ -46,7 +46,7 @@ def _assert_normalised(images, spec):
     ('svhn_cropped', (32, 32, 3))])
 def test_in_memory_datasets_under_mock_data(name, shape):
   config = _config(name)
-  spec = datasets.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     inp = data.build_input(config, None, start_step=2, process_index=1,
                            process_count=2, mesh=_MESH4())
@@ -95,7 +95,7 @@ def _indices(images, spec=None):
 def imagenet():
   """Process inputs of the fake ImageNet, 2 processes, keyed by start step."""
   config = _config('imagenet2012')
-  spec = datasets.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_as_dataset):
     build = lambda p, start=0: data.build_input(
         config, None, start_step=start, process_index=p, process_count=2, mesh=_MESH4())
@@ -147,7 +147,7 @@ def test_imagenet_resume_gives_the_same_batches(imagenet):
 
 def test_imagenet_batches_reach_the_devices_normalised_in_order():
   config = _config('imagenet2012')
-  spec = datasets.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_as_dataset):
     build = lambda: data.build_input(config, None, start_step=3, process_index=0,
                                      process_count=1, mesh=_MESH4())

@@ -15,10 +15,11 @@ import tensorflow_datasets as tfds
 
 from semimeta_jax import data
 from semimeta_jax import errors
-from semimeta_jax.data import datasets
+from semimeta_jax.data import catalog
 from semimeta_jax.data import digits
-from semimeta_jax.data import in_memory
 from semimeta_jax.data import specs
+from semimeta_jax.data import tfds_arrays
+from semimeta_jax.data import tfds_builders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_MOCK = 24  # Examples in every mock split (train, unlabelled and test alike).
@@ -46,15 +47,15 @@ def _build(config, workdir=None):
 def _read(split, config):
   """(images, labels) of a mock split at the configured size, read directly."""
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    spec = specs.get_spec(config.data)
-    return in_memory.load_split(tfds.builder('stl10'), split, spec)
+    spec = catalog.get_spec(config.data)
+    return tfds_arrays.load_split(tfds.builder('stl10'), split, spec)
 
 
 @pytest.mark.parametrize('max_in_memory_gb', [4.0, 1e-9], ids=['on_devices', 'streamed'])
 def test_the_unlabeled_stream_reads_the_unlabeled_split_alone(max_in_memory_gb):
   config = _stl10(max_in_memory_gb=max_in_memory_gb)
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    spec = specs.get_spec(config.data)
+    spec = catalog.get_spec(config.data)
   assert spec.in_memory == (max_in_memory_gb > 1)  # 48 images of 16x16x3: 36 kB.
   inp, batches, evals = _build(config)
   # Rows 0..23 are the train split (all labeled: num_labels=-1), 24..47 the unlabelled split.
@@ -78,7 +79,7 @@ def test_unlabeled_rows_are_the_unlabeled_splits_images():
   inp, batches, _ = _build(config, workdir)
   images, _ = _read('unlabelled', config)
   train_images, train_labels = _read('train', config)
-  spec = specs.get_spec(config.data)
+  spec = catalog.get_spec(config.data)
   mean = train_images.reshape(-1, 3).mean(0) / 255.0
   std = (train_images.reshape(-1, 3) / 255.0).std(0)
   for batch in batches[:3]:
@@ -112,7 +113,7 @@ def test_split_expressions_choose_the_rows(tmp_path):
   config.eval_batch_size = 16
   inp = data.build_input(config, None, process_index=0, process_count=1, uses_unlabeled=False)
   assert (inp.info.num_train, inp.num_eval_examples) == (1000, 497)
-  assert datasets.prepared_sizes(config.data) == (1000, 497, 0)
+  assert catalog.prepared_sizes(config.data) == (1000, 497, 0)
 
 
 def test_a_registered_dataset_takes_an_unlabeled_split():
@@ -137,7 +138,7 @@ def test_a_registered_dataset_takes_an_unlabeled_split():
 def test_a_dataset_the_config_does_not_fit_is_one_clear_error(overrides, error, match):
   config = _stl10(**overrides)
   with pytest.raises(error, match=match):
-    specs.get_spec(config.data)
+    catalog.get_spec(config.data)
 
 
 def _mock_main(workdir, *flags):
@@ -190,4 +191,4 @@ def test_a_split_the_dataset_lacks_is_one_error_naming_the_field(tmp_path):
   with pytest.raises(errors.ConfigError,
                      match=r"test_split='validation\[:50%\]': 'digits' has no split 'validation'; "
                            r"its splits are \['test', 'train'\]"):
-    datasets.get_builder(config.data)
+    tfds_builders.get_builder(catalog.get_spec(config.data), config.data)

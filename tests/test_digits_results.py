@@ -1,20 +1,15 @@
 """The results runner: labels from the runs, no silent reuse of another config, no contradicting overrides."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from experiments import digits_results
 
 
 @pytest.fixture(scope='module')
 def runner():
-  spec = importlib.util.spec_from_file_location('digits_results', REPO / 'experiments' / 'digits_results.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return digits_results
 
 
 def test_overrides_are_applied_with_the_config_parser(runner):

@@ -14,7 +14,7 @@ import pytest
 from semimeta_jax import evaluation
 from semimeta_jax import parallel
 from semimeta_jax import state as state_lib
-from semimeta_jax.data import evaluation as data_evaluation
+from semimeta_jax.data import eval_batches as data_evaluation
 from semimeta_jax.methods import ema
 
 NUM_CLASSES = 6
@@ -121,7 +121,7 @@ def test_evaluate_without_batches_is_an_error():
 
 
 class TestPaddedShares:
-  """data/evaluation.py: every example in exactly one batch row, on any process count."""
+  """data/eval_batches.py: every example in exactly one batch row, on any process count."""
 
   @pytest.mark.parametrize('num_examples, process_count, batch_size', [
       (10, 1, 4), (10, 3, 2), (17, 4, 3), (3, 4, 2), (12, 2, 6)])

@@ -1,8 +1,7 @@
 """Tests for semimeta_jax.metrics: JSON-lines/TensorBoard writer, progress, summary."""
 
-import importlib.util
+import importlib
 import json
-import pathlib
 import sys
 
 import jax.numpy as jnp
@@ -108,11 +107,8 @@ def test_format_duration(seconds, text):
 
 
 def _load_plot_curves():
-  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'plot_curves.py'
-  spec = importlib.util.spec_from_file_location('plot_curves', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  # Imported here: it loads matplotlib, which the other tests of this file do not need.
+  return importlib.import_module('experiments.plot_curves')
 
 
 def _fake_run(workdir, errors, *, every=100):

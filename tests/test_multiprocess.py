@@ -23,7 +23,8 @@ import time
 import numpy as np
 import pytest
 
-_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multiprocess_worker.py')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER = os.path.join(_REPO, 'tests', 'multiprocess_worker.py')
 _NUM_STEPS = 4
 # Long enough that the SIGTERM always lands mid-run, short enough to end soon if it were ignored.
 _PREEMPTED_RUN_STEPS = 200
@@ -43,6 +44,8 @@ def _worker_env() -> dict[str, str]:
   # compiles the same programs with the same flags, so the comparisons hold.
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  # The worker imports `configs` and `semimeta_jax` from this checkout.
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, (_REPO, env.get('PYTHONPATH'))))
   return env
 
 

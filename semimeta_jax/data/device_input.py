@@ -114,8 +114,8 @@ class EpochOrders:
 
   A batch reads at most `epochs_touched` consecutive epochs; permuting them at
   every step (a sort of the whole pool) cost a GPU more than the rest of the
-  batch. The orders are the same numbers `sampling.batch_indices` computes, so a
-  batch is still a pure function of (seed, step).
+  batch. The orders are `sampling.epoch_order`'s, a function of (seed, epoch), so
+  a batch is still a pure function of (seed, step).
   """
 
   def __init__(self, pool: jax.Array, stream: Stream, mesh):

@@ -29,40 +29,19 @@ def batch_positions(step, batch_size: int):
   return jnp.asarray(step, jnp.int32) * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
 
 
-def batch_indices(order_key, pool, step, batch_size: int):
-  """Train-split indices of the global batch at `step` of one stream.
-
-  Args:
-    order_key: the stream's key; epoch `e` is permuted by `fold_in(order_key, e)`.
-    pool: int32 [n] train indices the stream draws from (n >= 1).
-    step: int scalar, the batch's step (0 for the first batch).
-    batch_size: the global batch size B.
-
-  Returns:
-    int32 [B] train-split indices.
-  """
-  n = pool.shape[0]
-  positions = batch_positions(step, batch_size)
-  epochs = positions // n
-  first = epochs[0]
-  # Only the epochs this batch touches are permuted (one or two, more when the
-  # pool is smaller than a batch); later positions never need earlier epochs.
-  offsets = jnp.arange(epochs_touched(n, batch_size), dtype=jnp.int32)
-  perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), n))(
-      first + offsets)
-  return pool[perms[epochs - first, positions % n]]
-
-
 def epoch_order(order_key, pool, epoch):
   """Train-split indices of the pool in the order of `epoch`: `pool[permutation(fold_in(key, e))]`."""
   return pool[jax.random.permutation(jax.random.fold_in(order_key, epoch), pool.shape[0])]
 
 
 def batch_indices_from_orders(orders, step, batch_size: int):
-  """`batch_indices` from the epoch orders it reads, computed beforehand.
+  """Train-split indices of the global batch at `step` of one stream, from its epoch orders.
 
-  The same numbers as `batch_indices`, without permuting the pool at every step
-  (on a GPU that was most of the cost of making a batch: a sort of the pool).
+  The orders are computed beforehand and kept while read (`device_input.EpochOrders`),
+  rather than permuting the pool at every step (on a GPU that was most of the
+  cost of making a batch: a sort of the pool). A batch may span an epoch
+  boundary, or several epochs when the pool is smaller than a batch: only the
+  epochs it touches are passed.
 
   Args:
     orders: int32 [epochs_touched(n, B), n]: `epoch_order` of epochs first,

@@ -5,6 +5,10 @@ streams, the training loop, the benchmarks) runs where TensorFlow is absent.
 Besides the TFDS datasets, arrays held in memory can be registered under a name
 of their own (`register_in_memory`), e.g. the synthetic split of
 `synthetic.py`; they are then used exactly like CIFAR, without TFDS.
+
+This is the bottom of the data layer: it imports nothing of it. Turning a
+`config.data` into one of these descriptions (built-in or registered name, a
+folder, any TFDS name) is `catalog.get_spec`'s work.
 """
 
 import dataclasses
@@ -42,7 +46,7 @@ class DatasetSpec:
     std: per-channel standard deviation of the [0, 1] pixels.
     augment: training augmentation: 'pad_crop_flip', 'pad_crop' (both on the
       device, `device_augment.py`), 'random_resized_crop' (ImageNet, on the
-      host, `augment.py`) or 'none'.
+      host, `stream_augment.py`) or 'none'.
     pad: padding of the pad-and-crop augmentations, in pixels.
     in_memory: whether the training split is held whole (as uint8 on the
       devices); otherwise it is streamed from the TFDS records.
@@ -151,31 +155,22 @@ def registered_loader(name: str) -> Callable[[], Arrays] | None:
   return _LOADERS.get(ALIASES.get(name, name))
 
 
-def get_spec(data_config) -> DatasetSpec:
-  """Returns the `DatasetSpec` of `data_config.name`, with its image size and splits.
+def known_names() -> list[str]:
+  """Every name `builtin_spec` knows (built-in, aliases, registered), for error messages."""
+  return sorted(tuple(_SPECS) + tuple(ALIASES))
+
+
+def builtin_spec(data_config) -> DatasetSpec | None:
+  """The spec of a built-in or registered dataset name, with its image size and splits; else None.
 
   Args:
-    data_config: `config.data`. `image_size` sets ImageNet's crop size (and the
-      resize of a folder or of a TFDS dataset by name). `folder`: a folder of
-      images (`folder.py`), which then replaces `name`. `train_split`,
-      `test_split`, `unlabeled_split` ('' = the dataset's own) name TFDS splits.
-      A name that is none of the datasets above is looked up in TFDS
-      (`tfds_by_name.py`, which imports TensorFlow).
-
-  Raises:
-    UnknownDatasetError: a name TFDS does not know either.
-    ConfigError: a folder or TFDS dataset the config's fields do not fit.
-    folder.FolderDataError: `data_config.folder` is set and its images cannot be used.
+    data_config: `config.data`. `image_size` sets ImageNet's crop size;
+      `train_split`, `test_split`, `unlabeled_split` ('' = the dataset's own)
+      name TFDS splits.
   """
-  from semimeta_jax import validation  # pylint: disable=g-import-not-at-top
-  validation.validate_data_config(data_config)
-  if data_config.folder:
-    from semimeta_jax.data import folder  # pylint: disable=g-import-not-at-top
-    return folder.get_spec(data_config)
   name = ALIASES.get(data_config.name, data_config.name)
   if name not in _SPECS:
-    from semimeta_jax.data import tfds_by_name  # pylint: disable=g-import-not-at-top
-    return tfds_by_name.get_spec(data_config, known=sorted(tuple(_SPECS) + tuple(ALIASES)))
+    return None
   spec = _SPECS[name]
   if not spec.in_memory:
     size = int(data_config.image_size)

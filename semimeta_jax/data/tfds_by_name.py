@@ -16,13 +16,12 @@ streamed from its records with ImageNet's random-resized crops
 
 import dataclasses
 import difflib
-import os
 
 import tensorflow_datasets as tfds
 
 from semimeta_jax import errors
-from semimeta_jax.data import datasets
 from semimeta_jax.data import specs
+from semimeta_jax.data import tfds_builders
 
 
 def builder(data_config):
@@ -31,9 +30,8 @@ def builder(data_config):
   Raises:
     UnknownDatasetError: TFDS knows no dataset of that name.
   """
-  data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
   try:
-    return tfds.builder(data_config.name, data_dir=data_dir)
+    return tfds.builder(data_config.name, data_dir=tfds_builders.data_dir(data_config))
   except tfds.core.registered.DatasetNotFoundError:
     close = difflib.get_close_matches(data_config.name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
@@ -55,22 +53,12 @@ def _feature(features, key, kind, field):
   return feature
 
 
-def _is_prepared(dataset_builder, split):
-  try:
-    dataset_builder.as_dataset(split=split)
-  except AssertionError:  # TFDS's "could not find data in ..." error.
-    return False
-  return True
-
-
 def train_bytes(dataset_builder, spec) -> int | None:
   """uint8 bytes of the training images (and unlabeled ones) at the model's size; None if unknown."""
-  datasets.check_splits(dataset_builder, spec)
-  if not _is_prepared(dataset_builder, spec.train_split):
-    return None  # The data's absence is reported where it is read (datasets.get_builder).
-  rows = datasets.split_size(dataset_builder, spec.train_split)
-  if spec.unlabeled_split:
-    rows += datasets.split_size(dataset_builder, spec.unlabeled_split)
+  tfds_builders.check_splits(dataset_builder, spec)
+  if not tfds_builders.is_prepared(dataset_builder, spec.train_split):
+    return None  # The data's absence is reported where it is read (tfds_builders.get_builder).
+  rows = tfds_builders.train_rows(dataset_builder, spec)
   height, width, channels = spec.image_shape
   return rows * height * width * channels
 

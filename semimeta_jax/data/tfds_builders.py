@@ -1,6 +1,9 @@
-"""Getting a dataset's TFDS builder (the specs themselves are in `specs.py`).
+"""Reading a TFDS dataset: its builder, its presence, its preparation, its split sizes.
 
-Every dataset is read through TFDS from `config.data.data_dir`. Nothing is
+Shared by both TFDS kinds of dataset (the built-in specs of `specs.py` and any
+TFDS name, `tfds_by_name.py`); which kind a config names is `catalog.py`'s
+choice, made before anything here is called. Every TFDS dataset is read from
+`config.data.data_dir`. Nothing is
 downloaded unless `config.data.download=True`; when the prepared files are not
 there, `get_builder` raises `DatasetNotFoundError` before any compute, naming
 the dataset, where it looked and the commands that prepare it. `digits` is the
@@ -19,33 +22,28 @@ from semimeta_jax import errors
 from semimeta_jax.data import digits
 from semimeta_jax.data import specs
 
-NAMES = specs.TFDS_NAMES
-ALIASES = specs.ALIASES
-DatasetInfo = specs.DatasetInfo
-DatasetNotFoundError = specs.DatasetNotFoundError
-UnknownDatasetError = specs.UnknownDatasetError
-DatasetSpec = specs.DatasetSpec
-get_spec = specs.get_spec
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
-def _data_dir(data_config):
+def data_dir(data_config):
+  """`config.data.data_dir` with `~` expanded; None for TFDS's default."""
   return os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
 
 
 def _builder(spec, data_config):
   """The TFDS builder of `spec` in the configured data_dir (nothing is read or prepared)."""
-  data_dir = _data_dir(data_config)
+  directory = data_dir(data_config)
   if spec.name == 'digits':
-    return digits.Digits(data_dir=data_dir)
-  return tfds.builder(spec.name, data_dir=data_dir)
+    return digits.Digits(data_dir=directory)
+  return tfds.builder(spec.name, data_dir=directory)
 
 
-def _is_prepared(builder, spec):
+def is_prepared(builder, split):
+  """Whether `split` of the builder's dataset can be read (its files are there)."""
   # `as_dataset` is what reading does and is lazy, so probing it is cheap; it
   # also holds under `tfds.testing.mock_data`, where `is_prepared()` is False.
   try:
-    builder.as_dataset(split=spec.test_split)
+    builder.as_dataset(split=split)
   except AssertionError:  # TFDS's "could not find data in ..." error.
     return False
   return True
@@ -65,7 +63,7 @@ def _instructions(spec, builder):
 
 def not_found_error(spec, builder, reason):
   """Returns the `DatasetNotFoundError` for `spec`: what, where, and the fix, in three lines."""
-  return DatasetNotFoundError(
+  return specs.DatasetNotFoundError(
       f'dataset {spec.name!r} (TFDS {spec.name}:{builder.version}) is not available: {reason}\n'
       f'Looked in {builder.data_dir} (config.data.data_dir={builder.data_dir_root}).\n'
       + _instructions(spec, builder))
@@ -92,23 +90,23 @@ def _prepare(spec, builder):
   builder.download_and_prepare()
 
 
-def get_builder(data_config):
-  """Returns the TFDS builder of the configured dataset, its data present.
+def get_builder(spec, data_config):
+  """Returns the TFDS builder of a TFDS dataset, its data present.
 
   `digits` is built into the data_dir if absent (offline, seconds). Another
   dataset is prepared by TFDS only when `data_config.download` is True.
 
   Args:
-    data_config: `config.data` (`name`, `data_dir`, `download`).
+    spec: the dataset's `DatasetSpec` (`catalog.get_spec`).
+    data_config: `config.data` (`data_dir`, `download`).
 
   Raises:
-    ValueError: unknown dataset name.
+    ConfigError: a configured split the dataset does not have.
     DatasetNotFoundError: the data is not prepared and may not be downloaded.
   """
-  spec = get_spec(data_config)
   builder = _builder(spec, data_config)
   check_splits(builder, spec)  # Prepared data has split metadata; before TFDS's own ValueError.
-  if _is_prepared(builder, spec):
+  if is_prepared(builder, spec.test_split):
     return builder
   if spec.name == 'digits' or data_config.download:
     _prepare(spec, builder)
@@ -159,41 +157,21 @@ def train_rows(builder, spec):
   return rows
 
 
-def dataset_info(data_config):
-  """Returns the `DatasetInfo` of the configured dataset.
+def tfds_info(builder, spec) -> specs.DatasetInfo:
+  """The `DatasetInfo` of a TFDS dataset (its metadata; `digits` counted as built)."""
+  return specs.DatasetInfo(
+      name=spec.name, num_classes=spec.num_classes, image_shape=spec.image_shape,
+      num_train=train_rows(builder, spec), num_test=split_size(builder, spec.test_split))
 
-  Cheap: reads TFDS metadata only (and builds `digits` on first use).
 
-  Args:
-    data_config: `config.data`.
+def prepared_sizes(spec, data_config):
+  """(training rows, test examples, truly unlabeled rows) of a TFDS dataset, or None if not prepared.
 
-  Raises:
-    ValueError: unknown dataset name.
-    DatasetNotFoundError: the data is not there (see `get_builder`).
+  Reads TFDS metadata only and never prepares anything (not even `digits`).
   """
-  spec = get_spec(data_config)
-  builder = get_builder(data_config)
-  return DatasetInfo(
-      name=spec.name, num_classes=spec.num_classes,
-      image_shape=spec.image_shape,
-      num_train=train_rows(builder, spec),
-      num_test=split_size(builder, spec.test_split))
-
-
-def prepared_sizes(data_config):
-  """(training rows, test examples, truly unlabeled rows), or None if the data is not prepared.
-
-  The training rows count the truly unlabeled ones (a folder's unlabeled/, an
-  unlabeled split), which are the last of them. Reads TFDS metadata only;
-  unlike `dataset_info` it never prepares anything (not even `digits`), so a
-  dry run writes nothing.
-  """
-  spec = get_spec(data_config)
-  if specs.registered_loader(spec.name):  # Arrays in memory (a folder of images): no TFDS files.
-    return (*spec.sizes, spec.num_unlabeled)
   builder = _builder(spec, data_config)
   check_splits(builder, spec)
-  if not _is_prepared(builder, spec):
+  if not is_prepared(builder, spec.test_split):
     return None
   num_unlabeled = split_size(builder, spec.unlabeled_split) if spec.unlabeled_split else 0
   return train_rows(builder, spec), split_size(builder, spec.test_split), num_unlabeled

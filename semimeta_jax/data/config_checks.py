@@ -1,0 +1,41 @@
+"""The checks of `config.data` that need no data, with messages that name the field.
+
+They live with the data layer so that it checks its own fields however it is
+entered: `catalog.get_spec` runs them before choosing a dataset, and the run's
+validation (`semimeta_jax.validation`) runs them with the other fields.
+"""
+
+import ml_collections
+
+from semimeta_jax import errors
+from semimeta_jax.data import device_augment
+
+_require = errors.require
+
+
+def _one_of(data: ml_collections.ConfigDict, field: str, choices):
+  _require(data[field] in choices, 'data.' + field, data[field],
+           f'expected one of {tuple(choices)}')
+
+
+def validate_data_config(data: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming the first `config.data` field with an unusable value.
+
+  Args:
+    data: `config.data`.
+
+  Raises:
+    errors.ConfigError: a field out of its range (label budget, augmentation,
+      image size, memory budget, prefetch and shuffle sizes).
+  """
+  _require(isinstance(data.num_labels, int) and (data.num_labels == -1 or data.num_labels > 0),
+           'data.num_labels', data.num_labels, 'must be a positive integer, or -1 for every label')
+  _require(0 <= data.label_fraction <= 1, 'data.label_fraction', data.label_fraction, 'must be in [0, 1]')
+  _one_of(data, 'pad_mode', device_augment.PAD_MODES)
+  _one_of(data, 'augment_kind', device_augment.KINDS)
+  _require(isinstance(data.image_size, int) and data.image_size >= 0, 'data.image_size',
+           data.image_size, "must be an integer >= 0 (0 keeps a folder's or TFDS dataset's size)")
+  _require(data.max_in_memory_gb >= 0, 'data.max_in_memory_gb', data.max_in_memory_gb, 'must be >= 0')
+  for field in ('prefetch_batches', 'shuffle_buffer'):
+    _require(isinstance(data[field], int) and data[field] > 0, 'data.' + field, data[field],
+             'must be a positive integer')

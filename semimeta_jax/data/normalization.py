@@ -1,0 +1,58 @@
+"""The normalisation statistics of a dataset that registers none (a folder, a TFDS name).
+
+They are the labeled pool's per-channel mean and standard deviation, computed
+when a run starts and saved in its workdir, so a resumed run normalises as the
+run started even if the data on disk changed. Shared by both input paths.
+"""
+
+import dataclasses
+import json
+
+from etils import epath
+import numpy as np
+
+NORMALIZATION_FILENAME = 'normalization.json'
+_CHUNK = 1024
+
+
+def with_statistics(workdir, spec, images, labeled, write):
+  """The spec with its mean/std: registered ones, or the labeled pool's (saved in the workdir).
+
+  A resumed run reads `<workdir>/normalization.json` back.
+
+  Args:
+    workdir: the run directory, or None (nothing read or saved).
+    spec: the `DatasetSpec`; kept as is when it has a mean and std.
+    images: uint8 [N, H, W, C] rows the labeled indices point into.
+    labeled: indices into `images` of the labeled pool.
+    write: whether this process saves the statistics (process 0).
+
+  Returns:
+    The `DatasetSpec` with `mean` and `std` set.
+  """
+  if spec.mean is not None and spec.std is not None:
+    return spec
+  path = epath.Path(workdir) / NORMALIZATION_FILENAME if workdir else None
+  if path and path.exists():
+    saved = json.loads(path.read_text())
+    mean, std = saved['mean'], saved['std']
+  else:
+    # Per-channel sums in chunks: a large labeled pool never exists whole in float64.
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(labeled), _CHUNK):
+      pixels = np.asarray(images[labeled[start:start + _CHUNK]], np.float64) / 255.0
+      total = total + pixels.sum(axis=(0, 1, 2))
+      total_sq = total_sq + np.square(pixels).sum(axis=(0, 1, 2))
+      count += pixels[..., 0].size
+    mean = total / count
+    # A constant channel would divide by zero.
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
+    if path and write:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / (NORMALIZATION_FILENAME + '.tmp')
+      tmp.write_text(json.dumps({'dataset': spec.name, 'source': 'labeled pool',
+                                 'mean': mean, 'std': std}))
+      tmp.replace(path)
+  return dataclasses.replace(spec, mean=tuple(float(m) for m in mean),
+                             std=tuple(float(s) for s in std))
