@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from semimeta_jax import errors
+from semimeta_jax import workdir_files
 
 LOCK_FILE = 'LOCK'
 
@@ -36,11 +37,11 @@ class WorkdirLockedError(errors.UserError, RuntimeError):
 
 def _holder(path: str) -> str:
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       record = json.load(f)
     return (f'pid {record["pid"]} on host {record["host"]}, started '
             f'{record["started"]}')
-  except (OSError, ValueError, KeyError):
+  except (OSError, ValueError, KeyError, TypeError):
     return 'a process whose record is unreadable'
 
 
@@ -88,13 +89,20 @@ class WorkdirLock:
       logging.warning('%s is remote: no file lock there, so nothing stops a second run '
                       'on it.', self.workdir)
       return
+    # Already there, or made by a run starting at the same time: not ours to remove.
+    self._created_dir = workdir_files.make_dirs(self.workdir)
     try:
-      os.makedirs(self.workdir)
-      self._created_dir = True
-    except FileExistsError:  # Already there, or made by a run starting at the same time.
-      pass
+      # Nothing is written before this: orbax and TensorBoard write there too.
+      workdir_files.check_workdir(self.workdir)
+    except workdir_files.WorkdirFileError:
+      self._remove_created_dir()
+      raise
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fd = workdir_files.open_lock_file(self.path)
+      except workdir_files.WorkdirFileError:
+        self._remove_created_dir()
+        raise
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
