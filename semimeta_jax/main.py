@@ -62,6 +62,8 @@ def main(argv):
     if _DRY_RUN.value:
       print(cli.describe_run(_CONFIG.value, workdir))
       return
+    cli.route_library_noise(workdir)
+    cli.stop_cleanly_on_sigterm()
     # Imported here: it loads TensorFlow (seconds), which --help and argument errors do not need.
     from semimeta_jax import train  # pylint: disable=g-import-not-at-top
     summary = train.train_and_evaluate(_CONFIG.value, workdir)

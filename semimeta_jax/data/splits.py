@@ -210,7 +210,8 @@ def _verified(path, saved, labels, *, num_classes, num_labels, label_fraction, s
                                label_fraction=label_fraction, seed=seed)
   if not np.array_equal(drawn, indices):
     differ = len(np.setxor1d(drawn, indices))
-    raise refuse(f'{differ} index(es) differ from the {len(drawn)} drawn from seed {seed}')
+    raise refuse(f'{differ} index(es) differ from the {len(drawn)} drawn from seed {seed}' if differ
+                 else 'the indices are out of their ascending order')
   return indices
 
 
