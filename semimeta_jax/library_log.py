@@ -29,7 +29,7 @@ from absl import logging
 
 from semimeta_jax import workdir_files
 
-LOG_FILE = 'library.log'
+LOG_FILE = workdir_files.LIBRARY_LOG
 # Whose log records are noise on the terminal: the checkpoint stack's.
 _NOISY_SOURCES = ('/orbax/', '/tensorstore/', '/asyncio/')
 _MAX_BUFFERED_CHARS = 1 << 20
@@ -65,17 +65,20 @@ class _Router(io.TextIOBase):
   def terminal(self):
     return self._terminal
 
+  def _open_once_the_workdir_exists(self):
+    if self._file is None and os.path.isdir(self._workdir):
+      try:
+        self._file = workdir_files.open_append(self._path)
+      except workdir_files.WorkdirFileError:
+        self._file = self._terminal  # Better seen than lost.
+      self._file.write(''.join(self._buffer))
+      self._buffer, self._buffered = [], 0
+
   def write(self, text: str) -> int:
     if getattr(_local, 'to_terminal', False):
       return self._terminal.write(text)
     with self._lock:
-      if self._file is None and os.path.isdir(self._workdir):
-        try:
-          self._file = workdir_files.open_append(self._path)
-        except workdir_files.WorkdirFileError:
-          self._file = self._terminal  # Better seen than lost.
-        self._file.write(''.join(self._buffer))
-        self._buffer, self._buffered = [], 0
+      self._open_once_the_workdir_exists()
       if self._file is not None:
         self._file.write(text)
         self._file.flush()
@@ -100,8 +103,10 @@ class _Router(io.TextIOBase):
     return self._terminal.encoding
 
   def finish(self):
-    """At exit: lines never written to a log file are shown on the terminal after all."""
+    """At exit: kept lines go to the log file, or to the terminal if the workdir never appeared."""
     with self._lock:
+      if self._buffer:
+        self._open_once_the_workdir_exists()
       pending, self._buffer = ''.join(self._buffer), []
       if pending:
         self._terminal.write(pending)

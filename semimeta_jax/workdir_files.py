@@ -26,6 +26,8 @@ from etils import epath
 from semimeta_jax import errors
 
 TMP_SUFFIX = '.tmp'
+# Where the libraries' tracebacks and error records go (see library_log.py).
+LIBRARY_LOG = 'library.log'
 # The records a run keeps at the top of its workdir: each is a regular file or absent.
 RECORD_FILES = ('LOCK', 'config.json', 'metrics.jsonl', 'summary.json', 'labeled_indices.json',
                 'normalization.json')

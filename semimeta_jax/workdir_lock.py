@@ -134,6 +134,9 @@ class WorkdirLock:
   def _remove_created_dir(self):
     if self._created_dir:
       try:
+        # The libraries' log alone is not a record of the run.
+        if os.listdir(self.workdir) == [workdir_files.LIBRARY_LOG]:
+          os.unlink(os.path.join(self.workdir, workdir_files.LIBRARY_LOG))
         os.rmdir(self.workdir)  # Only if empty: never removes anything written.
       except OSError:
         pass

@@ -224,6 +224,17 @@ def test_the_router_sends_noise_to_the_workdir_log_and_the_run_s_lines_to_the_te
       'early noise\nTraceback (most recent call last):\nRuntimeError: Event loop is closed\n')
 
 
+def test_the_router_writes_kept_noise_to_a_workdir_that_appeared_without_more_noise(tmp_path):
+  terminal = io.StringIO()
+  workdir = tmp_path / 'run'
+  router = library_log._Router(str(workdir), terminal)  # pylint: disable=protected-access
+  router.write('a progress bar while the data set is built\n')
+  workdir.mkdir()
+  router.finish()
+  assert terminal.getvalue() == ''
+  assert (workdir / library_log.LOG_FILE).read_text() == 'a progress bar while the data set is built\n'
+
+
 def test_the_router_shows_kept_noise_at_exit_when_no_workdir_appeared(tmp_path):
   terminal = io.StringIO()
   router = library_log._Router(str(tmp_path / 'never'), terminal)  # pylint: disable=protected-access

@@ -152,3 +152,15 @@ def test_a_kept_config_copy_is_never_written_through_a_link(tmp_path, elsewhere)
   assert (workdir / 'mine.json').read_text() == 'mine'
   assert json.loads((workdir / 'config.5.1.json').read_text())['log_every_steps'] != 7
   assert json.loads((workdir / 'config.json').read_text())['log_every_steps'] == 7
+
+
+def test_a_refused_first_run_leaves_no_workdir_even_with_library_noise_logged(tmp_path):
+  workdir = tmp_path / 'run'
+  with workdir_lock.WorkdirLock(workdir, enabled=True):
+    (workdir / workdir_files.LIBRARY_LOG).write_text('a library traceback\n')
+  assert not workdir.exists()
+  # A workdir holding the run's records keeps them all, the library log included.
+  with workdir_lock.WorkdirLock(workdir, enabled=True):
+    (workdir / workdir_files.LIBRARY_LOG).write_text('a library traceback\n')
+    (workdir / 'config.json').write_text('{}')
+  assert sorted(os.listdir(workdir)) == ['config.json', workdir_files.LIBRARY_LOG]
