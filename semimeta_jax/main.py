@@ -15,7 +15,10 @@ hosts, start the same command on every host: TPU pods and SLURM are detected by
 --num_processes and --process_id.
 
 A mistake in the command, the config, the data or the workdir is reported in
-one line on stderr with exit code 2.
+one line on stderr with exit code 2; the libraries' own tracebacks and error
+records go to <workdir>/library.log rather than the terminal. A SIGTERM at any
+moment stops the run cleanly: it saves, says so and exits 0, and rerunning the
+command resumes it.
 """
 
 import os

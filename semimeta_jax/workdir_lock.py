@@ -67,19 +67,24 @@ class WorkdirLock:
     self._created_dir = False
 
   def acquire(self):
-    """Takes the lock, or raises `WorkdirLockedError` naming its holder (in every process)."""
+    """Takes the lock, or raises `WorkdirLockedError` naming its holder (in every process).
+
+    Before taking it, the workdir is checked (`workdir_files.check_workdir`):
+    a link out of it or a record that is not a file is a `WorkdirFileError`.
+    """
     error = None
     if self.enabled:
       try:
         self._acquire()
-      except WorkdirLockedError as e:
+      except errors.UserError as e:  # Held by another run, or a workdir no run can use.
         error = e
     if jax.process_count() > 1:
       # The other processes must not go on alone into collectives process 0 never joins.
       refused = multihost_utils.process_allgather(np.int32(error is not None))
       if error is None and np.max(refused):
         self.release()
-        raise WorkdirLockedError(f'{self.workdir} is in use by another run (see process 0\'s error).')
+        raise WorkdirLockedError(
+            f'{self.workdir} is in use by another run or unusable (see process 0\'s error).')
     if error is not None:
       raise error
     return self
