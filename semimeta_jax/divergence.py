@@ -10,10 +10,11 @@ and gradient norm of each report before the non-finite one).
 import math
 from typing import Any, Sequence
 
-# The learning rate the shipped configs train SGD with. A rate more than ten
-# times larger is not a tuning choice but a slip (an exponent, a missing dot).
+# The learning rate the shipped configs train SGD with. A rate a hundred times
+# larger is not a tuning choice but a slip (an exponent, a missing dot): even a
+# tenth of it is ten times too large.
 REFERENCE_LEARNING_RATE = 0.1
-_IMPLAUSIBLE_FACTOR = 10.0
+_IMPLAUSIBLE_FACTOR = 100.0
 
 
 def _finite(row: dict[str, Any], key: str) -> float | None:
@@ -43,11 +44,11 @@ def advised_learning_rate(learning_rate: float, rows: Sequence[dict[str, Any]]
     (the advised rate, one sentence saying what in the run led to it).
   """
   if learning_rate > _IMPLAUSIBLE_FACTOR * REFERENCE_LEARNING_RATE:
-    orders = math.log10(learning_rate / REFERENCE_LEARNING_RATE)
+    orders = round(math.log10(learning_rate / REFERENCE_LEARNING_RATE))
     return REFERENCE_LEARNING_RATE, (
-        f'config.learning_rate={learning_rate:g} is {orders:.0f} order(s) of magnitude above the '
-        f'{REFERENCE_LEARNING_RATE:g} the shipped configs train with, far too large for SGD: '
-        'dividing it by ten would diverge again')
+        f'config.learning_rate={learning_rate:g} is {orders} orders of magnitude above the '
+        f'{REFERENCE_LEARNING_RATE:g} the shipped configs train SGD with: far too large, and a '
+        f'tenth of it would diverge again')
   history = _history(rows)
   if not history:
     return learning_rate / 100, (

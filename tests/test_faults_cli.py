@@ -142,11 +142,12 @@ def test_a_sigterm_at_any_moment_ends_cleanly(finished_run, tmp_path, fault, out
 @pytest.mark.slow
 def test_the_advice_after_a_divergence_rescues_the_run(finished_run, tmp_path):
   workdir = tmp_path / 'run'
-  result = run_with_fault('none', workdir, finished_run, '--config.learning_rate=1e4')
+  too_large = ('--config.learning_rate=1e4', '--config.warmup_steps=0')  # Diverges at once.
+  result = run_with_fault('none', workdir, finished_run, *too_large)
   assert_one_error_line(result, 'non-finite', 'orders of magnitude')
   advice = result.stderr.split('rerun the same command with', 1)[1].split(' added', 1)[0].split()
   assert advice[0] == '--config.allow_config_change=True'
   assert advice[1].startswith('--config.learning_rate=')
-  rescued = run_with_fault('none', workdir, finished_run, '--config.learning_rate=1e4', *advice)
+  rescued = run_with_fault('none', workdir, finished_run, *too_large, *advice)
   assert rescued.returncode == 0, rescued.stderr[-3000:]
   assert 'Run finished at step 4.' in rescued.stdout

@@ -148,7 +148,7 @@ def test_a_split_file_that_is_not_json_is_one_line(tmp_path):
 def test_a_learning_rate_orders_of_magnitude_too_large_is_said_plainly():
   rate, why = divergence.advised_learning_rate(1e4, [])
   assert rate <= 1.0  # Not 1e3: that diverges again.
-  assert '5 order(s) of magnitude' in why
+  assert '5 orders of magnitude' in why
   assert f'--config.learning_rate={rate:g} ' in divergence.advice(1e4, [])
 
 
