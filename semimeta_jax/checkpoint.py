@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from semimeta_jax import errors
 from semimeta_jax import integrity
 from semimeta_jax import state as state_lib
+from semimeta_jax import workdir_files
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _CHECKPOINT_DIR = 'checkpoints'
@@ -62,10 +63,17 @@ def _remove_unfinished_saves(directory: epath.Path):
   tripping on them. Process 0 deletes; the others wait for it.
   """
   if jax.process_index() == 0 and directory.exists():
+    if not directory.is_dir():
+      raise workdir_files.WorkdirFileError(
+          f'{directory} is not a directory (the run keeps its checkpoints there): remove or '
+          'rename it, or use a new --workdir.')
     for path in directory.iterdir():
       if _TMP_MARKER in path.name:
         logging.warning('Removing the unfinished checkpoint %s.', path)
-        path.rmtree()
+        if os.path.islink(path):
+          os.unlink(path)  # The link alone: never what it points to.
+        else:
+          path.rmtree()
   _sync('remove_unfinished_saves')
 
 

@@ -7,34 +7,50 @@ is written; a traceback means a bug.
 
 import contextlib
 import difflib
+import errno
 import importlib.util
 import logging as std_logging
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
 
 from semimeta_jax import errors
+from semimeta_jax import library_log
 
 USAGE_ERROR_EXIT_CODE = 2
 _HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
 
 
+# Conditions of the machine, not bugs: a write that fails with one of these is
+# the user's to fix (free space, quota, permissions), so it gets one line too.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def fail(message: str):
   """Prints `error: message` on stderr and exits with code 2."""
-  print(f'error: {message}', file=sys.stderr)
+  with library_log.to_terminal():
+    print(f'error: {message}', file=sys.stderr)
   sys.exit(USAGE_ERROR_EXIT_CODE)
 
 
 @contextlib.contextmanager
 def user_errors_exit():
-  """Turns a `UserError` raised inside the block into `fail(message)`."""
+  """Turns a `UserError` (or a full / read-only disk) raised inside the block into `fail(message)`."""
   try:
     yield
   except errors.UserError as e:
     fail(str(e))
+  except OSError as e:
+    if e.errno not in _ENVIRONMENT_ERRNOS:
+      raise
+    traceback.print_exc()  # Into the workdir's library.log once the workdir exists.
+    where = f' writing {e.filename}' if e.filename else ''
+    fail(f'{e.strerror}{where}: free space (or fix the cause) and rerun the same command; it '
+         'resumes from the last checkpoint.')
 
 
 def _print_help(argv: Sequence[str]):
@@ -190,6 +206,17 @@ def import_tensorflow_quietly():
     os.close(devnull)
 
 
+def route_library_noise(workdir: str):
+  """Sends the libraries' tracebacks and error records to `<workdir>/library.log` (see library_log)."""
+  library_log.route_to_workdir(workdir)
+
+
+def stop_cleanly_on_sigterm():
+  """A SIGTERM at any moment of the run ends it cleanly (see `preemption.remember_termination`)."""
+  from semimeta_jax import preemption  # pylint: disable=g-import-not-at-top
+  preemption.remember_termination()
+
+
 def _launched_on_several_hosts() -> bool:
   """A SLURM job with several tasks, or a TPU pod slice with several workers."""
   if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
@@ -229,6 +256,11 @@ def print_outcome(summary: dict[str, Any], workdir: str):
                  f'{summary.get("num_eval_examples")} test examples.')
   if summary.get('preempted'):
     lines.append('Rerun the same command to resume.')
+  from semimeta_jax import preemption  # pylint: disable=g-import-not-at-top
+  if preemption.termination_requested():
+    lines.append('A stop request (SIGTERM) arrived after the last step: the run saved and '
+                 'finished first.' if summary.get('completed') else
+                 'A stop request (SIGTERM) arrived at the end of the run; it saved first.')
   lines.append(f'Summary: {os.path.join(workdir, "summary.json")}')
   lines.append(f'Curves:  tensorboard --logdir={workdir}   (also {os.path.join(workdir, "metrics.jsonl")})')
   print('\n'.join(lines))

@@ -15,7 +15,10 @@ hosts, start the same command on every host: TPU pods and SLURM are detected by
 --num_processes and --process_id.
 
 A mistake in the command, the config, the data or the workdir is reported in
-one line on stderr with exit code 2.
+one line on stderr with exit code 2; the libraries' own tracebacks and error
+records go to <workdir>/library.log rather than the terminal. A SIGTERM at any
+moment stops the run cleanly: it saves, says so and exits 0, and rerunning the
+command resumes it.
 """
 
 import os
@@ -58,6 +61,8 @@ def main(argv):
     if _DRY_RUN.value:
       print(cli.describe_run(_CONFIG.value, workdir))
       return
+    cli.route_library_noise(workdir)
+    cli.stop_cleanly_on_sigterm()
     # Imported here: it loads TensorFlow (seconds), which --help and argument errors do not need.
     from semimeta_jax import train  # pylint: disable=g-import-not-at-top
     summary = train.train_and_evaluate(_CONFIG.value, workdir)

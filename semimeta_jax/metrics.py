@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from semimeta_jax import errors
+from semimeta_jax import workdir_files
 
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -32,12 +33,15 @@ class MetricsFileError(errors.UserError, ValueError):
 
 def _parse_rows(path: epath.Path) -> tuple[list[dict[str, Any]], str | None]:
   """(rows, torn last line or None) of a metrics file; raises on a damaged line elsewhere."""
-  lines = path.read_text().splitlines(keepends=True)
+  lines = workdir_files.read_text(path).splitlines(keepends=True)
   rows = []
   for number, line in enumerate(lines, start=1):
     try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
+      row = json.loads(line)
+      if not isinstance(row, dict):
+        raise ValueError(f'a JSON {type(row).__name__}, not an object')
+      rows.append(row)
+    except ValueError as e:  # json.JSONDecodeError included.
       if number == len(lines) and not line.endswith('\n'):
         return rows, line  # A crash in the middle of the last write.
       raise MetricsFileError(f'{path}, line {number} is not a JSON row ({e}): repair or delete '
@@ -66,9 +70,8 @@ def _drop_torn_tail(path: epath.Path):
     logging.warning('Removing the torn last line of %s (a run stopped while writing it): %r',
                     path, torn[:80])
     text = path.read_bytes()
-    tmp = path.parent / f'{path.name}.tmp'  # Local or remote (no in-place truncation there).
-    tmp.write_bytes(text[:len(text) - len(torn.encode())])
-    tmp.replace(path)
+    # Rewritten rather than truncated in place: remote files cannot be truncated.
+    workdir_files.write_atomically(path, text[:len(text) - len(torn.encode())])
 
 
 class _LogWriter:
@@ -121,10 +124,11 @@ class MetricWriter:
     self._jsonl = None
     if self.enabled:
       workdir = epath.Path(workdir)
-      workdir.mkdir(parents=True, exist_ok=True)
-      self._writer = _default_writer(str(workdir))
+      workdir_files.make_dirs(workdir)
       _drop_torn_tail(workdir / METRICS_FILE)
-      self._jsonl = (workdir / METRICS_FILE).open('a')
+      self._jsonl_path = workdir / METRICS_FILE
+      self._jsonl = workdir_files.open_append(self._jsonl_path)
+      self._writer = _default_writer(str(workdir))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     """Writes `scalars` ({name: scalar}) for `step`."""
@@ -134,10 +138,15 @@ class MetricWriter:
     values = {name: _to_float(value) for name, value in scalars.items()}
     self._writer.write_scalars(
         step, {name: float(np.asarray(value)) for name, value in scalars.items()})
-    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
-    # One line per logging interval is cheap to flush, and a killed run then
-    # keeps every row it reported.
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
+      # One line per logging interval is cheap to flush, and a killed run then
+      # keeps every row it reported.
+      self._jsonl.flush()
+    except OSError as e:  # E.g. a full disk: the checkpoints say where a rerun resumes.
+      raise workdir_files.WorkdirFileError(
+          f'writing {self._jsonl_path} failed ({e.strerror or e}); free the space (or fix the cause) '
+          'and rerun the same command to resume from the last checkpoint.') from e
 
   def flush(self):
     """Pushes buffered values to disk."""
@@ -253,9 +262,9 @@ def write_summary(workdir: str, summary: Mapping[str, Any], *,
   if not enabled:
     return
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_files.make_dirs(workdir)
   text = json.dumps(dict(summary), default=_json_default, sort_keys=True, indent=2)
-  (workdir / SUMMARY_FILE).write_text(text + '\n')
+  workdir_files.write_atomically(workdir / SUMMARY_FILE, text + '\n')
 
 
 def drop_rows_after(workdir: str, step: int, *, enabled: bool | None = None):
@@ -270,17 +279,18 @@ def drop_rows_after(workdir: str, step: int, *, enabled: bool | None = None):
     return
   kept = [row for row in read_rows(workdir) if row.get('step', 0) <= step]
   text = ''.join(json.dumps(row) + '\n' for row in kept)
-  if text != path.read_text():
-    tmp = path.parent / f'{METRICS_FILE}.tmp'
-    tmp.write_text(text)
-    tmp.replace(path)
+  if text != workdir_files.read_text(path):
+    workdir_files.write_atomically(path, text)
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:
   """The run's previous `summary.json`, or None (absent or unreadable)."""
   path = epath.Path(workdir) / SUMMARY_FILE
+  if not path.exists():
+    return None
   try:
-    return json.loads(path.read_text()) if path.exists() else None
-  except json.JSONDecodeError:
-    logging.warning('Ignoring the unreadable %s.', path)
+    return workdir_files.read_json_object(path)
+  except workdir_files.WorkdirFileError as e:
+    # Only the running total of wall time is read from it, and it is rewritten at the end.
+    logging.warning('Ignoring the previous summary: %s', e)
     return None

@@ -19,6 +19,37 @@ def _jax_preemption_service_available() -> bool:
           and bool(jax.config.jax_enable_preemption_service))
 
 
+# Set by the handler `remember_termination` installs: a SIGTERM that arrived
+# while no guard was watching (before the loop, or during the last save).
+_TERMINATION_REQUESTED = {'value': False}
+
+
+def _remember(signum, frame):
+  del signum, frame  # Unused.
+  _TERMINATION_REQUESTED['value'] = True
+
+
+def remember_termination(signals=(signal.SIGTERM,)):
+  """Makes a SIGTERM outside the training loop a request that is honoured, not a kill.
+
+  Call once, early (the command line does). Before the loop, the request is
+  picked up by the `PreemptionGuard` (the run saves after its first step and
+  stops); after the loop (during the last save or the summary), the run ends
+  as it would have anyway. Either way the process ends with its clean message
+  and exit code instead of dying by the signal with a save half written. With
+  JAX's preemption service the service's own handler stays in place.
+  """
+  if _jax_preemption_service_available():
+    return
+  for sig in signals:
+    signal.signal(sig, _remember)
+
+
+def termination_requested() -> bool:
+  """Whether a SIGTERM arrived while no `PreemptionGuard` was watching."""
+  return _TERMINATION_REQUESTED['value']
+
+
 class PreemptionGuard:
   """Tells the training loop, after each step, whether to save and stop.
 
@@ -42,7 +73,9 @@ class PreemptionGuard:
         how often the processes compare their flags (one small all-gather).
     """
     self._sync_every_steps = max(1, sync_every_steps)
-    self._received = False
+    # A request made before the loop started is honoured at its first step (and consumed).
+    self._received = termination_requested()
+    _TERMINATION_REQUESTED['value'] = False
     self._logged = False
     self._previous_handlers = {}
     self._use_jax_service = _jax_preemption_service_available()

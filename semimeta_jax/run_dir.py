@@ -39,6 +39,7 @@ import ml_collections
 
 from semimeta_jax import errors
 from semimeta_jax import methods
+from semimeta_jax import workdir_files
 
 CONFIG_FILE = 'config.json'
 
@@ -156,12 +157,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return {}
-  try:
-    saved = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigChangedError(
-        f'{path} is not valid JSON ({e}); restore it from a config.<step>.json beside it, '
-        'or use a new --workdir.') from e
+  saved = workdir_files.read_json_object(
+      path, fix='restore it from a config.<step>.json beside it, or use a new --workdir')
   current = json.loads(config.to_json_best_effort())
   differences = config_differences(upgrade_saved(saved, current), current)
   fixed = {k: v for k, v in differences.items() if k in FIXED_FIELDS}
@@ -178,13 +175,6 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
   if differences:
     logging.warning('Resuming %s with a changed config: %s', workdir, _listing(differences))
   return differences
-
-
-def _write_atomically(path: epath.Path, text: str):
-  # Other processes may read the file while it is written; rename is atomic.
-  tmp = path.parent / f'{path.name}.tmp'
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 def record_config(workdir: str, config: ml_collections.ConfigDict, step: int):
@@ -205,12 +195,13 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int):
   path = workdir / CONFIG_FILE
   text = config.to_json_best_effort(sort_keys=True, indent=2)
   if path.exists():
-    saved_text = path.read_text()
+    saved_text = workdir_files.read_text(path)
     if saved_text == text:
       return
     backup, n = workdir / f'config.{step}.json', 1
     while backup.exists():
       backup, n = workdir / f'config.{step}.{n}.json', n + 1
-    backup.write_text(saved_text)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_atomically(path, text)
+    workdir_files.write_new(backup, saved_text)
+  workdir_files.make_dirs(workdir)
+  # Other processes may read the file while it is written.
+  workdir_files.write_atomically(path, text)

@@ -12,6 +12,7 @@ import numpy as np
 
 from semimeta_jax import checkpoint
 from semimeta_jax import data
+from semimeta_jax import divergence
 from semimeta_jax import errors as errors_lib
 from semimeta_jax import evaluation
 from semimeta_jax import methods
@@ -92,9 +93,7 @@ class _Run:
       raise NonFiniteLossError(
           f'Training loss became non-finite between steps {self.last_checked_step} and {step} '
           f'({", ".join(f"{k}={v}" for k, v in bad.items())}). Nothing after that was saved; '
-          f'{kept}. To go on from there with a lower learning rate, rerun the same command with '
-          f'--config.allow_config_change=True --config.learning_rate='
-          f'{self.config.learning_rate / 10:g} added (or check the input data).')
+          f'{kept}. {divergence.advice(self.config.learning_rate, metrics_lib.read_rows(self.workdir))}')
     self.last_checked_step = step
     self.writer.write_scalars(step, {f'train/{k}': v for k, v in {**means, **extra}.items()})
 

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from semimeta_jax import errors
+from semimeta_jax import workdir_files
 
 LOCK_FILE = 'LOCK'
 
@@ -36,11 +37,11 @@ class WorkdirLockedError(errors.UserError, RuntimeError):
 
 def _holder(path: str) -> str:
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       record = json.load(f)
     return (f'pid {record["pid"]} on host {record["host"]}, started '
             f'{record["started"]}')
-  except (OSError, ValueError, KeyError):
+  except (OSError, ValueError, KeyError, TypeError):
     return 'a process whose record is unreadable'
 
 
@@ -66,19 +67,24 @@ class WorkdirLock:
     self._created_dir = False
 
   def acquire(self):
-    """Takes the lock, or raises `WorkdirLockedError` naming its holder (in every process)."""
+    """Takes the lock, or raises `WorkdirLockedError` naming its holder (in every process).
+
+    Before taking it, the workdir is checked (`workdir_files.check_workdir`):
+    a link out of it or a record that is not a file is a `WorkdirFileError`.
+    """
     error = None
     if self.enabled:
       try:
         self._acquire()
-      except WorkdirLockedError as e:
+      except errors.UserError as e:  # Held by another run, or a workdir no run can use.
         error = e
     if jax.process_count() > 1:
       # The other processes must not go on alone into collectives process 0 never joins.
       refused = multihost_utils.process_allgather(np.int32(error is not None))
       if error is None and np.max(refused):
         self.release()
-        raise WorkdirLockedError(f'{self.workdir} is in use by another run (see process 0\'s error).')
+        raise WorkdirLockedError(
+            f'{self.workdir} is in use by another run or unusable (see process 0\'s error).')
     if error is not None:
       raise error
     return self
@@ -88,13 +94,20 @@ class WorkdirLock:
       logging.warning('%s is remote: no file lock there, so nothing stops a second run '
                       'on it.', self.workdir)
       return
+    # Already there, or made by a run starting at the same time: not ours to remove.
+    self._created_dir = workdir_files.make_dirs(self.workdir)
     try:
-      os.makedirs(self.workdir)
-      self._created_dir = True
-    except FileExistsError:  # Already there, or made by a run starting at the same time.
-      pass
+      # Nothing is written before this: orbax and TensorBoard write there too.
+      workdir_files.check_workdir(self.workdir)
+    except workdir_files.WorkdirFileError:
+      self._remove_created_dir()
+      raise
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fd = workdir_files.open_lock_file(self.path)
+      except workdir_files.WorkdirFileError:
+        self._remove_created_dir()
+        raise
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -126,6 +139,9 @@ class WorkdirLock:
   def _remove_created_dir(self):
     if self._created_dir:
       try:
+        # The libraries' log alone is not a record of the run.
+        if os.listdir(self.workdir) == [workdir_files.LIBRARY_LOG]:
+          os.unlink(os.path.join(self.workdir, workdir_files.LIBRARY_LOG))
         os.rmdir(self.workdir)  # Only if empty: never removes anything written.
       except OSError:
         pass

@@ -12,7 +12,7 @@ import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'semimeta_jax'
 # What data/ may import from the package besides itself: leaves that import nothing of it.
-DATA_MAY_IMPORT = {'semimeta_jax.errors', 'semimeta_jax.parallel'}
+DATA_MAY_IMPORT = {'semimeta_jax.errors', 'semimeta_jax.parallel', 'semimeta_jax.workdir_files'}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -26,6 +26,7 @@ import dataclasses
 import os
 import pathlib
 
+from absl import logging
 import numpy as np
 
 from semimeta_jax import errors
@@ -52,13 +53,45 @@ class FolderData:
   unlabeled_images: np.ndarray  # uint8 [U, H, W, C], U may be 0
 
 
-def _files(directory: pathlib.Path) -> list[pathlib.Path]:
-  """Every non-hidden file under `directory`, sorted (the order is the row order)."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(directory):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    found += [pathlib.Path(dirpath) / f for f in sorted(filenames) if not f.startswith('.')]
-  return found
+def _check_link(path: pathlib.Path, root: pathlib.Path, ancestors: tuple[str, ...]):
+  """Refuses a symbolic link that leads out of the dataset root, dangles or closes a loop.
+
+  `ancestors` are the real paths of the folders that contain `path`: a link to
+  one of them would list the same images again, endlessly.
+  """
+  target = os.path.realpath(path)
+  problem = None
+  if os.path.commonpath([str(root), target]) != str(root):
+    problem = 'leads out of the dataset folder'
+  elif not os.path.exists(target):
+    problem = 'points to nothing'
+  elif os.path.isdir(target) and target in ancestors:
+    problem = 'points back to a folder that contains it (a loop)'
+  if problem:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: {path.relative_to(root)} is a symbolic link to '
+        f'{os.readlink(path)} that {problem}; remove it, or copy what it should hold.')
+
+
+def _files(directory: pathlib.Path, root: pathlib.Path,
+           ancestors: tuple[str, ...] = ()) -> list[pathlib.Path]:
+  """Every non-hidden file under `directory`, sorted (the order is the row order).
+
+  Symbolic links are followed where they stay inside `root` and close no loop.
+  """
+  ancestors = ancestors + (os.path.realpath(directory),)
+  files, folders = [], []
+  for entry in sorted(directory.iterdir()):
+    if entry.name.startswith('.'):
+      continue
+    if entry.is_symlink():
+      _check_link(entry, root, ancestors)
+    if entry.is_dir():
+      folders.append(entry)
+    elif entry.is_file():
+      files.append(entry)
+  # A folder's own files first, then its subfolders': the row order of earlier versions.
+  return files + [path for folder in folders for path in _files(folder, root, ancestors)]
 
 
 def _named(paths, root) -> str:
@@ -67,9 +100,21 @@ def _named(paths, root) -> str:
   return shown + (f' and {more} more' if more > 0 else '')
 
 
-def _class_folders(split_dir: pathlib.Path) -> dict[str, list[pathlib.Path]]:
-  return {d.name: _files(d) for d in sorted(split_dir.iterdir())
-          if d.is_dir() and not d.name.startswith('.')}
+def _class_folders(split_dir: pathlib.Path, root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+  """{class name: its files} of every class folder of a split; empty ones are named in a warning."""
+  folders = {}
+  for d in sorted(split_dir.iterdir()):
+    if d.name.startswith('.'):
+      continue
+    if d.is_symlink():
+      _check_link(d, root, (str(root), os.path.realpath(split_dir)))
+    if d.is_dir():
+      folders[d.name] = _files(d, root, (str(root), os.path.realpath(split_dir)))
+  empty = [str(split_dir.relative_to(root) / name) for name, files in folders.items() if not files]
+  if empty:
+    logging.warning('config.data.folder=%r: ignoring the empty class folder(s) %s (no images).',
+                    str(root), ', '.join(empty))
+  return {name: files for name, files in folders.items() if files}
 
 
 def _open_all(paths, root):
@@ -145,11 +190,13 @@ def _load(root: pathlib.Path, image_size: int, max_in_memory_gb: float) -> Folde
   if not root.is_dir():
     raise FolderDataError(f'config.data.folder={str(root)!r} is not a directory.')
   for split in ('train', 'test'):
+    if (root / split).is_symlink():
+      _check_link(root / split, root, (str(root),))
     if not (root / split).is_dir():
       raise FolderDataError(
           f'config.data.folder={str(root)!r} has no {split}/ folder; expected '
           'ROOT/train/<class>/*, ROOT/test/<class>/* and optionally ROOT/unlabeled/*.')
-  train = {name: files for name, files in _class_folders(root / 'train').items() if files}
+  train = _class_folders(root / 'train', root)
   if not train:
     raise FolderDataError(
         f'config.data.folder={str(root)!r}: {root / "train"} holds no images in class folders '
@@ -159,12 +206,18 @@ def _load(root: pathlib.Path, image_size: int, max_in_memory_gb: float) -> Folde
         f'config.data.folder={str(root)!r}: train/ has a single class ({next(iter(train))!r}); '
         'classification needs at least two class folders.')
   names = tuple(sorted(train))
-  test = {name: files for name, files in _class_folders(root / 'test').items() if files}
+  test = _class_folders(root / 'test', root)
   if not test:
     raise FolderDataError(
         f'config.data.folder={str(root)!r}: {root / "test"} holds no images in class folders '
         '(expected test/<class>/<image>).')
   unknown = sorted(set(test) - set(names))
+  empty = [name for name in unknown if (root / 'train' / name).is_dir()]
+  if empty:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: train/ class folder(s) {empty} hold no images, but '
+        'test/ has images of them: a class cannot be learned without training images. Add '
+        'them, or remove the class from test/.')
   if unknown:
     raise FolderDataError(
         f'config.data.folder={str(root)!r}: test class(es) {unknown} have no folder in train/ '
@@ -175,7 +228,9 @@ def _load(root: pathlib.Path, image_size: int, max_in_memory_gb: float) -> Folde
         f'config.data.folder={str(root)!r}: train/ holds files outside class folders: '
         f'{_named(loose, root)}; put each image in train/<class>/.')
   unlabeled_dir = root / 'unlabeled'
-  unlabeled_paths = _files(unlabeled_dir) if unlabeled_dir.is_dir() else []
+  if unlabeled_dir.is_symlink():
+    _check_link(unlabeled_dir, root, (str(root),))
+  unlabeled_paths = _files(unlabeled_dir, root) if unlabeled_dir.is_dir() else []
 
   def listing(by_class):
     paths = [p for name in names if name in by_class for p in by_class[name]]

@@ -11,6 +11,8 @@ import json
 from etils import epath
 import numpy as np
 
+from semimeta_jax import workdir_files
+
 NORMALIZATION_FILENAME = 'normalization.json'
 _CHUNK = 1024
 
@@ -34,8 +36,11 @@ def with_statistics(workdir, spec, images, labeled, write):
     return spec
   path = epath.Path(workdir) / NORMALIZATION_FILENAME if workdir else None
   if path and path.exists():
-    saved = json.loads(path.read_text())
-    mean, std = saved['mean'], saved['std']
+    saved = workdir_files.read_json_object(path)
+    mean, std = saved.get('mean'), saved.get('std')
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std)):
+      raise workdir_files.WorkdirFileError(f'{path} has no per-channel mean and std; delete it (the '
+                                           'labeled pool\'s are computed again) or restore it.')
   else:
     # Per-channel sums in chunks: a large labeled pool never exists whole in float64.
     total, total_sq, count = 0.0, 0.0, 0
@@ -49,10 +54,8 @@ def with_statistics(workdir, spec, images, labeled, write):
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
     mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
     if path and write:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.parent / (NORMALIZATION_FILENAME + '.tmp')
-      tmp.write_text(json.dumps({'dataset': spec.name, 'source': 'labeled pool',
-                                 'mean': mean, 'std': std}))
-      tmp.replace(path)
+      workdir_files.make_dirs(path.parent)
+      workdir_files.write_atomically(path, json.dumps(
+          {'dataset': spec.name, 'source': 'labeled pool', 'mean': mean, 'std': std}))
   return dataclasses.replace(spec, mean=tuple(float(m) for m in mean),
                              std=tuple(float(s) for s in std))

@@ -5,15 +5,20 @@ official code: walk a permutation of the training split and keep an example
 while its class still needs labels. The drawn indices (into the TFDS train
 split, ascending) are written to `<workdir>/labeled_indices.json` with what
 produced them; a resumed run reads them back, and a config that would draw a
-different split is an error rather than a silent re-draw.
+different split is an error rather than a silent re-draw. The saved indices are
+verified on every resume: against the split drawn again from the seed where the
+labels are at hand, else against the checksum saved with them, so an edited
+file is refused rather than trained on.
 """
 
+import hashlib
 import json
 
 from etils import epath
 import numpy as np
 
 from semimeta_jax import errors
+from semimeta_jax import workdir_files
 
 SPLIT_FILENAME = 'labeled_indices.json'
 
@@ -148,7 +153,8 @@ def load_or_draw(workdir, labels, *, dataset, num_classes, num_labels,
   record = _record(dataset, seed, num_labels, label_fraction, num_train)
   path = epath.Path(workdir) / SPLIT_FILENAME if workdir else None
   if path and path.exists():
-    saved = json.loads(path.read_text())
+    saved = workdir_files.read_json_object(
+        path, fix='restore it, or use a new --workdir (the split is part of what the run is)')
     diffs = [f'{k}: saved {saved.get(k)!r}, config {v!r}'
              for k, v in record.items() if saved.get(k) != v]
     if diffs:
@@ -156,10 +162,8 @@ def load_or_draw(workdir, labels, *, dataset, num_classes, num_labels,
           f'{path} holds a labeled split drawn with other settings ('
           + '; '.join(diffs) + '). Use a new workdir, or restore the settings '
           'the run started with.')
-    indices = np.asarray(saved['indices'], np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= num_train):
-      raise SplitMismatchError(f'{path} has indices outside the train split.')
-    return indices
+    return _verified(path, saved, labels, num_classes=num_classes, num_labels=num_labels,
+                     label_fraction=label_fraction, seed=seed, num_train=num_train)
   if callable(labels):
     labels = labels()
   if len(labels) != num_train:
@@ -168,11 +172,46 @@ def load_or_draw(workdir, labels, *, dataset, num_classes, num_labels,
       labels, num_classes, num_labels=num_labels,
       label_fraction=label_fraction, seed=seed)
   if path and write:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (SPLIT_FILENAME + '.tmp')
-    tmp.write_text(json.dumps({**record, 'indices': indices.tolist()}))
+    workdir_files.make_dirs(path.parent)
     # Readers on other processes never see a half-written file.
-    tmp.replace(path)
+    workdir_files.write_atomically(path, json.dumps(
+        {**record, 'sha256': _checksum(indices), 'indices': indices.tolist()}))
+  return indices
+
+
+def _checksum(indices) -> str:
+  return hashlib.sha256(np.asarray(indices, '<i8').tobytes()).hexdigest()
+
+
+def _verified(path, saved, labels, *, num_classes, num_labels, label_fraction, seed, num_train):
+  """The saved indices, once they are shown to be the split the seed draws.
+
+  With the labels at hand (an array) the split is drawn again and compared;
+  otherwise (a function: drawing would be a pass over the dataset) the
+  checksum saved with the indices is compared, and only a file without one is
+  checked by drawing again.
+  """
+  refuse = lambda why: SplitMismatchError(
+      f'{path} is not the labeled split this run drew ({why}): it was edited or damaged. Restore '
+      'it (or delete it: the same seed draws the same split again), or use a new --workdir.')
+  try:
+    indices = np.asarray(saved['indices'], np.int64)
+  except (KeyError, TypeError, ValueError) as e:
+    raise refuse(f'no list of integer indices: {type(e).__name__}') from e
+  if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= num_train)):
+    raise refuse('indices outside the train split')
+  if callable(labels) and 'sha256' in saved:
+    if saved['sha256'] != _checksum(indices):
+      raise refuse('its indices do not match the checksum saved with them')
+    return indices
+  if callable(labels):
+    labels = labels()
+  drawn = draw_labeled_indices(labels, num_classes, num_labels=num_labels,
+                               label_fraction=label_fraction, seed=seed)
+  if not np.array_equal(drawn, indices):
+    differ = len(np.setxor1d(drawn, indices))
+    raise refuse(f'{differ} index(es) differ from the {len(drawn)} drawn from seed {seed}' if differ
+                 else 'the indices are out of their ascending order')
   return indices
 
 
