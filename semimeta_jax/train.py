@@ -12,6 +12,7 @@ import numpy as np
 
 from semimeta_jax import checkpoint
 from semimeta_jax import data
+from semimeta_jax import dispatch
 from semimeta_jax import errors as errors_lib
 from semimeta_jax import evaluation
 from semimeta_jax import methods
@@ -19,10 +20,12 @@ from semimeta_jax import metrics as metrics_lib
 from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import preemption
+from semimeta_jax import progress as progress_lib
 from semimeta_jax import run_dir
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
 from semimeta_jax import workdir_lock
+from semimeta_jax.data import evaluation as eval_data
 from semimeta_jax.methods import fast_swa
 
 
@@ -114,8 +117,14 @@ class _Run:
       else:
         del weight_sets['eval_swa']  # No average yet (or no batch since a resume).
     scalars = {}
+    num_batches = eval_data.num_eval_batches(self.inp.num_eval_examples, jax.process_count(),
+                                             self.config.eval_batch_size // jax.process_count())
     for prefix, eval_step in weight_sets.items():
       started = time.time()
+      # Silent unless the pass is long: then its compile time, rate and ETA every minute.
+      progress = progress_lib.Progress(num_batches, title=f'step {step}, {prefix}', unit='batch',
+                                       every_seconds=60.0, quiet_seconds=20.0)
+      eval_step = progress_lib.tracked(eval_step, progress, self.config.max_steps_in_flight)
       result = evaluation.evaluate(eval_step, state, self.inp.global_eval_batches(self.mesh),
                                    self.mesh)
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
@@ -151,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = run_dir.check_workdir_path(workdir)
   validation.validate_config(config)
   info = data.dataset_info(config.data)
+  models.check_image_shape(config, info.image_shape, info.num_classes)
   mesh = parallel.make_mesh()
   parallel.check_batch_sizes({name: config[name] for name in
                               ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')}, mesh)
@@ -210,8 +220,13 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
     metrics_lib.drop_rows_after(workdir, start_step)
   writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
   run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state)
-  progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
-  guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps)
+  progress = progress_lib.Progress(config.num_train_steps, start_step,
+                                   every_units=config.log_every_steps)
+  # The host stays at most this many steps ahead of the devices: a stop or a report acts on
+  # a step the devices are about to run, not on one minutes of queued work away.
+  queue = dispatch.DispatchQueue(config.max_steps_in_flight, start_step)
+  guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps,
+                                     finished_step=lambda: queue.finished_step)
   started, step, preempted = time.time(), start_step, False
   single_process = jax.process_count() == 1
   try:
@@ -226,6 +241,8 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
         writer.write_scalars(step, {f'{method.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
+      queue.push(step, step_metrics)
+      progress.update(step, queue.finished_step)
       # A save runs in the background while training goes on; one that has failed stops the
       # run at the first step after it ends. (Several processes could see that end at different
       # steps, so they only check below, at steps they all stop at.)
@@ -240,7 +257,9 @@ def _train_and_evaluate(config, workdir, info, mesh) -> dict[str, Any]:
         checkpointer.check_save(block=True)
         # Wait for the device first: dispatch runs ahead, and the rate must count finished steps.
         jax.block_until_ready(step_metrics)
-        run.report_train_metrics(step, progress(step) or {})  # Also the finiteness check before a save.
+        queue.mark_finished(step)
+        # Also the finiteness check before a save.
+        run.report_train_metrics(step, progress.row(step) or {})
       if step % config.eval_every_steps == 0 or is_last:
         state = run.evaluate(step, state, compiled_eval_steps, swa_statistics, recent_batches)
       if must_save:
