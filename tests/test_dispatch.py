@@ -120,7 +120,7 @@ def test_a_sigterm_is_saved_within_depth_plus_one_steps_of_the_devices(tmp_path,
 
     def step(state, batch):
       state, metrics = step_fn(state, batch)
-      return state, {**metrics, 'device_work': _device_work(metrics['loss'], rounds=400)}
+      return state, {**metrics, 'device_work': _device_work(metrics['loss'], rounds=150)}
     return step
 
   watcher = _DeviceWatcher(after=5)
