@@ -85,8 +85,9 @@ class PreemptionGuard:
       if self._finished_at_signal is None:
         logging.warning('Preemption requested: stopping after step %d.', step)
       else:
-        logging.warning('Preemption requested when the devices had finished step %d (at least): stopping '
-                        'after step %d, already dispatched.', self._finished_at_signal, step)
+        logging.warning('Preemption requested when the devices had finished step %d (at '
+                        'least): stopping after step %d, already dispatched.',
+                        self._finished_at_signal, step)
       self._logged = True
     return stop
 

@@ -1,4 +1,4 @@
-"""Tests for semimeta_jax.dispatch, and a preemption's latency in steps through the training loop."""
+"""Tests for semimeta_jax.dispatch, and a preemption's latency in steps in the training loop."""
 
 import os
 import queue as queue_lib
@@ -11,9 +11,11 @@ import pytest
 
 from configs import default
 from semimeta_jax import dispatch
+from semimeta_jax import errors
 from semimeta_jax import methods
 from semimeta_jax import parallel
 from semimeta_jax import train
+from semimeta_jax import validation
 from semimeta_jax.data import synthetic
 
 
@@ -60,6 +62,14 @@ def test_the_queue_waits_on_the_smallest_output_and_mark_finished_forgets_waited
 def test_a_queue_needs_a_positive_integer_depth(bad):
   with pytest.raises(ValueError, match='max_in_flight'):
     dispatch.DispatchQueue(bad)
+
+
+@pytest.mark.parametrize('bad', [0, -2])
+def test_a_bad_max_steps_in_flight_is_a_config_error(bad):
+  config = default.get_config()
+  config.max_steps_in_flight = bad
+  with pytest.raises(errors.ConfigError, match='config.max_steps_in_flight'):
+    validation.validate_config(config)
 
 
 def test_a_step_without_array_outputs_is_refused():

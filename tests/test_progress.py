@@ -33,7 +33,8 @@ def test_training_reports_compile_time_then_a_first_rate_then_every_n_steps(capl
     if step % 100 == 0:
       rows[step] = progress.row(step)
   messages = _messages(caplog)
-  assert messages[0] == 'training: the first step compiled and dispatched in 40.0 s (step 1 of 1000).'
+  assert messages[0] == ('training: the first step compiled and dispatched in 40.0 s '
+                         '(step 1 of 1000).')
   # Step 1 is seen finished at step 3 (t = 144 s); 20 s later 10 more steps have: 0.5 steps/s.
   assert messages[1] == 'training: step 11/1000 (1.1%), 0.50 steps/s, ETA 00:32:58'
   # Then at the cadence. A row's step comes after a wait for the devices; the first row's rate
