@@ -94,5 +94,8 @@ def get_config():
   # Several processes without JAX's preemption service compare their SIGTERM flags every N
   # steps: an all-gather that waits for the devices, so not every step.
   config.preemption_check_every_steps = 10
+  # Steps the host may dispatch ahead of the devices: enough to keep them busy, few enough that
+  # a preemption's save and the progress reports follow the devices closely.
+  config.max_steps_in_flight = 2
   config.allow_config_change = False  # Resume a workdir whose saved config differs.
   return config

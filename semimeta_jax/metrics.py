@@ -1,4 +1,4 @@
-"""Metric writers (TensorBoard and JSON lines), progress reports and the run summary.
+"""Metric writers (TensorBoard and JSON lines) and the run summary (progress reports: progress.py).
 
 Everything here writes from process 0 only, so a multi-process run produces one
 set of files.
@@ -6,7 +6,6 @@ set of files.
 
 import json
 import math
-import time
 from typing import Any, Mapping
 
 from absl import logging
@@ -166,79 +165,6 @@ class MetricWriter:
 
   def __exit__(self, *exc_info):
     self.close()
-
-
-def format_duration(seconds: float) -> str:
-  """Formats seconds as hh:mm:ss (hours may exceed 24)."""
-  seconds = int(round(max(seconds, 0.0)))
-  return f'{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-class Progress:
-  """Logs steps/s and the time left every so many steps or seconds.
-
-  Call it after every training step. The first call only starts the clock, so
-  compilation of the first step does not count against the rate.
-  """
-
-  def __init__(self, num_train_steps: int, start_step: int = 0, *,
-               every_steps: int | None = None, every_seconds: float | None = None,
-               enabled: bool | None = None, clock=time.monotonic):
-    """Sets up the report.
-
-    Args:
-      num_train_steps: the step at which training ends.
-      start_step: the step training (re)starts from.
-      every_steps: report when the step is a multiple of this.
-      every_seconds: report when this much time has passed since the last report.
-      enabled: whether to log; None means process 0 only. Rates are returned
-        either way.
-      clock: the time source, in seconds.
-    """
-    if not every_steps and not every_seconds:
-      raise ValueError('Progress needs every_steps or every_seconds.')
-    self.num_train_steps = num_train_steps
-    self.start_step = start_step
-    self.every_steps = every_steps
-    self.every_seconds = every_seconds
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._clock = clock
-    self._last_step = None
-    self._last_time = None
-
-  def _due(self, step: int, now: float) -> bool:
-    if step == self.num_train_steps:
-      return True
-    if self.every_steps and step % self.every_steps == 0:
-      return True
-    return bool(self.every_seconds) and now - self._last_time >= self.every_seconds
-
-  def __call__(self, step: int) -> dict[str, float] | None:
-    """Records that `step` has finished.
-
-    Args:
-      step: the number of steps done so far.
-
-    Returns:
-      `{'steps_per_sec': rate}` over the interval since the last report when a
-      report is due, else None.
-    """
-    step, now = int(step), self._clock()
-    if self._last_step is None:
-      self._last_step, self._last_time = step, now
-      return None
-    if step <= self._last_step or not self._due(step, now):
-      return None
-    elapsed = max(now - self._last_time, 1e-9)
-    rate = (step - self._last_step) / elapsed
-    self._last_step, self._last_time = step, now
-    if self.enabled:
-      eta = (self.num_train_steps - step) / rate if rate > 0 else float('inf')
-      done = 100.0 * step / max(self.num_train_steps, 1)
-      logging.info('step %d/%d (%.1f%%), %.2f steps/s, ETA %s', step,
-                   self.num_train_steps, done, rate,
-                   format_duration(eta) if math.isfinite(eta) else 'unknown')
-    return {'steps_per_sec': rate}
 
 
 def _json_default(value):

@@ -5,6 +5,7 @@ save and exit while the others wait in a collective.
 """
 
 import signal
+from typing import Callable
 
 from absl import logging
 import jax
@@ -64,15 +65,21 @@ class PreemptionGuard:
   Create the guard in the main thread (Python only installs signal handlers there).
   """
 
-  def __init__(self, *, signals=(signal.SIGTERM,), sync_every_steps: int = 1):
+  def __init__(self, *, signals=(signal.SIGTERM,), sync_every_steps: int = 1,
+               finished_step: Callable[[], int] | None = None):
     """Installs the handlers.
 
     Args:
       signals: the signals that ask for a clean stop.
       sync_every_steps: with several processes and no JAX preemption service,
         how often the processes compare their flags (one small all-gather).
+      finished_step: the newest step known finished on the devices
+        (`dispatch.DispatchQueue.finished_step`), read when a signal arrives, so
+        the stop is logged against the devices' progress, not the host's.
     """
     self._sync_every_steps = max(1, sync_every_steps)
+    self._finished_step = finished_step
+    self._finished_at_signal = None
     # A request made before the loop started is honoured at its first step (and consumed).
     self._received = termination_requested()
     _TERMINATION_REQUESTED['value'] = False
@@ -86,7 +93,9 @@ class PreemptionGuard:
   def _handle(self, signum, frame):
     del signum, frame  # Unused.
     # Only set a flag: logging here could deadlock on a lock the interrupted
-    # code holds.
+    # code holds. Reading an attribute is safe.
+    if self._finished_step is not None and not self._received:
+      self._finished_at_signal = self._finished_step()
     self._received = True
 
   @property
@@ -106,7 +115,12 @@ class PreemptionGuard:
       flags = multihost_utils.process_allgather(np.int32(self._received))
       stop = bool(np.max(flags))
     if stop and not self._logged:
-      logging.warning('Preemption requested: stopping after step %d.', step)
+      if self._finished_at_signal is None:
+        logging.warning('Preemption requested: stopping after step %d.', step)
+      else:
+        logging.warning('Preemption requested when the devices had finished step %d (at '
+                        'least): stopping after step %d, already dispatched.',
+                        self._finished_at_signal, step)
       self._logged = True
     return stop
 

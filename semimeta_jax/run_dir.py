@@ -55,6 +55,7 @@ FIXED_FIELDS = frozenset({
 FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'hypergrad.diagnostics_every_steps', 'preemption_check_every_steps', 'allow_config_change',
+    'max_steps_in_flight',
     'data.data_dir', 'data.download', 'data.prefetch_batches', 'remat',
 })
 

@@ -13,6 +13,7 @@ import numpy as np
 from semimeta_jax import checkpoint
 from semimeta_jax import data
 from semimeta_jax import divergence
+from semimeta_jax import dispatch
 from semimeta_jax import errors as errors_lib
 from semimeta_jax import evaluation
 from semimeta_jax import methods
@@ -20,10 +21,12 @@ from semimeta_jax import metrics as metrics_lib
 from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import preemption
+from semimeta_jax import progress as progress_lib
 from semimeta_jax import run_dir
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
 from semimeta_jax import workdir_lock
+from semimeta_jax.data import eval_batches as eval_data
 
 
 class NonFiniteLossError(errors_lib.UserError, FloatingPointError):
@@ -106,6 +109,8 @@ class _Run:
     those statistics, so that a checkpoint carries them).
     """
     scalars, evaluated = {}, set()
+    num_batches = eval_data.num_eval_batches(self.inp.num_eval_examples, jax.process_count(),
+                                             self.config.eval_batch_size // jax.process_count())
     for weight_set, eval_step, statistics in evaluators:
       if not weight_set.ready(state):
         continue
@@ -114,10 +119,14 @@ class _Run:
           continue
         batches = list(recent_batches)[-weight_set.statistics_batches:]
         state = weight_set.with_statistics(state, [statistics(state, batch) for batch in batches])
+      prefix = weight_set.prefix
       started = time.time()
+      # Silent unless the pass is long: then its compile time, rate and ETA every minute.
+      progress = progress_lib.Progress(num_batches, title=f'step {step}, {prefix}', unit='batch',
+                                       every_seconds=60.0, quiet_seconds=20.0)
+      eval_step = progress_lib.tracked(eval_step, progress, self.config.max_steps_in_flight)
       result = evaluation.evaluate(eval_step, state, self.inp.global_eval_batches(self.mesh),
                                    self.mesh)
-      prefix = weight_set.prefix
       scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
       scalars[f'{prefix}/seconds'] = time.time() - started
       evaluated.add(prefix)
@@ -152,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = run_dir.check_workdir_path(workdir)
   method = validation.validate_config(config)
   info = data.dataset_info(config.data)
+  models.check_image_shape(config, info.image_shape, info.num_classes)
   mesh = parallel.make_mesh()
   parallel.check_batch_sizes({name: config[name] for name in
                               ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')}, mesh)
@@ -214,8 +224,13 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
   writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
   run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state,
              method.headline)
-  progress = metrics_lib.Progress(config.num_train_steps, start_step, every_steps=config.log_every_steps)
-  guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps)
+  progress = progress_lib.Progress(config.num_train_steps, start_step,
+                                   every_units=config.log_every_steps)
+  # The host stays at most this many steps ahead of the devices: a stop or a report acts on
+  # a step the devices are about to run, not on one minutes of queued work away.
+  queue = dispatch.DispatchQueue(config.max_steps_in_flight, start_step)
+  guard = preemption.PreemptionGuard(sync_every_steps=config.preemption_check_every_steps,
+                                     finished_step=lambda: queue.finished_step)
   started, step, preempted = time.time(), start_step, False
   single_process = jax.process_count() == 1
   try:
@@ -230,6 +245,8 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
         writer.write_scalars(step, {f'{own.diagnostics_prefix}/{k}': float(v) for k, v in values.items()})
       state, step_metrics = train_step(state, batch)
       run.pending.append(step_metrics)
+      queue.push(step, step_metrics)
+      progress.update(step, queue.finished_step)
       # A save runs in the background while training goes on; one that has failed stops the
       # run at the first step after it ends. (Several processes could see that end at different
       # steps, so they only check below, at steps they all stop at.)
@@ -244,7 +261,9 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
         checkpointer.check_save(block=True)
         # Wait for the device first: dispatch runs ahead, and the rate must count finished steps.
         jax.block_until_ready(step_metrics)
-        run.report_train_metrics(step, progress(step) or {})  # Also the finiteness check before a save.
+        queue.mark_finished(step)
+        # Also the finiteness check before a save.
+        run.report_train_metrics(step, progress.row(step) or {})
       if step % config.eval_every_steps == 0 or is_last:
         state = run.evaluate(step, state, evaluators, recent_batches)
       if must_save:

@@ -59,7 +59,7 @@ def validate_config(config: ml_collections.ConfigDict) -> methods.Configured:
   _require(config.lr_decay_factor > 0, 'lr_decay_factor', config.lr_decay_factor, 'must be > 0')
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                 'keep_checkpoints', 'labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size',
-                'preemption_check_every_steps'):
+                'preemption_check_every_steps', 'max_steps_in_flight'):
     _require(isinstance(config[field], int) and config[field] > 0, field, config[field],
              'must be a positive integer')
   for field in ('warmup_steps', 'consistency_rampup_steps'):

@@ -57,55 +57,6 @@ def test_write_summary_converts_array_values(tmp_path):
                      'method': 'semimeta'}
 
 
-class _FakeClock:
-
-  def __init__(self):
-    self.now = 100.0
-
-  def __call__(self):
-    return self.now
-
-
-def test_progress_reports_rate_every_n_steps(caplog):
-  caplog.set_level('INFO')
-  clock = _FakeClock()
-  progress = metrics.Progress(100, start_step=0, every_steps=10, enabled=True, clock=clock)
-  reports = {}
-  for step in range(1, 31):
-    clock.now += 0.5 if step > 1 else 30.0  # The first step includes compilation.
-    result = progress(step)
-    if result is not None:
-      reports[step] = result
-  assert sorted(reports) == [10, 20, 30]
-  # 9 steps after the baseline at step 1, then 10-step intervals, 2 steps/s each.
-  for result in reports.values():
-    assert result['steps_per_sec'] == pytest.approx(2.0)
-  # At step 10, 90 steps remain at 2 steps/s.
-  assert 'step 10/100 (10.0%), 2.00 steps/s, ETA 00:00:45' in caplog.text
-
-
-def test_progress_every_seconds_and_final_step():
-  clock = _FakeClock()
-  progress = metrics.Progress(7, start_step=3, every_seconds=2.0, enabled=True, clock=clock)
-  due = []
-  for step in range(4, 8):
-    clock.now += 1.0
-    if progress(step) is not None:
-      due.append(step)
-  assert due == [6, 7]
-
-
-def test_progress_needs_a_period():
-  with pytest.raises(ValueError):
-    metrics.Progress(10)
-
-
-@pytest.mark.parametrize('seconds,text', [(0, '00:00:00'), (3723.4, '01:02:03'),
-                                          (90061, '25:01:01')])
-def test_format_duration(seconds, text):
-  assert metrics.format_duration(seconds) == text
-
-
 def _load_plot_curves():
   # Imported here: it loads matplotlib, which the other tests of this file do not need.
   return importlib.import_module('experiments.plot_curves')

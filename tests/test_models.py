@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from semimeta_jax import errors
 from semimeta_jax import models
 from semimeta_jax.models import layers
 
@@ -237,3 +238,71 @@ def test_initializers_match_pytorch():
   head = _tiny('wrn28_2')[2]['params']['head']['fc']
   np.testing.assert_array_equal(head['bias'], 0.0)
   assert np.std(head['kernel']) > 0
+
+
+def _convlarge_map_after_last_pool_conv(size, small_input):
+  """Independent reference: ConvLarge's map size after the conv that follows the second pool."""
+  pooled = size // 2 // 2  # Two VALID 2x2 pools with stride 2.
+  return pooled if small_input else pooled - 2  # SAME 3x3 keeps it; VALID 3x3 takes 2 off.
+
+
+def _empty_map_error(name, shape):
+  """The `InputTooSmallError` of an abstract init of `name` on `shape`, or None."""
+  try:
+    variables = _abstract_init(_model(name, width=4), shape)
+  except models.InputTooSmallError as error:
+    return error
+  # Every 4-D activation the model computed has a non-empty map.
+  for leaf in jax.tree.leaves(variables['intermediates']):
+    if leaf.ndim == 4:
+      assert leaf.shape[1] >= 1 and leaf.shape[2] >= 1, (name, shape, leaf.shape)
+  return None
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_each_model_works_at_its_smallest_size_and_names_it_one_below(name):
+  smallest = _model(name).min_image_size
+  assert _empty_map_error(name, (1, smallest, smallest, 3)) is None
+  below = smallest - 1
+  error = _empty_map_error(name, (1, below, below, 3))
+  assert isinstance(error, models.InputTooSmallError) and isinstance(error, errors.ConfigError)
+  assert f'cannot read {below}x{below} images' in str(error)
+  assert f'at least {smallest}x{smallest}' in str(error)
+  # Non-square: one side too short is enough.
+  assert _empty_map_error(name, (1, smallest + 5, below, 3)) is not None
+
+
+@pytest.mark.parametrize('name,small_input', [('convlarge', False), ('convlarge_digits', True)])
+def test_convlarge_size_check_agrees_with_the_layer_arithmetic(name, small_input):
+  for size in range(0, 15):
+    empty = _convlarge_map_after_last_pool_conv(size, small_input) < 1
+    assert (_empty_map_error(name, (1, size, size, 1)) is not None) == empty, size
+
+
+def test_check_image_shape_names_the_model_the_size_and_what_works():
+  config = default.get_config()
+  config.model = 'convlarge'
+  with pytest.raises(models.InputTooSmallError) as error:
+    models.check_image_shape(config, (8, 8, 1), 10)
+  message = str(error.value)
+  for part in ("config.model='convlarge'", 'ConvLarge cannot read 8x8 images',
+               'the 3x3 conv after the second pool (VALID padding) is 0x0',
+               'config.data.image_size (at least 12', "config.model='convlarge_digits'"):
+    assert part in message, part
+  # Too small for the small-input variant as well: it is not offered.
+  with pytest.raises(models.InputTooSmallError) as error:
+    models.check_image_shape(config, (3, 3, 1), 10)
+  assert 'convlarge_digits' not in str(error.value)
+  models.check_image_shape(config, (12, 12, 3), 10)  # Passes.
+
+
+def test_a_run_on_images_too_small_for_its_model_fails_before_writing(tmp_path):
+  from semimeta_jax import train  # pylint: disable=g-import-not-at-top
+  from semimeta_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.register('synthetic_8x8', num_train=64, num_test=16, image_shape=(8, 8, 1))
+  config = default.get_config()
+  config.data.name, config.data.num_labels, config.model = 'synthetic_8x8', 10, 'convlarge'
+  workdir = tmp_path / 'run'
+  with pytest.raises(models.InputTooSmallError, match='8x8 images.*convlarge_digits'):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()

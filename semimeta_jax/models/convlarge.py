@@ -37,6 +37,15 @@ class ConvLarge(nn.Module):
   dtype: Any = jnp.float32
   remat_batch_norm: bool = False
 
+  @property
+  def min_image_size(self) -> int:
+    """The smallest height and width that leave every feature map non-empty.
+
+    Two 2x2 pools floor the size twice; the official VALID 3x3 conv after them
+    then needs a 3x3 map (12x12 images), the SAME one of `small_input` a 1x1 map.
+    """
+    return 4 if self.small_input else 12
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Returns float32 logits of shape (batch, num_classes) for NHWC images `x`."""
@@ -58,14 +67,19 @@ class ConvLarge(nn.Module):
       # Dropout2d: one Bernoulli draw per (example, channel), shared over the spatial axes.
       return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
 
+    image_hw = x.shape[1:3]
+    check = lambda x, stage: layers.require_feature_map(x, self, stage, image_hw,
+                                                        self.min_image_size)
     w = self.width
     for _ in range(3):
       x = conv_bn_lrelu(x, w, 3, padding=1)
-    x = pool_and_drop(x)
+    x = check(pool_and_drop(x), 'the first 2x2 pool')
     for _ in range(3):
       x = conv_bn_lrelu(x, 2 * w, 3, padding=1)
-    x = pool_and_drop(x)
-    x = conv_bn_lrelu(x, 4 * w, 3, padding=1 if self.small_input else 0)
+    x = check(pool_and_drop(x), 'the second 2x2 pool')
+    padding = 1 if self.small_input else 0
+    x = conv_bn_lrelu(x, 4 * w, 3, padding=padding)
+    x = check(x, 'the 3x3 conv after the second pool' + ('' if padding else ' (VALID padding)'))
     x = conv_bn_lrelu(x, 2 * w, 1, padding=0)
     x = conv_bn_lrelu(x, w, 1, padding=0)
     return layers.PooledClassifier(self.num_classes, name='head')(x)

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semimeta_jax import errors
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 ModuleDef = Callable[..., nn.Module]
@@ -121,3 +123,31 @@ class PooledClassifier(nn.Module):
         bias_init=bias_init,
         name='fc',
     )(x)
+
+
+class InputTooSmallError(errors.ConfigError):
+  """The images are too small for the model: a feature map after some stage is empty."""
+
+
+def require_feature_map(x: jax.Array, model: nn.Module, stage: str, image_hw: tuple[int, int],
+                        min_image_size: int) -> jax.Array:
+  """Returns `x` (NHWC); raises `InputTooSmallError` if its spatial map is empty.
+
+  Shapes are static, so this runs once, while the model is traced (at
+  initialisation): an empty map would otherwise reach the global mean of the
+  head, whose mean of nothing is NaN, and the run would stop as a diverged one.
+
+  Args:
+    x: the activations after `stage`.
+    model: the module checking its input (named in the message).
+    stage: where in the model `x` comes from.
+    image_hw: (height, width) of the images the model was given.
+    min_image_size: the smallest height and width the model works with.
+  """
+  height, width = x.shape[1:3]
+  if height < 1 or width < 1:
+    raise InputTooSmallError(
+        f'{type(model).__name__} cannot read {image_hw[0]}x{image_hw[1]} images: the feature '
+        f'map after {stage} is {height}x{width}, empty. It needs images of at least '
+        f'{min_image_size}x{min_image_size}.')
+  return x

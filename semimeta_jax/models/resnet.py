@@ -93,6 +93,9 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   remat_batch_norm: bool = False
 
+  # Every strided conv and pool pads so that it maps n pixels to ceil(n / 2): never to 0.
+  min_image_size: ClassVar[int] = 1
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Returns float32 logits of shape (batch, num_classes) for NHWC images `x`."""
@@ -105,9 +108,12 @@ class ResNet(nn.Module):
     )
     norm = layers.batch_norm(train, self.dtype, self.remat_batch_norm)
 
+    image_hw = x.shape[1:3]
+    check = lambda x, stage: layers.require_feature_map(x, self, stage, image_hw,
+                                                        self.min_image_size)
     x = conv(self.width, (7, 7), 2, padding=3, name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = check(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), 'the stem')
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         x = self.block_cls(
@@ -118,6 +124,7 @@ class ResNet(nn.Module):
             zero_init_residual=self.zero_init_residual,
             name=f'layer{stage + 1}_{block}',
         )(x)
+      x = check(x, f'stage {stage + 1}')
     return layers.PooledClassifier(self.num_classes, name='head')(x)
 
 

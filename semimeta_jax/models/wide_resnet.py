@@ -14,7 +14,7 @@ references do.
 """
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,9 @@ class WideResNet(nn.Module):
   dtype: Any = jnp.float32
   remat_batch_norm: bool = False
 
+  # The strided 3x3 convs pad by 1 and map n pixels to ceil(n / 2): never to 0.
+  min_image_size: ClassVar[int] = 1
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Returns float32 logits of shape (batch, num_classes) for NHWC images `x`."""
@@ -83,7 +86,10 @@ class WideResNet(nn.Module):
     )
     norm = layers.batch_norm(train, self.dtype, self.remat_batch_norm)
 
-    x = conv(self.stem_width, (3, 3), padding=1, name='stem_conv')(x)
+    image_hw = x.shape[1:3]
+    check = lambda x, stage: layers.require_feature_map(x, self, stage, image_hw,
+                                                        self.min_image_size)
+    x = check(conv(self.stem_width, (3, 3), padding=1, name='stem_conv')(x), 'the stem')
     for group in range(3):
       for block in range(blocks_per_group):
         x = PreActBlock(
@@ -94,6 +100,7 @@ class WideResNet(nn.Module):
             activate_before_residual=group == 0 and block == 0,
             name=f'group{group + 1}_{block}',
         )(x)
+      x = check(x, f'group {group + 1}')
     x = _lrelu(norm(name='final_bn')(x))
     return layers.PooledClassifier(
         self.num_classes,
