@@ -75,11 +75,14 @@ def get_config():
 
   # Pseudo-label meta step.
   config.hypergrad = ml_collections.ConfigDict()
-  config.hypergrad.mode = 'finite_difference'  # exact | first_order | jvp | finite_difference
-  config.hypergrad.inner_steps = 1  # K unrolled virtual SGD steps (`exact` only).
+  # exact | first_order | jvp | finite_difference | neumann | implicit
+  config.hypergrad.mode = 'finite_difference'
+  config.hypergrad.inner_steps = 1  # K virtual SGD steps (`exact` unrolled, `neumann` in output space).
   config.hypergrad.inner_lr = 0.0  # alpha; 0 = the current learning rate (official).
   config.hypergrad.meta_lr = 0.0  # beta; 0 = lr_t * B_u / alpha_t, the official update.
   config.hypergrad.epsilon = 1e-2  # Finite-difference step, relative to ||v||.
+  config.hypergrad.cg_iterations = 20  # Conjugate-gradient steps of `implicit`.
+  config.hypergrad.cg_damping = 1e-4  # `implicit` solves (J J^T + damping I) g = J v.
   config.hypergrad.forward_mode = 'eval'  # eval (official: running BN stats, no dropout) | train
   config.hypergrad.projection = 'relu_normalize'  # relu_normalize (official) | simplex
 

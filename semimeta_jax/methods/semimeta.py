@@ -38,8 +38,13 @@ def validate(config) -> None:
     require(hg[field] in choices, f'hypergrad.{field}', hg[field], f'expected one of {choices}')
   require(isinstance(hg.inner_steps, int) and hg.inner_steps >= 1, 'hypergrad.inner_steps',
           hg.inner_steps, 'must be an integer >= 1')
-  require(hg.inner_steps == 1 or hg.mode == 'exact', 'hypergrad.inner_steps', hg.inner_steps,
-          f'K > 1 unrolled steps need hypergrad.mode="exact" (mode {hg.mode!r} is a K = 1 formula)')
+  require(hg.inner_steps == 1 or hg.mode in hypergrad.MULTI_STEP_MODES, 'hypergrad.inner_steps',
+          hg.inner_steps, f'K > 1 virtual steps need hypergrad.mode in {hypergrad.MULTI_STEP_MODES} '
+          f'(mode {hg.mode!r} is not a K-step estimator)')
+  require(isinstance(hg.cg_iterations, int) and hg.cg_iterations >= 1, 'hypergrad.cg_iterations',
+          hg.cg_iterations, 'must be an integer >= 1 (conjugate-gradient steps of mode "implicit")')
+  require(hg.cg_damping >= 0, 'hypergrad.cg_damping', hg.cg_damping,
+          'must be >= 0 (added to the Gram matrix J J^T of mode "implicit")')
   require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
   require(hg.meta_lr >= 0, 'hypergrad.meta_lr', hg.meta_lr, 'must be >= 0 (0 = the official value)')
   require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
@@ -85,7 +90,8 @@ def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
   grad = hypergrad.hypergradient(
       hg.mode, apply_fn, state.params, labeled['image'], labeled['label'], x_u, ytil,
       alpha=alpha, inner_steps=hg.inner_steps, epsilon=hg.epsilon,
-      theta_tilde_is_theta=theta_tilde_is_theta)
+      theta_tilde_is_theta=theta_tilde_is_theta, cg_iterations=hg.cg_iterations,
+      cg_damping=hg.cg_damping)
   yhat = hypergrad.update_pseudo_labels(ytil, grad, beta=beta, projection=hg.projection)
   return ytil, grad, yhat
 
