@@ -1,5 +1,7 @@
 """`neumann` and `implicit` against unrolled `exact`, dense linear algebra and one device."""
 
+import functools
+
 import chex
 import jax
 from jax.flatten_util import ravel_pytree
@@ -10,7 +12,13 @@ import pytest
 from semimeta_jax import errors
 from semimeta_jax import hypergrad
 from semimeta_jax import hypergrad_output_space
+from semimeta_jax import models
+from semimeta_jax import parallel
+from semimeta_jax import state as state_lib
 from semimeta_jax.methods import semimeta
+from tests import conftest
+from tests import test_parallel
+from tests.conftest import synthetic_batch
 from tests.conftest import tiny_config
 from tests.test_hypergrad import mlp_apply
 from tests.test_hypergrad import random_problem
@@ -186,3 +194,41 @@ def test_output_jacobian_products_are_transposes():
   np.testing.assert_allclose(ravel_pytree(transpose_times(w))[0], jacobian.T @ w.ravel(), rtol=1e-12,
                              atol=1e-15)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode,inner_steps', [('neumann', 3), ('implicit', 1)])
+def test_eight_devices_match_one(mode, inner_steps):
+  """The estimators on a data-parallel mesh, with batch statistics and dropout in the meta forward."""
+  with jax.enable_x64(False):
+    config = tiny_config(**{'hypergrad.mode': mode, 'hypergrad.inner_steps': inner_steps,
+                            'hypergrad.forward_mode': 'train', 'hypergrad.cg_iterations': 5,
+                            'hypergrad.meta_lr': 0.5})
+    batch = jax.tree.map(np.asarray, synthetic_batch(jax.random.key(1)))
+    state8, metrics8 = test_parallel.one_step(config, parallel.make_mesh(conftest.cpu_devices(8)), batch)
+    state1, metrics1 = test_parallel.one_step(config, parallel.make_mesh(conftest.cpu_devices(1)), batch)
+    chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(metrics8, metrics1, rtol=1e-4, atol=1e-6)
+    assert float(metrics1['hypergradient_norm']) > 0
+
+
+@pytest.mark.slow  # Compiles every model three times: minutes on a CPU.
+@pytest.mark.parametrize('model', models.MODEL_NAMES)
+def test_every_model_takes_both_estimators(model):
+  """On each model (training-mode meta forward), K = 1 of `neumann` is `jvp`; `implicit` is finite."""
+  with jax.enable_x64(False):
+    config = tiny_config(model=model, model_width=4, **{'hypergrad.forward_mode': 'train',
+                                                         'hypergrad.cg_iterations': 3})
+    image_shape = (8, 8, 1) if model == 'convlarge_digits' else (32, 32, 1)
+    state = state_lib.init_train_state(config, models.get_model(config, 10), image_shape,
+                                       jax.random.key(0))
+    batch = synthetic_batch(jax.random.key(1), batch_size=4, image_shape=image_shape)
+    grads = {}
+    for mode in ('jvp', 'neumann', 'implicit'):
+      config.hypergrad.mode = mode
+      meta = jax.jit(functools.partial(semimeta.meta_pseudo_labels, lr=0.1, key=jax.random.key(2),
+                                       config=config.copy_and_resolve_references()))
+      _, grads[mode], _ = meta(state, batch['labeled'], batch['unlabeled'])
+    chex.assert_trees_all_close(grads['neumann'], grads['jvp'], rtol=1e-4, atol=1e-7)
+    chex.assert_tree_all_finite(grads['implicit'])
+    assert float(jnp.linalg.norm(grads['implicit'])) > 0
