@@ -173,6 +173,11 @@ class TestValidation:
     with pytest.raises(errors.ConfigError, match=message):
       semimeta.validate(tiny_config(**{'hypergrad.mode': 'implicit', f'hypergrad.{field}': value}))
 
+  def test_implicit_needs_its_own_meta_lr(self):
+    with pytest.raises(errors.ConfigError, match='hypergrad.meta_lr=0.0: must be > 0 with'):
+      semimeta.validate(tiny_config(**{'hypergrad.mode': 'implicit'}))
+    semimeta.validate(tiny_config(**{'hypergrad.mode': 'implicit', 'hypergrad.meta_lr': 0.5}))
+
   @pytest.mark.parametrize('mode', hypergrad.MODES)
   def test_only_multi_step_modes_take_several_inner_steps(self, mode):
     config = tiny_config(**{'hypergrad.mode': mode, 'hypergrad.inner_steps': 3})

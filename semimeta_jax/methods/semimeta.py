@@ -48,6 +48,9 @@ def validate(config) -> None:
   require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
   require(hg.meta_lr >= 0, 'hypergrad.meta_lr', hg.meta_lr, 'must be >= 0 (0 = the official value)')
   require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
+  require(hg.mode != 'implicit' or hg.meta_lr > 0, 'hypergrad.meta_lr', hg.meta_lr,
+          'must be > 0 with hypergrad.mode="implicit": the official beta (meta_lr = 0) assumes the '
+          'scale of the K = 1 hypergradient, and the implicit one does not depend on alpha')
   if config.mixup:
     require(config.mixup_alpha > 0, 'mixup_alpha', config.mixup_alpha, 'must be > 0')
     require(config.labeled_batch_size == config.unlabeled_batch_size, 'unlabeled_batch_size',
