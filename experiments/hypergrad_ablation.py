@@ -4,18 +4,23 @@ r"""Exact vs approximate hypergradients: fidelity during a real run, step cost, 
    every step in `--steps` (or an existing run is read from `--run_dir`). At each of
    those steps the state is restored, the batches that step and the next ones of the
    run would train on are rebuilt (`data.build_input(start_step=step)`), and g is
-   computed on each batch by all four estimators with the same state, batch and
-   dropout key. For each approximation (first_order, jvp, finite_difference) the
-   table gives its cosine similarity and relative error against `exact`, averaged over
-   `--num_batches` batches, in both meta forward modes ('eval', the official one, and
-   'train': dropout and batch statistics on) and for K in `--inner_steps`. The
-   reference `exact` unrolls K virtual steps; the approximations are K = 1 formulas,
-   so the K > 1 rows show how far they drift from a K-step meta objective.
+   computed on each batch by every estimator with the same state, batch and
+   dropout key. For each other mode (first_order, jvp, finite_difference, neumann,
+   implicit) the table gives its cosine similarity and relative error against `exact`,
+   averaged over `--num_batches` batches, in both meta forward modes ('eval', the
+   official one, and 'train': dropout and batch statistics on) and for K in
+   `--inner_steps`. The reference `exact` unrolls K virtual steps; `neumann` takes the
+   same K in output space; the others are K = 1 formulas, so the K > 1 rows show how
+   far they drift from a K-step meta objective. A second table compares every mode
+   with `implicit`, the K -> infinity limit.
    At step 0 the warm-up learning rate (hence alpha and every g) is 0; that point
    uses the learning rate of step 1.
 2. Step cost: compile time, median step time and XLA's memory_analysis bytes of the
-   full compiled training step of each mode (`benchmark_step.measure_step`).
-3. Final test error: each mode trained to the end for `--train_seeds` by
+   full compiled training step of each mode (`benchmark_step.measure_step`), `exact`
+   and `neumann` at each K of `--inner_steps`.
+3. Meta-step cost against K (`--horizons`): time and compiled memory of the meta
+   step for unrolled `exact` and output-space `neumann` (`hypergrad_horizon_cost`).
+4. Final test error: each mode trained to the end for `--train_seeds` by
    `digits_results.py` (configs/digits.py; `--skip_training` leaves this out).
 
 Writes ablation.md (all tables), fidelity.csv, step_cost.csv and fidelity.png into
@@ -48,6 +53,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import benchmark_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import digits_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import hypergrad_horizon_cost  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.hypergrad_fidelity import APPROXIMATIONS  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 from experiments.hypergrad_fidelity import fidelity  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.hypergrad_fidelity import FIDELITY_FIELDS  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -138,7 +144,9 @@ def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps,
     lr = meta_learning_rate(config, step)
     for (fwd, k), fn in compiled.items():
       per_batch = jax.device_get([fn(state, batch, lr) for batch in batches])
-      rows += fidelity_rows(per_batch, step=step, lr=lr, forward_mode=fwd, inner_steps=k)
+      for reference in ('exact', 'implicit'):
+        rows += fidelity_rows(per_batch, step=step, lr=lr, forward_mode=fwd, inner_steps=k,
+                              reference=reference)
     for (fwd, k), fn in half.items():
       per_batch = jax.device_get([fn(state, batch, lr) for batch in batches])
       rows += fidelity_rows(per_batch, step=step, lr=lr, forward_mode=fwd, inner_steps=k,
@@ -149,11 +157,12 @@ def measure_fidelity(config, run_dir: str, steps, *, forward_modes, inner_steps,
 
 
 def measure_step_cost(config, *, forward_modes, inner_steps, steps: int):
-  """Compiled training-step cost rows (COST_FIELDS): each approximation once, `exact` per K."""
+  """Compiled training-step cost rows (COST_FIELDS): K = 1 formulas once, `exact` and `neumann` per K."""
   info = data.dataset_info(config.data)
   rows = []
   for fwd in forward_modes:
-    variants = [(mode, 1) for mode in APPROXIMATIONS] + [('exact', k) for k in inner_steps]
+    variants = ([(mode, 1) for mode in APPROXIMATIONS if mode not in hypergrad.MULTI_STEP_MODES]
+                + [(mode, k) for mode in hypergrad.MULTI_STEP_MODES for k in inner_steps])
     for mode, k in variants:
       row = benchmark_step.measure_step(
           variant_config(config, mode=mode, forward_mode=fwd, inner_steps=k),
@@ -174,7 +183,8 @@ def cost_table(rows) -> str:
   return '\n'.join(lines)
 
 
-def render_report(header, rows, cost_rows, errors, *, num_batches: int, cost_steps: int) -> str:
+def render_report(header, rows, cost_rows, errors, *, num_batches: int, cost_steps: int,
+                  horizon_rows=()) -> str:
   """The markdown report: `header` lines, then the fidelity, step-cost and final-error sections."""
   sections = list(header) + [
       f'## Hypergradient fidelity: cosine / relative error against `exact`\n\nMean over {num_batches} '
@@ -183,7 +193,15 @@ def render_report(header, rows, cost_rows, errors, *, num_batches: int, cost_ste
       'meta forward, small learning rate), K steps move theta~ about K times as far, so g_exact is '
       'close to K times the K = 1 value and the relative error near 1 - 1/K: at K > 1 it measures '
       'scale, the cosine direction. The step-0 point uses the learning rate of step 1 (the warm-up '
-      'starts at 0).\n\n' + fidelity_table(rows)]
+      'starts at 0). `neumann` follows the K steps in output space (equal to `exact` in evaluation '
+      'mode, a Gauss-Newton approximation in training mode); `implicit` is the K -> infinity limit, '
+      'on its own scale (it does not depend on alpha), so against `exact` read its cosine.\n\n'
+      + fidelity_table(rows),
+      '## Hypergradient fidelity: cosine / relative error against `implicit` (K -> infinity)\n\n'
+      'The same batches against the implicit-function-theorem hypergradient (config.hypergrad.'
+      'cg_iterations CG steps on J J^T + cg_damping I). The scales differ (implicit does not '
+      'depend on alpha), so the cosine is the measure of direction.\n\n'
+      + fidelity_table(rows, reference='implicit')]
   if any(r.get('precision') == 'bf16' for r in rows):
     sections.append(
         '## bf16 hypergradient fidelity: cosine / relative error against float32 `exact`\n\nEach '
@@ -196,6 +214,11 @@ def render_report(header, rows, cost_rows, errors, *, num_batches: int, cost_ste
                     f'{cost_steps} steps; compiled MiB from XLA memory_analysis (temp + arguments + '
                     'outputs - aliased). The approximations do not depend on K.\n\n'
                     + cost_table(cost_rows))
+  if horizon_rows:
+    sections.append('## Meta-step cost against K: unrolled `exact` and output-space `neumann`\n\n'
+                    'The meta step alone (synthetic batch); temp MiB = XLA memory_analysis '
+                    'temporaries of the compiled program; `implicit` measured once.\n\n'
+                    + hypergrad_horizon_cost.horizon_cost_table(horizon_rows))
   if errors:
     sections.append(f'## Final test error\n\n{errors}')
   return '\n\n'.join(sections) + '\n'
@@ -244,7 +267,7 @@ def write_csv(rows, fields, path: str):
 def train_final_errors(seeds, out: pathlib.Path, overrides) -> str:
   """Trains every mode to the end for `seeds` (digits_results runs, resumable); its table."""
   rows = []
-  for mode in hypergrad.MODES:
+  for mode in (m for m in hypergrad.MODES if m in digits_results.MODE_VARIANTS):
     variant = digits_results.MODE_VARIANTS[mode]
     for seed in seeds:
       summary = digits_results.run_one(variant, seed, out, None, overrides)
@@ -266,6 +289,8 @@ def _define_flags():
   flags.DEFINE_list('forward_modes', list(FORWARD_MODES), 'Meta forward modes.')
   flags.DEFINE_bool('half_precision', True, 'Also measure every mode in bf16 against float32 exact.')
   flags.DEFINE_integer('cost_steps', 10, 'Timed steps per mode for the step cost (0: skip).')
+  flags.DEFINE_list('horizons', ['1', '2', '4', '8', '16'], 'K of the meta-step cost table '
+                    '(exact vs neumann; empty: skip).')
   flags.DEFINE_list('train_seeds', ['0', '1', '2', '3', '4'], 'Seeds of the final-error runs.')
   flags.DEFINE_bool('skip_training', False, 'Leave out the final-error training runs.')
 
@@ -312,6 +337,15 @@ def main(argv):
     cost_rows = measure_step_cost(config, forward_modes=FLAGS.forward_modes, inner_steps=inner_steps,
                                   steps=FLAGS.cost_steps)
     timings['step cost'] = time.time() - started
+  horizon_rows = []
+  if FLAGS.horizons:
+    started = time.time()
+    info = data.dataset_info(config.data)
+    horizon_rows = hypergrad_horizon_cost.horizon_cost_rows(
+        config, info.image_shape, num_classes=info.num_classes, forward_modes=FLAGS.forward_modes,
+        horizons=[int(k) for k in FLAGS.horizons], repeats=max(FLAGS.cost_steps, 1),
+        lr=meta_learning_rate(config, config.num_train_steps // 2))
+    timings['meta-step cost against K'] = time.time() - started
   errors = None
   if not FLAGS.skip_training:
     started = time.time()
@@ -327,12 +361,13 @@ def main(argv):
       f'config {config_path.name}, run {run_dir}.',
       'Wall time: ' + '; '.join(f'{name} {seconds:.0f} s' for name, seconds in timings.items()) + '.']
   markdown = render_report(header, rows, cost_rows, errors, num_batches=FLAGS.num_batches,
-                           cost_steps=FLAGS.cost_steps)
+                           cost_steps=FLAGS.cost_steps, horizon_rows=horizon_rows)
   (out / 'ablation.md').write_text(markdown)
   write_csv(rows, FIDELITY_FIELDS, str(out / 'fidelity.csv'))
   if cost_rows:
     write_csv(cost_rows, COST_FIELDS, str(out / 'step_cost.csv'))
-  plot_fidelity([r for r in rows if r['mode'] != 'exact' and r['precision'] == 'fp32'],
+  plot_fidelity([r for r in rows if r['mode'] != 'exact' and r['precision'] == 'fp32'
+                 and r['reference'] == 'exact'],
                 str(out / 'fidelity.png'))
   print(markdown)
   print(f'Wrote ablation.md, fidelity.csv{", step_cost.csv" if cost_rows else ""} and fidelity.png '

@@ -1,7 +1,7 @@
 """Hypergradient fidelity: each estimator of g against the exact one, in float32 and bfloat16.
 
-`fidelity` compares the four modes with one another in float32 (the ablation's
-main table); `half_precision_fidelity` computes every mode with bfloat16
+`fidelity` compares every mode with `exact` (K unrolled steps) and with `implicit`
+(the K -> infinity limit) in float32 (the ablation's main tables); `half_precision_fidelity` computes every mode with bfloat16
 activations (`config.half_precision`, parameters and g stay float32) and compares
 it with the float32 `exact` g of the same state, batch and dropout draw: the
 evidence for (or against) training the meta step in bf16.
@@ -14,9 +14,12 @@ from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import common
 from semimeta_jax.methods import semimeta
 
-APPROXIMATIONS = ('first_order', 'jvp', 'finite_difference')
-FIDELITY_FIELDS = ('step', 'lr', 'precision', 'forward_mode', 'inner_steps', 'mode', 'cosine',
-                   'cosine_min', 'relative_error', 'relative_error_max', 'exact_norm', 'num_batches')
+APPROXIMATIONS = tuple(mode for mode in hypergrad.MODES if mode != 'exact')
+# The references a fidelity row compares with: K unrolled steps, or the implicit limit.
+REFERENCES = ('exact', 'implicit')
+FIDELITY_FIELDS = ('step', 'lr', 'precision', 'reference', 'forward_mode', 'inner_steps', 'mode',
+                   'cosine', 'cosine_min', 'relative_error', 'relative_error_max', 'exact_norm',
+                   'reference_norm', 'num_batches')
 
 
 def variant_config(config, *, mode=None, forward_mode=None, inner_steps=None, half_precision=None):
@@ -52,8 +55,9 @@ def fidelity(state, batch, lr, *, config):
       `hypergrad.inner_steps` the K of the `exact` reference (the other modes are K = 1).
 
   Returns:
-    {mode: {'cosine', 'relative_error'}} for every mode in `hypergrad.MODES` (`exact`
-    against itself included), plus {'exact_norm': ||g_exact||}.
+    {mode: {'cosine', 'relative_error'}} against `exact` for every mode in
+    `hypergrad.MODES` (`exact` against itself included), {'implicit': {mode: ...}}
+    the same against `implicit`, and the norms {'exact_norm', 'implicit_norm'}.
   """
   key = state.step_key(common.DROPOUT_META)  # The training step's meta dropout draw.
   grads = {}
@@ -62,7 +66,9 @@ def fidelity(state, batch, lr, *, config):
         state, batch['labeled'], batch['unlabeled'], lr=lr, key=key,
         config=variant_config(config, mode=mode))
   result = {mode: _compare(g, grads['exact']) for mode, g in grads.items()}
+  result['against_implicit'] = {mode: _compare(g, grads['implicit']) for mode, g in grads.items()}
   result['exact_norm'] = jnp.linalg.norm(grads['exact'])
+  result['implicit_norm'] = jnp.linalg.norm(grads['implicit'])
   return result
 
 
@@ -95,30 +101,42 @@ def half_precision_fidelity(state, batch, lr, *, config, half_apply_fn):
 
 
 def fidelity_rows(per_batch, *, step: int, lr: float, forward_mode: str, inner_steps: int,
-                  precision: str = 'fp32'):
-  """Rows (FIDELITY_FIELDS), one per mode, of `fidelity` results over batches: mean and worst case."""
+                  precision: str = 'fp32', reference: str = 'exact'):
+  """Rows (FIDELITY_FIELDS), one per mode, of `fidelity` results over batches: mean and worst case.
+
+  `reference` 'implicit' reads the comparisons with `implicit` (float32 `fidelity` only).
+  """
+  if reference not in REFERENCES:
+    raise ValueError(f'Unknown fidelity reference {reference!r}; expected one of {REFERENCES}.')
+  select = (lambda r: r) if reference == 'exact' else (lambda r: r['against_implicit'])
   rows = []
   for mode in hypergrad.MODES:
-    cosines = np.array([r[mode]['cosine'] for r in per_batch], np.float64)
-    errors = np.array([r[mode]['relative_error'] for r in per_batch], np.float64)
+    cosines = np.array([select(r)[mode]['cosine'] for r in per_batch], np.float64)
+    errors = np.array([select(r)[mode]['relative_error'] for r in per_batch], np.float64)
     rows.append({
-        'step': step, 'lr': lr, 'precision': precision, 'forward_mode': forward_mode, 'inner_steps': inner_steps,
+        'step': step, 'lr': lr, 'precision': precision, 'reference': reference,
+        'forward_mode': forward_mode, 'inner_steps': inner_steps,
         'mode': mode, 'cosine': cosines.mean(), 'cosine_min': cosines.min(),
         'relative_error': errors.mean(), 'relative_error_max': errors.max(),
         'exact_norm': float(np.mean([r['exact_norm'] for r in per_batch])),
+        'reference_norm': float(np.mean([r[f'{reference}_norm'] for r in per_batch])),
         'num_batches': len(per_batch)})
   return rows
 
 
-def fidelity_table(rows) -> str:
-  """Markdown: one line per (forward mode, K, approximation); a cell per step, 'cosine / rel. error'."""
-  rows = [r for r in rows if r.get('precision', 'fp32') == 'fp32']
+def fidelity_table(rows, reference: str = 'exact') -> str:
+  """Markdown: one line per (forward mode, K, approximation); a cell per step, 'cosine / rel. error'.
+
+  Rows of float32 against `reference` only; the reference itself gets no line.
+  """
+  rows = [r for r in rows if r.get('precision', 'fp32') == 'fp32'
+          and r.get('reference', 'exact') == reference]
   steps = sorted({row['step'] for row in rows})
   cells = {(r['forward_mode'], r['inner_steps'], r['mode'], r['step']): r for r in rows}
   lines = ['| meta forward | K | mode | ' + ' | '.join(f'step {s}' for s in steps) + ' |',
            '|---|---|---|' + '---|' * len(steps)]
   for fwd, k in dict.fromkeys((r['forward_mode'], r['inner_steps']) for r in rows):
-    for mode in APPROXIMATIONS:
+    for mode in (m for m in hypergrad.MODES if m != reference):
       values = [cells.get((fwd, k, mode, s)) for s in steps]
       text = ['-' if v is None else f'{v["cosine"]:.5f} / {v["relative_error"]:.2e}' for v in values]
       lines.append(f'| {fwd} | {k} | {mode} | ' + ' | '.join(text) + ' |')

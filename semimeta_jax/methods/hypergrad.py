@@ -1,4 +1,4 @@
-"""The pseudo-label hypergradient of SemiMeta, in four ways, and the pseudo-label update.
+"""The pseudo-label hypergradient of SemiMeta, in six ways, and the pseudo-label update.
 
 Algorithm 1 of the paper, steps 2-7, for any model given as `apply_fn(params, x) -> logits`:
 
@@ -15,7 +15,14 @@ Algorithm 1 of the paper, steps 2-7, for any model given as `apply_fn(params, x)
   jvp                (2 alpha / B_u) J_i u with u = grad L_l(theta~), one forward-mode product;
                      exact for K = 1 because grad_theta L_u is affine in ytil;
   finite_difference  the official central difference of softmax(f) along v = grad L_l,
-                     eps = epsilon / ||v||, rescaled to exact-hypergradient units.
+                     eps = epsilon / ||v||, rescaled to exact-hypergradient units;
+  neumann            c sum_{k<K} (I - c J J^T)^k J v in output space: equal to `exact`
+                     with K steps where the residual of L_u is zero (evaluation-mode
+                     meta forward), at the memory of K = 1;
+  implicit           (J J^T + damping I)^{-1} J v by conjugate gradient: the K -> infinity
+                     limit, the implicit-function-theorem hypergradient.
+(`hypergrad_output_space` derives the last two; with a non-zero residual they are
+Gauss-Newton approximations.)
 
 Every function is pure and jit-able; static arguments are keyword-only Python values.
 """
@@ -26,12 +33,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from semimeta_jax.methods import hypergrad_output_space
 from semimeta_jax import losses
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
-MODES = ('exact', 'first_order', 'jvp', 'finite_difference')
+MODES = ('exact', 'first_order', 'jvp', 'finite_difference', 'neumann', 'implicit')
+# The modes that follow K > 1 virtual steps; the others are K = 1 formulas.
+MULTI_STEP_MODES = ('exact', 'neumann')
 PROJECTIONS = ('relu_normalize', 'simplex')
 
 
@@ -75,12 +85,23 @@ def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha
   return jax.grad(linearised_objective)(ytil)
 
 
-def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tilde_is_theta):
-  """u = grad L_l(theta~), skipping the virtual step when it is known to be a no-op."""
+def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tilde_is_theta,
+                     inner_steps: int = 1):
+  """u = grad L_l(theta~) after `inner_steps` virtual steps, skipped where known to be a no-op.
+
+  Nothing differentiates through theta~ here, so the steps run in a loop whose
+  memory does not grow with their number.
+  """
   if theta_tilde_is_theta:
     return jax.grad(outer_loss)(params, apply_fn, x_l, y_l)
-  adapted = virtual_step(params, apply_fn, x_u, ytil, alpha=alpha)
+  adapted = hypergrad_output_space.gradient_descent_endpoint(
+      lambda p: inner_loss(p, apply_fn, x_u, ytil), params, alpha=alpha, steps=inner_steps)
   return jax.grad(outer_loss)(adapted, apply_fn, x_l, y_l)
+
+
+def _unlabeled_probabilities(apply_fn, x_u):
+  """params -> softmax(f(x_u; params)) in at least float32: the forward inside L_u."""
+  return lambda p: jax.nn.softmax(losses.at_least_float32(apply_fn(p, x_u)))
 
 
 def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
@@ -98,8 +119,7 @@ def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
   """
   u = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
                        theta_tilde_is_theta=theta_tilde_is_theta)
-  probs = lambda p: jax.nn.softmax(losses.at_least_float32(apply_fn(p, x_u)))
-  _, jacobian_times_u = jax.jvp(probs, (params,), (u,))
+  _, jacobian_times_u = jax.jvp(_unlabeled_probabilities(apply_fn, x_u), (params,), (u,))
   return (2.0 * alpha / x_u.shape[0]) * jacobian_times_u
 
 
@@ -114,7 +134,7 @@ def finite_difference_direction(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u
   # A zero labeled gradient (a perfect fit) gives d = 0, not a division by zero.
   eps = epsilon / jnp.maximum(optax.tree.norm(v), jnp.finfo(jnp.float32).tiny)
   shifted = lambda sign: jax.tree.map(lambda p, g: p + sign * eps * g, params, v)
-  probs = lambda p: jax.nn.softmax(losses.at_least_float32(apply_fn(p, x_u)))
+  probs = _unlabeled_probabilities(apply_fn, x_u)
   return (probs(shifted(1.0)) - probs(shifted(-1.0))) / eps
 
 
@@ -126,13 +146,59 @@ def finite_difference(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
   return (alpha / x_u.shape[0]) * d
 
 
+def neumann(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, inner_steps: int = 1,
+            theta_tilde_is_theta: bool = False):
+  """K-step hypergradient as an output-space Neumann series, memory independent of K.
+
+  g_K = c sum_{k<K} (I - c J J^T)^k J v with J the Jacobian of softmax(f(x_u; .))
+  at theta, c = 2 alpha / B_u and v = grad L_l(theta~_K) (theta~_K by K virtual
+  steps that are not differentiated through). Where the residual of L_u is zero
+  (`theta_tilde_is_theta`: the evaluation-mode meta forward, ytil its own
+  prediction) this equals `exact` with K unrolled steps. Elsewhere (training-mode
+  forward: dropout, batch statistics) it is a Gauss-Newton approximation of it,
+  exact at K = 1 (where it is `jvp`).
+
+  Args:
+    inner_steps: static K >= 1.
+    theta_tilde_is_theta: static; see `jvp`.
+  """
+  v = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
+                       theta_tilde_is_theta=theta_tilde_is_theta, inner_steps=inner_steps)
+  return hypergrad_output_space.neumann_hypergradient(
+      _unlabeled_probabilities(apply_fn, x_u), params, v, alpha=alpha, num_terms=inner_steps)
+
+
+def implicit(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, cg_iterations: int,
+             cg_damping):
+  """Implicit-function-theorem hypergradient: (J J^T + damping I)^{-1} J v by conjugate gradient.
+
+  The limit of `neumann` (and of unrolled `exact` in evaluation mode) as K grows:
+  d L_l(theta*(ytil)) / d ytil for theta*(y) = argmin_theta L_u(theta, y), taking
+  theta* = theta and v = grad L_l(theta). Exact (up to damping and CG's
+  convergence) where theta minimises L_u(., ytil), i.e. the evaluation-mode meta
+  forward; a Gauss-Newton approximation elsewhere. It does not depend on alpha,
+  so its scale is not that of the K = 1 hypergradient: choose beta
+  (config.hypergrad.meta_lr) for it rather than the official K = 1 value.
+
+  Args:
+    cg_iterations: static number of CG steps.
+    cg_damping: >= 0, added to the diagonal of J J^T (singular: softmax rows sum to one).
+  """
+  del ytil  # theta itself stands in for theta*(ytil).
+  v = jax.grad(outer_loss)(params, apply_fn, x_l, y_l)
+  return hypergrad_output_space.implicit_hypergradient(
+      _unlabeled_probabilities(apply_fn, x_u), params, v, iterations=cg_iterations,
+      damping=cg_damping)
+
+
 def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
                   alpha, inner_steps: int = 1, epsilon: float = 1e-2,
-                  theta_tilde_is_theta: bool = False) -> jax.Array:
+                  theta_tilde_is_theta: bool = False, cg_iterations: int = 20,
+                  cg_damping: float = 1e-4) -> jax.Array:
   """g = d L_l(theta~(ytil)) / d ytil by the estimator `mode` (one of MODES).
 
   Args:
-    mode: static; 'exact', 'first_order', 'jvp' or 'finite_difference'.
+    mode: static; one of MODES.
     apply_fn: `(params, x) -> logits`, the forward used inside the bi-level
       objective (evaluation or training mode, dropout key bound).
     params: theta.
@@ -140,10 +206,13 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, y
     x_u: the unlabeled batch.
     ytil: the pseudo-labels before the meta step, [B_u, num_classes].
     alpha: the virtual step size (inner learning rate).
-    inner_steps: static; K unrolled virtual steps (`exact` only; the other
-      estimators are K = 1 formulas).
+    inner_steps: static; K virtual steps (`exact` and `neumann`; the other
+      estimators are K = 1 formulas, or K = infinity for `implicit`).
     epsilon: static; the finite-difference step relative to ||v||.
-    theta_tilde_is_theta: static; see `jvp`. Ignored by `exact` and `first_order`.
+    theta_tilde_is_theta: static; see `jvp`. Ignored by `exact`, `first_order`
+      and `implicit`.
+    cg_iterations: static; conjugate-gradient steps of `implicit`.
+    cg_damping: the damping `implicit` adds to J J^T.
 
   Returns:
     g with the shape of `ytil`.
@@ -158,6 +227,12 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, y
   if mode == 'finite_difference':
     return finite_difference(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, epsilon=epsilon,
                              theta_tilde_is_theta=theta_tilde_is_theta)
+  if mode == 'neumann':
+    return neumann(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, inner_steps=inner_steps,
+                   theta_tilde_is_theta=theta_tilde_is_theta)
+  if mode == 'implicit':
+    return implicit(apply_fn, params, x_l, y_l, x_u, ytil, cg_iterations=cg_iterations,
+                    cg_damping=cg_damping)
   raise ValueError(f'Unknown hypergradient mode {mode!r}; expected one of {MODES}.')
 
 

@@ -31,11 +31,14 @@ def config_blocks():
   """The `hypergrad` block (the pseudo-label meta step) and the `semimeta` block (mix-up)."""
   return {
       'hypergrad': ml_collections.ConfigDict({
-          'mode': 'finite_difference',  # exact | first_order | jvp | finite_difference
-          'inner_steps': 1,  # K unrolled virtual SGD steps (`exact` only).
+          # exact | first_order | jvp | finite_difference | neumann | implicit
+          'mode': 'finite_difference',
+          'inner_steps': 1,  # K virtual SGD steps (`exact` unrolled, `neumann` in output space).
           'inner_lr': 0.0,  # alpha; 0 = the current learning rate (official).
           'meta_lr': 0.0,  # beta; 0 = lr_t * B_u / alpha_t, the official update.
           'epsilon': 1e-2,  # Finite-difference step, relative to ||v||.
+          'cg_iterations': 20,  # Conjugate-gradient steps of `implicit`.
+          'cg_damping': 1e-4,  # `implicit` solves (J J^T + damping I) g = J v.
           'forward_mode': 'eval',  # eval (official: running BN stats, no dropout) | train
           'projection': 'relu_normalize',  # relu_normalize (official) | simplex
           'diagnostics_every_steps': 0,  # > 0: log cosine(mode, exact) every N steps.
@@ -59,8 +62,13 @@ def validate(config) -> None:
     require(hg[field] in choices, f'hypergrad.{field}', hg[field], f'expected one of {choices}')
   require(isinstance(hg.inner_steps, int) and hg.inner_steps >= 1, 'hypergrad.inner_steps',
           hg.inner_steps, 'must be an integer >= 1')
-  require(hg.inner_steps == 1 or hg.mode == 'exact', 'hypergrad.inner_steps', hg.inner_steps,
-          f'K > 1 unrolled steps need hypergrad.mode="exact" (mode {hg.mode!r} is a K = 1 formula)')
+  require(hg.inner_steps == 1 or hg.mode in hypergrad.MULTI_STEP_MODES, 'hypergrad.inner_steps',
+          hg.inner_steps, f'K > 1 virtual steps need hypergrad.mode in {hypergrad.MULTI_STEP_MODES} '
+          f'(mode {hg.mode!r} is not a K-step estimator)')
+  require(isinstance(hg.cg_iterations, int) and hg.cg_iterations >= 1, 'hypergrad.cg_iterations',
+          hg.cg_iterations, 'must be an integer >= 1 (conjugate-gradient steps of mode "implicit")')
+  require(hg.cg_damping >= 0, 'hypergrad.cg_damping', hg.cg_damping,
+          'must be >= 0 (added to the Gram matrix J J^T of mode "implicit")')
   require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
   require(hg.meta_lr >= 0, 'hypergrad.meta_lr', hg.meta_lr, 'must be >= 0 (0 = the official value)')
   require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
@@ -69,6 +77,9 @@ def validate(config) -> None:
   if config.semimeta.mixup:
     require(config.semimeta.mixup_alpha > 0, 'semimeta.mixup_alpha', config.semimeta.mixup_alpha,
             'must be > 0')
+  require(hg.mode != 'implicit' or hg.meta_lr > 0, 'hypergrad.meta_lr', hg.meta_lr,
+          'must be > 0 with hypergrad.mode="implicit": the official beta (meta_lr = 0) assumes the '
+          'scale of the K = 1 hypergradient, and the implicit one does not depend on alpha')
     require(config.labeled_batch_size == config.unlabeled_batch_size, 'unlabeled_batch_size',
             config.unlabeled_batch_size,
             f'mix-up pairs the i-th labeled with the i-th unlabeled example, so it must equal '
@@ -109,7 +120,8 @@ def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
   grad = hypergrad.hypergradient(
       hg.mode, apply_fn, state.params, labeled['image'], labeled['label'], x_u, ytil,
       alpha=alpha, inner_steps=hg.inner_steps, epsilon=hg.epsilon,
-      theta_tilde_is_theta=theta_tilde_is_theta)
+      theta_tilde_is_theta=theta_tilde_is_theta, cg_iterations=hg.cg_iterations,
+      cg_damping=hg.cg_damping)
   yhat = hypergrad.update_pseudo_labels(ytil, grad, beta=beta, projection=hg.projection)
   return ytil, grad, yhat
 
