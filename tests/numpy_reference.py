@@ -1,15 +1,18 @@
 """Float64 NumPy references of the losses the methods build, for tests that check their values."""
 
+import jax
 import numpy as np
 
 
 def log_softmax(logits):
+  """log softmax over the last axis, in float64."""
   z = np.asarray(logits, np.float64)
   z = z - z.max(-1, keepdims=True)
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def softmax(logits):
+  """softmax over the last axis, in float64."""
   return np.exp(log_softmax(logits))
 
 
@@ -30,11 +33,15 @@ def entropy(p):
   return np.mean(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1))
 
 
-def train_mode_logits(state, params, images, dropout_key=None):
-  """The network's training-mode logits (batch statistics of `images`), as float64 numpy."""
-  import jax  # pylint: disable=g-import-not-at-top
-  variables = {'params': params, 'batch_stats': state.batch_stats} if state.batch_stats else {'params': params}
-  rngs = {'dropout': dropout_key if dropout_key is not None else jax.random.key(0)}
+def train_mode_logits(state, params, images):
+  """The network's training-mode logits (batch statistics of `images`), as float64 numpy.
+
+  The forward is the model's own `apply_fn`; callers turn dropout off, so the key is moot.
+  """
+  variables = {'params': params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  rngs = {'dropout': jax.random.key(0)}
   out = state.apply_fn(variables, images, train=True, rngs=rngs,
                        mutable=['batch_stats'] if state.batch_stats else False)
   logits = out[0] if state.batch_stats else out

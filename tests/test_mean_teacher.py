@@ -4,7 +4,6 @@ error between student and teacher over *every* row of the joined batch (labeled 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from semimeta_jax import state as state_lib

@@ -120,7 +120,8 @@ def test_the_loss_is_the_ce_plus_the_weighted_class_averaged_squared_error_over_
   ensemble_targets = rng.dirichlet(np.full(10, 0.3), size=12).astype(np.float32)
   has_target = np.array([True, False, True, True, False, True] * 2)
   weight = 2.5
-  loss, (_, supervised, consistency, _) = jax.jit(functools.partial(te.objective, weight=weight, config=config))(
+  objective = jax.jit(functools.partial(te.objective, weight=weight, config=config))
+  loss, (_, supervised, consistency, _) = objective(
       state.params, state, images, labels, jnp.asarray(ensemble_targets), jnp.asarray(has_target))
   logits = numpy_reference.train_mode_logits(state, state.params, images)
   squared = np.mean((numpy_reference.softmax(logits) - ensemble_targets) ** 2, axis=-1)
