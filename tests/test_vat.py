@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from semimeta_jax import methods
-from semimeta_jax import models
 from semimeta_jax import validation
 from semimeta_jax.methods import common
 from semimeta_jax.methods import vat
@@ -70,13 +69,13 @@ def _traceable(step):
 
 def test_vat_ent_step_trains_traces_once_and_adds_its_terms():
   # The exact Hessian-vector product (vat_xi = 0): at the default xi = 1e-6 the direction is
-  # float32 rounding noise on this network (see vat.py), and the 20 steps' outcome with it
-  # depended on the CPU (ratios 0.65-0.85 under 3e-7 relative changes of the initial weights;
-  # 0.64-0.67 with xi = 0). The terms' values are pinned by the numpy tests below.
+  # float32 rounding noise (see vat.py), and 20 steps of ConvLarge with it ended anywhere between
+  # 0.65 and 0.85 of the first loss, depending on the CPU's rounding. The small network fits the
+  # batch far below the threshold whatever the rounding; the terms' values are pinned by the
+  # numpy tests below.
   config = tiny_config(method='vat', dropout_rate=0.0, learning_rate=0.1, vat_epsilon=1.0, vat_xi=0.0,
                        entropy_weight=1.0, consistency_weight=1.0)
-  model = models.get_model(config, 10)
-  state = methods.init_train_state(config, model, (8, 8, 1), jax.random.key(0))
+  state = tiny_state(config)
   batch = synthetic_batch(jax.random.key(5))
   step = jax.jit(chex.assert_max_traces(_traceable(methods.make_train_step(config, 10)), n=1))
   # Only the labeled forward moves the running averages; the unlabeled ones leave them alone.
@@ -88,7 +87,7 @@ def test_vat_ent_step_trains_traces_once_and_adds_its_terms():
     history.append(jax.tree.map(float, metrics))
     if len(history) == 1:
       chex.assert_trees_all_close(state.batch_stats, labeled_stats, rtol=1e-6)
-  assert history[-1]['supervised_loss'] < 0.85 * history[0]['supervised_loss'], history
+  assert history[-1]['supervised_loss'] < 0.5 * history[0]['supervised_loss'], history
   for m in history:
     assert m['consistency_loss'] > 0 and m['entropy_loss'] > 0
     np.testing.assert_allclose(m['loss'], m['supervised_loss'] + m['consistency_loss'] + m['entropy_loss'],
