@@ -33,7 +33,7 @@ MUTANTS = [
         '                              logits)',
         'return losses.kl_divergence(jax.nn.softmax(losses.at_least_float32(logits)),\n'
         '                              jax.lax.stop_gradient(clean_logits))',
-        'LDS as KL(perturbed || clean), the other direction',
+        'LDS as the KL from the perturbed to the clean prediction (the other direction)',
     ), (
         'vat-ent-entropy-subtracted',
         'loss = supervised + weight * vat_loss + config.entropy_weight * entropy',
