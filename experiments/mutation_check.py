@@ -1,6 +1,7 @@
 """Mutation check: plant realistic bugs one at a time and see the fast tests fail.
 
-Each mutant (listed in `experiments/mutants.py` and `mutants_evaluation_models.py`)
+Each mutant (listed in `experiments/mutants.py`, `mutants_evaluation_models.py` and
+`mutants_methods_data.py`)
 replaces one exact snippet of a core module (hypergrad, losses, schedules, methods,
 evaluation, models) in a fresh copy of
 the repository, then runs the mutant's fast test subset there (`pytest -x`). A
@@ -30,11 +31,12 @@ import time
 
 from experiments import mutants
 from experiments import mutants_evaluation_models
+from experiments import mutants_methods_data
 
 # The checkout whose files are copied and mutated.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-MUTANTS = mutants.MUTANTS + mutants_evaluation_models.MUTANTS
+MUTANTS = mutants.MUTANTS + mutants_evaluation_models.MUTANTS + mutants_methods_data.MUTANTS
 
 # What a test run needs; everything else (results, .git) stays behind.
 COPIED = ('semimeta_jax', 'tests', 'configs', 'experiments', 'pyproject.toml', 'setup.cfg')
@@ -62,7 +64,7 @@ def check_snippets(mutants, root=ROOT):
     if m.original == m.mutated:
       problems.append(f'{m.name}: the mutated snippet equals the original')
   if problems:
-    raise SystemExit('Mutation check: stale mutants (update experiments/mutants.py or mutants_evaluation_models.py):\n  '
+    raise SystemExit('Mutation check: stale mutants (update experiments/mutants*.py):\n  '
                      + '\n  '.join(problems))
 
 

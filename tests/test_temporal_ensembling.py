@@ -1,5 +1,7 @@
 """Temporal Ensembling: the ensemble is the bias-corrected EMA of each example's predictions."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,9 @@ from semimeta_jax import methods
 from semimeta_jax import models
 from semimeta_jax import validation
 from semimeta_jax.methods import temporal_ensembling as te
+from tests import numpy_reference
 from tests.conftest import synthetic_batch, tiny_config
+from tests.tiny_net import tiny_state
 
 MOMENTUM = 0.6
 
@@ -103,3 +107,27 @@ def test_step_trains_traces_once_and_keeps_the_ensemble_of_its_predictions():
 def test_a_bad_temporal_ensembling_field_is_named(field, value):
   with pytest.raises(validation.ConfigError, match=f'config.{field}='):
     validation.validate_config(tiny_config(method='temporal_ensembling', **{field: value}))
+
+
+def test_the_loss_is_the_ce_plus_the_weighted_class_averaged_squared_error_over_the_batch():
+  """The objective's value against numpy: (z - z~)^2 averaged over classes, divided by the batch."""
+  config = tiny_config(method='temporal_ensembling', dropout_rate=0.0, input_noise_std=0.0,
+                       max_translation=0, perturb_flip=False)
+  state = tiny_state(config)
+  batch = synthetic_batch(jax.random.key(3), batch_size=6)
+  images = jnp.concatenate([batch['labeled']['image'], batch['unlabeled']['image']])
+  labels = batch['labeled']['label']
+  rng = np.random.default_rng(1)
+  ensemble_targets = rng.dirichlet(np.full(10, 0.3), size=12).astype(np.float32)
+  has_target = np.array([True, False, True, True, False, True] * 2)
+  weight = 2.5
+  objective = jax.jit(functools.partial(te.objective, weight=weight, config=config))
+  loss, (_, supervised, consistency, _) = objective(
+      state.params, state, images, labels, jnp.asarray(ensemble_targets), jnp.asarray(has_target))
+  logits = numpy_reference.train_mode_logits(state, state.params, images)
+  squared = np.mean((numpy_reference.softmax(logits) - ensemble_targets) ** 2, axis=-1)
+  expected_consistency = np.sum(squared[has_target]) / len(images)  # The batch, not the targets.
+  expected_supervised = numpy_reference.cross_entropy(logits[:len(labels)], labels)
+  np.testing.assert_allclose(float(consistency), expected_consistency, rtol=1e-5)
+  np.testing.assert_allclose(float(supervised), expected_supervised, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), expected_supervised + weight * expected_consistency, rtol=1e-5)
