@@ -41,7 +41,7 @@ def pools(config, num_train, labeled, uses_unlabeled, num_unlabeled=0):
   if not unlabeled.size:
     raise input_contract.InputConfigError(
         'The unlabeled pool is empty (every training example is labeled); '
-        'set config.data.unlabeled_includes_labeled=True or '
-        "config.method='supervised'.")
+        'set config.data.unlabeled_includes_labeled=True, or choose a method that reads '
+        'no unlabeled data.')
   out['unlabeled'] = (unlabeled, config.unlabeled_batch_size, _UNLABELED)
   return out

@@ -74,12 +74,12 @@ def validate(config) -> None:
   require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
   require(isinstance(hg.diagnostics_every_steps, int) and hg.diagnostics_every_steps >= 0,
           'hypergrad.diagnostics_every_steps', hg.diagnostics_every_steps, 'must be an integer >= 0')
-  if config.semimeta.mixup:
-    require(config.semimeta.mixup_alpha > 0, 'semimeta.mixup_alpha', config.semimeta.mixup_alpha,
-            'must be > 0')
   require(hg.mode != 'implicit' or hg.meta_lr > 0, 'hypergrad.meta_lr', hg.meta_lr,
           'must be > 0 with hypergrad.mode="implicit": the official beta (meta_lr = 0) assumes the '
           'scale of the K = 1 hypergradient, and the implicit one does not depend on alpha')
+  if config.semimeta.mixup:
+    require(config.semimeta.mixup_alpha > 0, 'semimeta.mixup_alpha', config.semimeta.mixup_alpha,
+            'must be > 0')
     require(config.labeled_batch_size == config.unlabeled_batch_size, 'unlabeled_batch_size',
             config.unlabeled_batch_size,
             f'mix-up pairs the i-th labeled with the i-th unlabeled example, so it must equal '
