@@ -13,6 +13,7 @@ from semimeta_jax import evaluation
 from semimeta_jax import schedules
 from semimeta_jax import state as state_lib
 from semimeta_jax.methods import fast_swa
+from semimeta_jax.methods import options
 from tests.conftest import tiny_config
 
 MAIN, CYCLES, CYCLE, EVERY = 5, 2, 4, 2
@@ -28,7 +29,7 @@ def swa_config():
 
 def test_each_cycle_restarts_at_lr_max_counted_from_the_end_of_the_main_schedule():
   config = swa_config()
-  schedule = jax.jit(schedules.learning_rate_schedule(config))
+  schedule = jax.jit(options.learning_rate_schedule(config))
   for t in range(MAIN, config.num_train_steps):
     phase = ((t - MAIN) % CYCLE) / CYCLE
     expected = LR_MIN + 0.5 * (LR_MAX - LR_MIN) * (1 + np.cos(np.pi * phase))
@@ -76,14 +77,17 @@ def test_the_average_is_evaluated_with_its_recomputed_statistics_not_the_raw_mod
   state = state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                       batch_stats=variables['batch_stats'],
                                       tx=schedules.sgd_with_coupled_weight_decay(swa_config()),
-                                      rng=jax.random.key(3), use_swa=True)
+                                      rng=jax.random.key(3))
+  state = state.replace(extra={fast_swa.NAME: fast_swa.init_state(None, state.params, state.batch_stats)})
   # Raw and averaged weights, and their statistics, all different.
   raw_stats = {'bn': {'mean': jnp.full((6,), -1.0), 'var': jnp.full((6,), 0.2)}}
   swa_params = jax.tree.map(lambda a: a * 4.0 + 0.1, state.params)
   swa_stats = {'bn': {'mean': jnp.linspace(-0.5, 0.5, 6), 'var': jnp.linspace(0.5, 3.0, 6)}}
-  state = state.replace(batch_stats=raw_stats, swa=dict(state.swa, params=swa_params, batch_stats=swa_stats))
+  average = dict(state.extra[fast_swa.NAME], params=swa_params, batch_stats=swa_stats)
+  state = state.replace(batch_stats=raw_stats, extra={fast_swa.NAME: average})
+  (weight_set,) = fast_swa.weight_sets(swa_config())
   batch = {'image': images, 'label': jnp.asarray(labels), 'mask': jnp.ones(12, bool)}
-  sums = jax.jit(lambda s, b: evaluation.eval_step(s, b, use_swa=True))(state, batch)
+  sums = jax.jit(lambda s, b: evaluation.eval_step(s, b, select=weight_set.select))(state, batch)
   expected = _numpy_loss_sum(swa_params, swa_stats, images, labels)
   with_raw_stats = _numpy_loss_sum(swa_params, raw_stats, images, labels)
   assert abs(expected - with_raw_stats) > 0.1 * abs(expected), (expected, with_raw_stats)  # Tellable apart.

@@ -9,16 +9,19 @@ import pytest
 
 from semimeta_jax import checkpoint
 from semimeta_jax import integrity
-from semimeta_jax import state as state_lib
+from semimeta_jax import methods
 from tests.conftest import tiny_config
 from tests.tiny_net import TinyNet
 
 
 def _saved_fields():
   """What a checkpoint stores, for a state with every optional part (EMA, fast-SWA, extra) on."""
-  state = state_lib.init_train_state(tiny_config(), TinyNet(), (4, 4, 1), jax.random.key(0),
-                                     use_ema=True, use_swa=True)
-  state = state.replace(extra={'ensemble': jnp.arange(12.0).reshape(4, 3),
+  config = tiny_config(**{'ema.decay': 0.9, 'fast_swa.cycles': 1, 'fast_swa.cycle_steps': 2,
+                           'fast_swa.average_every_steps': 1, 'fast_swa.lr_max': 0.1,
+                           'fast_swa.lr_min': 0.01, 'fast_swa.bn_update_batches': 1})
+  state = methods.init_train_state(config, TinyNet(), (4, 4, 1), jax.random.key(0))
+  assert {'ema', 'fast_swa'} <= set(state.extra)
+  state = state.replace(extra={**state.extra, 'ensemble': jnp.arange(12.0).reshape(4, 3),
                                'visits': jnp.arange(4, dtype=jnp.int32)})
   return checkpoint._saved_fields(state)  # pylint: disable=protected-access
 

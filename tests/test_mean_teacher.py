@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 
-from semimeta_jax import state as state_lib
+from semimeta_jax import methods
 from semimeta_jax.methods import mean_teacher
 from tests import numpy_reference
 from tests.conftest import synthetic_batch, tiny_config
@@ -16,7 +16,7 @@ from tests.tiny_net import TinyNet
 def test_the_consistency_covers_every_row_and_the_loss_is_its_weighted_sum_with_the_ce():
   config = tiny_config(method='mean_teacher', ema_decay=0.9, dropout_rate=0.0, input_noise_std=0.0,
                        max_translation=0, perturb_flip=False)
-  state = state_lib.init_train_state(config, TinyNet(), (8, 8, 1), jax.random.key(0), use_ema=True)
+  state = methods.init_train_state(config, TinyNet(), (8, 8, 1), jax.random.key(0))
   # A teacher that predicts differently from the student on every row.
   noise = lambda a, k: a + 0.5 * jax.random.normal(k, a.shape)
   leaves, treedef = jax.tree.flatten(state.params)
