@@ -36,13 +36,13 @@ MUTANTS = [
         'LDS as the KL from the perturbed to the clean prediction (the other direction)',
     ), (
         'vat-ent-entropy-subtracted',
-        'loss = supervised + weight * vat_loss + config.entropy_weight * entropy',
-        'loss = supervised + weight * vat_loss - config.entropy_weight * entropy',
+        'loss = supervised + weight * vat_loss + config.vat.entropy_weight * entropy',
+        'loss = supervised + weight * vat_loss - config.vat.entropy_weight * entropy',
         'VAT+Ent: entropy subtracted (maximised) instead of added',
     ), (
         'vat-lds-unweighted',
-        'loss = supervised + weight * vat_loss + config.entropy_weight * entropy',
-        'loss = supervised + vat_loss + config.entropy_weight * entropy',
+        'loss = supervised + weight * vat_loss + config.vat.entropy_weight * entropy',
+        'loss = supervised + vat_loss + config.vat.entropy_weight * entropy',
         'VAT term without its weight w(t)',
     )),
     *group('semimeta_jax/methods/temporal_ensembling.py', (TE_LOSS,), (
@@ -67,13 +67,13 @@ MUTANTS = [
         "supervised = losses.cross_entropy(teacher_logits[:num_labeled], labeled['label'])",
         'CE of the teacher (no gradient) instead of the student',
     )),
-    *group('semimeta_jax/evaluation.py', (FAST_SWA_TIMING,), (
+    *group('semimeta_jax/methods/fast_swa.py', (FAST_SWA_TIMING,), (
         'fswa-eval-raw-batch-stats',
-        "params, stats = state.swa['params'], state.swa['batch_stats']",
-        "params, stats = state.swa['params'], state.batch_stats",
+        "return state.extra[NAME]['params'], state.extra[NAME]['batch_stats']",
+        "return state.extra[NAME]['params'], state.batch_stats",
         "the average evaluated with the raw model's batch-norm statistics",
     )),
-    *group('semimeta_jax/schedules.py', (FAST_SWA_TIMING,), (
+    *group('semimeta_jax/methods/fast_swa.py', (FAST_SWA_TIMING,), (
         'sched-swa-cycles-from-step-0',
         'phase = jnp.mod(jnp.asarray(count) - start, cycle_steps)',
         'phase = jnp.mod(jnp.asarray(count), cycle_steps)',
@@ -123,14 +123,15 @@ MUTANTS = [
         'num_bytes > data_config.max_in_memory_gb * 1e9:',
         'memory limit read in decimal GB',
     ), (
-        'tfds-unlabeled-not-counted',
-        'rows += datasets.split_size(dataset_builder, spec.unlabeled_split)',
-        'pass',
-        'the unlabeled split left out of the training bytes',
-    ), (
         'tfds-channels-dropped',
         'return rows * height * width * channels',
         'return rows * height * width',
         'training bytes counted at one channel',
+    )),
+    *group('semimeta_jax/data/tfds_builders.py', (TFDS_MEMORY,), (
+        'tfds-unlabeled-not-counted',
+        'rows += split_size(builder, spec.unlabeled_split)',
+        'pass',
+        'the unlabeled split left out of the training bytes',
     )),
 ]
