@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from semimeta_jax.data import catalog
 from semimeta_jax.data import folder
 from semimeta_jax.data import specs
 from tests.conftest import tiny_config
@@ -39,7 +40,7 @@ def test_a_class_missing_from_test_keeps_every_other_label(tmp_path, missing):
     _write(root, 'train', name, 2 + i)  # Unequal counts: a shifted label cannot hide in them.
     if name not in missing:
       _write(root, 'test', name, 3)
-  spec = specs.get_spec(_config(root).data)
+  spec = catalog.get_spec(_config(root).data)
   assert spec.num_classes == len(CLASSES)  # The class list is train/'s, whatever test/ lacks.
   train_images, train_labels, test_images, test_labels = specs.registered_loader('folder')()
   for images, labels, present in ((train_images, train_labels, CLASSES),
@@ -53,7 +54,7 @@ def _fits(root, limit_bytes):
   """Whether the folder is accepted under a limit of `limit_bytes`, given in GiB as the config has it."""
   folder._CACHE.clear()  # pylint: disable=protected-access
   try:
-    specs.get_spec(_config(root, **{'data.max_in_memory_gb': limit_bytes / 2**30}).data)
+    catalog.get_spec(_config(root, **{'data.max_in_memory_gb': limit_bytes / 2**30}).data)
   except folder.FolderDataError as e:
     assert 'not streamed' in str(e)
     return False
