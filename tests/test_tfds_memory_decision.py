@@ -8,6 +8,7 @@ decimal GB, or without the unlabeled split lands on the wrong side.
 
 import tensorflow_datasets as tfds
 
+from semimeta_jax.data import catalog
 from semimeta_jax.data import specs
 from tests.test_data_tfds_by_name import NUM_MOCK
 from tests.test_data_tfds_by_name import _stl10
@@ -18,7 +19,7 @@ SIDE = 16  # _stl10 resizes to 16x16x3.
 def _in_memory(limit_bytes):
   config = _stl10(max_in_memory_gb=limit_bytes / 2**30)
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    return specs.get_spec(config.data).in_memory
+    return catalog.get_spec(config.data).in_memory
 
 
 def test_the_data_stays_on_the_devices_exactly_while_its_bytes_fit():

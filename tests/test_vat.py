@@ -113,8 +113,8 @@ def test_the_lds_is_the_kl_from_the_clean_to_the_perturbed_prediction():
 @pytest.mark.parametrize('entropy_weight', [0.0, 0.7], ids=['vat', 'vat_ent'])
 def test_the_objective_adds_the_weighted_lds_and_entropy_to_the_ce(entropy_weight):
   """Each term and the total against numpy, along the direction the step computes."""
-  config = tiny_config(method='vat', dropout_rate=0.0, vat_epsilon=2.0, vat_xi=0.0,
-                       entropy_weight=entropy_weight)
+  config = tiny_config(method='vat', dropout_rate=0.0, **{'vat.epsilon': 2.0, 'vat.xi': 0.0,
+                                                          'vat.entropy_weight': entropy_weight})
   state = tiny_state(config)
   batch = synthetic_batch(jax.random.key(8), batch_size=6)
   weight = 1.3
