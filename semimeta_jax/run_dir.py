@@ -100,7 +100,8 @@ def upgrade_saved(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, A
 
   Renamed fields take their new names; the fields of method and option blocks
   that the saved config lacks (added since it was written) and `current` (the
-  config compared with it) has take their defaults.
+  config compared with it) has take their defaults; free fields added since
+  take their current values (they never decide whether a run may resume).
   """
   flat = {RENAMED_FIELDS.get(name, name): value for name, value in _flatten(saved).items()}
   blocks = {name: block.to_dict() for name, block in methods.config_blocks().items()}
@@ -108,6 +109,8 @@ def upgrade_saved(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, A
   for name, value in _flatten(blocks).items():
     if name in current:
       flat.setdefault(name, value)
+  for name in FREE_FIELDS & current.keys():
+    flat.setdefault(name, current[name])
   return flat
 
 

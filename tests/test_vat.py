@@ -129,7 +129,7 @@ def test_the_objective_adds_the_weighted_lds_and_entropy_to_the_ce(entropy_weigh
   logits_l = numpy_reference.train_mode_logits(state, state.params, batch['labeled']['image'])
   clean = numpy_reference.softmax(numpy_reference.train_mode_logits(state, state.params, x_u))
   adversarial = numpy_reference.softmax(numpy_reference.train_mode_logits(
-      state, state.params, x_u + config.vat_epsilon * direction))
+      state, state.params, x_u + config.vat.epsilon * direction))
   expected_supervised = numpy_reference.cross_entropy(logits_l, batch['labeled']['label'])
   expected_lds = numpy_reference.kl(clean, adversarial)
   reverse_lds = numpy_reference.kl(adversarial, clean)
