@@ -114,6 +114,18 @@ def test_unknown_model_lists_registered_names():
 
 
 @pytest.mark.parametrize('name', sorted(TINY))
+def test_pooled_features_come_from_the_same_forward_and_feed_the_head(name):
+  model, x, variables = _tiny(name)
+  logits, sown = model.apply(variables, x, train=False, mutable=['intermediates'])
+  features = layers.pooled_features(sown['intermediates'])
+  np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
+  # The head is one dense layer on exactly these features.
+  head = variables['params']['head']['fc']
+  np.testing.assert_allclose(features @ head['kernel'] + head['bias'], logits, rtol=1e-5, atol=1e-5)
+  assert features.shape == (x.shape[0], head['kernel'].shape[0])
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
 def test_train_and_eval_modes(name):
   model, x, variables = _tiny(name)
   assert set(variables) == {'params', 'batch_stats'}

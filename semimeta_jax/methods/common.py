@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import optax
 
 from semimeta_jax import losses
+from semimeta_jax.models import layers
 
 # Tags folded into a step's key, one per independent random draw.
 DROPOUT_META, DROPOUT_LABELED, DROPOUT_UNLABELED, DROPOUT_TEACHER, MIXUP, NOISE = range(6)
@@ -33,6 +34,27 @@ def train_forward(state, params, x, batch_stats, dropout_key):
   logits, updates = state.apply_fn(variables(params, batch_stats), x, train=True,
                                    rngs={'dropout': dropout_key}, mutable=['batch_stats'])
   return logits, updates['batch_stats']
+
+
+def eval_forward_with_features(state, params, x, *, batch_stats=None):
+  """(logits, pooled features) in evaluation mode, from one forward."""
+  stats = state.batch_stats if batch_stats is None else batch_stats
+  logits, sown = state.apply_fn(variables(params, stats), x, train=False,
+                                mutable=['intermediates'])
+  return logits, layers.pooled_features(sown['intermediates'])
+
+
+def train_forward_with_features(state, params, x, batch_stats, dropout_key):
+  """(logits, pooled features, batch statistics) of one training-mode forward.
+
+  As `train_forward`, with the globally pooled features before the classifier
+  (what SNTG's graph, adversarial dropout and feature discriminators act on).
+  """
+  outputs, updates = state.apply_fn(variables(params, batch_stats), x, train=True,
+                                    rngs={'dropout': dropout_key},
+                                    mutable=['batch_stats', 'intermediates'])
+  features = layers.pooled_features(updates['intermediates'])
+  return outputs, features, updates.get('batch_stats', batch_stats)
 
 
 def accuracy(logits, labels):

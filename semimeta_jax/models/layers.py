@@ -93,11 +93,26 @@ def batch_norm(train: bool, dtype: Dtype, remat: bool = False) -> Callable[..., 
   )
 
 
+# The name under which `PooledClassifier` sows its input features.
+POOLED_FEATURES = 'pooled_features'
+
+
+def pooled_features(intermediates) -> jax.Array:
+  """The pooled features a forward with `mutable=['intermediates']` sowed.
+
+  Every model ends in one `PooledClassifier` named 'head'.
+  """
+  return intermediates['head'][POOLED_FEATURES][0]
+
+
 class PooledClassifier(nn.Module):
   """Global average pooling followed by a float32 linear layer.
 
   The head runs in float32 even when the body runs in bfloat16, so logits (and the softmax
-  targets and losses built on them) keep full precision at negligible cost.
+  targets and losses built on them) keep full precision at negligible cost. The pooled
+  features (batch, channels) are sown into the `intermediates` collection as
+  `POOLED_FEATURES`, so methods that need them (SNTG, adversarial dropout, feature
+  discriminators) read them from the same forward with `mutable=['intermediates']`.
 
   Attributes:
     num_classes: number of output logits.
@@ -115,6 +130,7 @@ class PooledClassifier(nn.Module):
     # At least float32 (float64 stays float64, for numerical checks).
     head_dtype = jnp.promote_types(x.dtype, jnp.float32)
     x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
+    self.sow('intermediates', POOLED_FEATURES, x)
     bias_init = self.bias_init or torch_default_bias_init(x.shape[-1])
     return nn.Dense(
         self.num_classes,
