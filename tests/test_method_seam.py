@@ -57,3 +57,31 @@ def test_a_step_keeps_what_its_options_keep():
   # The average starts at the initial weights; fast-SWA's holds no snapshot yet.
   chex.assert_trees_all_equal(state.extra['ema']['params'], state.params)
   assert int(state.extra['fast_swa']['count']) == 0
+
+
+def test_a_method_builds_state_from_the_model_with_a_key_of_its_own():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from semimeta_jax import models  # pylint: disable=g-import-not-at-top
+
+  def second_network(config, *, model, image_shape, rng, params, batch_stats, num_classes):
+    del config, batch_stats
+    variables = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
+    return {'second': variables['params'], 'num_classes': num_classes,
+            'first_head_width': params['head']['fc']['kernel'].shape[0]}
+
+  configured = _configured(method='supervised')
+  configured = dataclasses.replace(
+      configured, method=dataclasses.replace(configured.method, init_model_state=second_network))
+  model = models.get_model(configured.config, 10)
+  state = configured.init_train_state(model, (8, 8, 1), jax.random.key(0), num_classes=10)
+  assert state.extra['num_classes'] == 10
+  assert state.extra['first_head_width'] == state.params['head']['fc']['kernel'].shape[0]
+  chex.assert_trees_all_equal_shapes(state.extra['second'], state.params)
+  # Same architecture, another draw: every random weight starts apart (batch norm's
+  # scales and offsets start at ones and zeros in both).
+  kernels = lambda params: [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                            if 'kernel' in jax.tree_util.keystr(path)]
+  assert all(bool(jnp.any(a != b))
+             for a, b in zip(kernels(state.extra['second']), kernels(state.params), strict=True))

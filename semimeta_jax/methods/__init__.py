@@ -13,6 +13,8 @@ import dataclasses
 import functools
 from typing import Any
 
+import jax
+
 from semimeta_jax import errors
 from semimeta_jax import state as state_lib
 from semimeta_jax.methods import augment
@@ -41,6 +43,8 @@ _REGISTRY = {method.name: method for method in (
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
+# Folded into the run's key for `Method.init_model_state`.
+MODEL_STATE_KEY_TAG = 0x5EC0
 # The blocks that are neither a method's nor an option's own: shared by several methods.
 _SHARED_BLOCKS = (augment,)
 
@@ -144,18 +148,34 @@ class Configured:
       step = option.wrap(step, self.config, self.method)
     return step
 
-  def init_extra(self, *, num_train: int, num_classes: int):
-    """`(params, batch_stats) -> extra`: the method's buffers and each option's state."""
+  def init_extra(self, *, num_train: int, num_classes: int, model=None, image_shape=None,
+                 rng=None):
+    """`(params, batch_stats) -> extra`: the method's state and each option's.
+
+    `model`, `image_shape` and `rng` are needed only by a method with an
+    `init_model_state` (what it builds from the model: a second network, ...).
+    """
     own = self.method.init_extra_state(self.config, num_train=num_train, num_classes=num_classes)
-    return lambda params, batch_stats: {
-        **own, **{o.name: o.init_state(self.config, params, batch_stats) for o in self.options}}
+
+    def extra(params, batch_stats):
+      from_model = {}
+      if self.method.init_model_state is not None:
+        from_model = self.method.init_model_state(
+            self.config, model=model, image_shape=image_shape, rng=rng, params=params,
+            batch_stats=batch_stats, num_classes=num_classes)
+      return {**own, **from_model,
+              **{o.name: o.init_state(self.config, params, batch_stats) for o in self.options}}
+    return extra
 
   def init_train_state(self, model, image_shape, rng, *, num_train: int = 0, num_classes: int = 0,
                        tx=None) -> state_lib.TrainState:
     """The step-0 state with everything the method and its options keep (see `init_train_state`)."""
+    # The method's own networks draw from a key the classifier's initialisation never sees.
+    model_key = jax.random.fold_in(rng, MODEL_STATE_KEY_TAG)
     return state_lib.init_train_state(
         self.config, model, image_shape, rng, tx=tx if tx is not None else options_lib.optimizer(self.config),
-        extra=self.init_extra(num_train=num_train, num_classes=num_classes))
+        extra=self.init_extra(num_train=num_train, num_classes=num_classes, model=model,
+                              image_shape=image_shape, rng=model_key))
 
   def weight_sets(self) -> list[base.WeightSet]:
     """The weight sets to evaluate: the raw weights ('eval'), then each option's."""

@@ -81,6 +81,11 @@ class Method:
       `step` (0-based); traced.
     init_extra_state: `(config, *, num_train, num_classes) -> pytree` kept in
       `TrainState.extra` (per-example buffers); replicated and checkpointed.
+    init_model_state: optional `(config, *, model, image_shape, rng, params,
+      batch_stats, num_classes) -> pytree`, merged into `TrainState.extra` once the
+      classifier is initialised: what is built from the model or its weights (a
+      second network and its optimizer state, a memory as wide as the features,
+      a discriminator). `rng` is a key of its own, independent of the classifier's.
     diagnostics: optional `(state, batch, *, config) -> {name: scalar}`, run by
       the loop on the state a step is about to update.
     diagnostics_every_steps: `(config) -> int`, its cadence (0 = off).
@@ -97,6 +102,7 @@ class Method:
   keeps_ema: Callable[[Any], bool] = when_configured
   ema_decay: Callable[[Any, Any], Any] = constant_decay
   init_extra_state: Callable[..., PyTree] = no_extra_state
+  init_model_state: Optional[Callable[..., PyTree]] = None
   diagnostics: Optional[Callable[..., dict]] = None
   diagnostics_every_steps: Callable[[Any], int] = never
   diagnostics_prefix: str = 'diagnostics'
