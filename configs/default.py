@@ -28,6 +28,9 @@ def get_config():
   config.data.num_labels = 4000  # Total labeled examples, class-balanced; -1 = every label.
   config.data.label_fraction = 0.0  # If > 0, overrides num_labels with a per-class fraction.
   config.data.unlabeled_includes_labeled = False  # Whether the unlabeled pool keeps the labeled examples.
+  # Examples held out of the training pool (neither labeled nor unlabeled) and evaluated at every
+  # evaluation as val/ metrics, for choosing a step without looking at the test set; 0 = none.
+  config.data.validation_size = 0
   config.data.augment = True  # Per-dataset training augmentation (data/device_augment.py; ImageNet: data/augment.py).
   config.data.prefetch_batches = 2
   config.data.pad_mode = 'constant'  # Pad-and-crop padding: constant (zeros, official) | reflect.

@@ -10,6 +10,13 @@ over seeds) and writes it, with a CSV of every run, into `--out`.
   python -m experiments.digits_results --out=results/digits \
       --variants=labeled_only,semimeta,fully_supervised --seeds=0,1,2,3,4
 
+The table's protocol (`semimeta_jax/result_protocol.py`; stated above every table): the final
+test error, and the median test error of the last 20 evaluations (the FixMatch papers'); with
+`--validation_size=N` each run holds N training examples out of its unlabeled pool
+(`config.data.validation_size`) and the table adds the test error at the step of the lowest
+validation error. No column picks a step on the test set. Runs with a validation split are
+other runs: give them their own `--out`.
+
 The comparison methods' settings are their papers' (each method's digits preset,
 `PRESETS` in semimeta_jax/methods/, also runnable as --config=configs/digits.py:NAME), scaled to 8x8 digits as the
 Pi-model's and Mean Teacher's were: consistency weights and ramps as those two
@@ -41,10 +48,13 @@ import sys
 import time
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from semimeta_jax import methods
+from semimeta_jax import metrics as metrics_lib
+from semimeta_jax import result_protocol
 from semimeta_jax import run_dir
 
 # Where `configs/` is: the runs read configs/digits.py from there.
@@ -180,8 +190,25 @@ def _differences(saved, wanted):
   return diffs
 
 
+def with_protocol(summary, workdir, config):
+  """`summary` with the result protocol's figures, computed from the run's metrics.jsonl when a
+  summary written before they existed lacks them (its other keys, old ones included, are kept).
+
+  Args:
+    summary: a run's summary.json.
+    workdir: the run's directory.
+    config: the run's config as a dict in today's fields (its method names the reported weights).
+  """
+  if 'median_last_20_error_top1' in summary:
+    return summary
+  headline = summary.get('reported_prefix') or methods.configure(
+      ml_collections.ConfigDict(config)).headline
+  return {**summary, **result_protocol.summarize(metrics_lib.read_rows(str(workdir)), headline),
+          'reported_prefix': headline}
+
+
 def run_one(variant, seed, out, data_dir, extra):
-  """Runs (or reuses) one training run and returns its summary."""
+  """Runs (or reuses) one training run and returns its summary (with the protocol's figures)."""
   workdir = out / variant / f'seed_{seed}'
   summary_path = workdir / 'summary.json'
   overrides = [f'--config.seed={seed}', *VARIANTS[variant], *extra]
@@ -195,7 +222,7 @@ def run_one(variant, seed, out, data_dir, extra):
       raise RuntimeError(f'{workdir} holds a run of another config ({"; ".join(diffs)}); use another '
                          '--out, or delete that directory to run it again.')
     if summary.get('completed'):
-      return summary
+      return with_protocol(summary, workdir, wanted)
   command = [sys.executable, '-m', 'semimeta_jax.main', '--config=configs/digits.py',
              f'--workdir={workdir}', *overrides]
   started = time.time()
@@ -207,21 +234,62 @@ def run_one(variant, seed, out, data_dir, extra):
   summary = json.loads(summary_path.read_text())
   print(f'{variant} seed {seed}: {summary["final_error_top1"]:.2f}% in {time.time() - started:.0f} s',
         flush=True)
-  return summary
+  return with_protocol(summary, workdir, wanted)
 
 
-def table(rows):
-  """Markdown: one line per variant, mean +- std over seeds of final and best error, and run time."""
-  lines = ['| method | seeds | test error % (final) | test error % (best) | s / run |',
-           '|---|---|---|---|---|']
+def summary_row(variant, seed, summary):
+  """The CSV row (and table input) of one run."""
+  return {'variant': variant, 'seed': seed, 'final_error_top1': summary['final_error_top1'],
+          'median_last_20_error_top1': summary.get('median_last_20_error_top1'),
+          'median_last_20_count': summary.get('median_last_20_count'),
+          'test_error_top1_at_best_validation': summary.get('test_error_top1_at_best_validation'),
+          'best_validation_step': summary.get('best_validation_step'),
+          'num_validation_examples': summary.get('num_validation_examples', 0),
+          'num_labeled': summary['num_labeled'],
+          'wall_seconds': summary.get('wall_seconds_total', summary['wall_seconds_this_run'])}
+
+
+def _mean_std(values):
+  values = np.array([np.nan if v is None else v for v in values], np.float64)
+  if np.isnan(values).any():
+    return '-'
+  return f'{values.mean():.2f} ± {values.std(ddof=0):.2f}'
+
+
+def protocol_note(rows, validation_size=0):
+  """The sentence above a table that says what its columns are."""
+  counts = sorted({r.get('median_last_20_count') for r in rows} - {None})
+  over = '20' if counts == [20] else '/'.join(map(str, counts)) or '20'
+  note = (f'Protocol: test error % (mean ± std over seeds) of the final weights, and the median over '
+          f'the last {over} evaluations (FixMatch; fewer when a run made fewer)')
+  if validation_size:
+    note += (f', and at the evaluation with the lowest error on {validation_size} training examples '
+             'held out as a validation split')
+  return note + '. No column selects on the test set.'
+
+
+def table(rows, validation_size=0):
+  """Markdown: one line per variant, mean +- std over seeds of the protocol's errors, and run time.
+
+  Args:
+    rows: `summary_row`s (rows missing a figure, e.g. from an earlier CSV, show '-').
+    validation_size: the held-out examples of the runs; > 0 adds the best-on-validation column.
+  """
+  headers = ['method', 'seeds', 'test error % (final)', 'test error % (median of last 20)']
+  keys = ['final_error_top1', 'median_last_20_error_top1']
+  if validation_size:
+    headers.append('test error % (at best validation)')
+    keys.append('test_error_top1_at_best_validation')
+  headers.append('s / run')
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
   for variant in dict.fromkeys(row['variant'] for row in rows):
-    final = np.array([r['final_error_top1'] for r in rows if r['variant'] == variant])
-    best = np.array([r['best_error_top1'] for r in rows if r['variant'] == variant])
-    labels = sorted({r['num_labeled'] for r in rows if r['variant'] == variant})
-    label = LABELS.get(variant, variant).format(labels='/'.join(map(str, labels)))
-    seconds = np.array([r['wall_seconds'] for r in rows if r['variant'] == variant])
-    lines.append(f'| {label} | {len(final)} | {final.mean():.2f} ± {final.std(ddof=0):.2f} '
-                 f'| {best.mean():.2f} ± {best.std(ddof=0):.2f} | {seconds.mean():.0f} |')
+    mine = [r for r in rows if r['variant'] == variant]
+    labels = sorted({r['num_labeled'] for r in mine if r.get('num_labeled') is not None})
+    label = LABELS.get(variant, variant).format(labels='/'.join(map(str, labels)) or '?')
+    seconds = [r.get('wall_seconds') for r in mine]
+    cells = [label, str(len(mine)), *(_mean_std([r.get(k) for r in mine]) for k in keys),
+             '-' if None in seconds else f'{np.mean(seconds):.0f}']
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -234,7 +302,17 @@ def main():
   parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default).')
   parser.add_argument('--override', action='append', default=[],
                       help='Extra --config.x=y flag for every run (repeatable).')
+  parser.add_argument('--validation_size', type=int, default=0,
+                      help='Training examples each run holds out as a validation split '
+                           '(config.data.validation_size); adds the best-on-validation column.')
   args = parser.parse_args()
+  if args.validation_size < 0:
+    parser.error(f'--validation_size={args.validation_size} must be >= 0')
+  if any(o.startswith('--config.data.validation_size=') for o in args.override):
+    parser.error('give the validation split as --validation_size=N, not as an --override')
+  extra = list(args.override)
+  if args.validation_size:
+    extra.append(f'--config.data.validation_size={args.validation_size}')
   variants = args.variants.split(',')
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
@@ -251,20 +329,19 @@ def main():
   for variant in variants:
     for seed in seeds:
       try:
-        summary = run_one(variant, seed, out, args.data_dir, args.override)
+        summary = run_one(variant, seed, out, args.data_dir, extra)
       except RuntimeError as e:
         parser.exit(2, f'error: {e}\n')
-      rows.append({'variant': variant, 'seed': seed, 'final_error_top1': summary['final_error_top1'],
-                   'best_error_top1': summary['best_error_top1'],
-                   'num_labeled': summary['num_labeled'],
-                   'wall_seconds': summary.get('wall_seconds_total', summary['wall_seconds_this_run'])})
-  markdown = table(rows)
-  print(markdown)
+      rows.append(summary_row(variant, seed, summary))
+  markdown = table(rows, args.validation_size)
+  note = protocol_note(rows, args.validation_size)
+  print(f'{note}\n\n{markdown}')
   os.makedirs(out, exist_ok=True)
   tag = '_'.join(variants) if len(variants) <= 3 else f'{len(variants)}_variants'
   (out / f'table_{tag}.md').write_text(
       f'Command: python -m experiments.digits_results --variants={args.variants} --seeds={args.seeds}'
-      + ''.join(f' --override={o}' for o in args.override) + f'\n\n{markdown}\n')
+      + (f' --validation_size={args.validation_size}' if args.validation_size else '')
+      + ''.join(f' --override={o}' for o in args.override) + f'\n\n{note}\n\n{markdown}\n')
   with open(out / f'runs_{tag}.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

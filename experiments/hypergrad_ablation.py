@@ -271,8 +271,7 @@ def train_final_errors(seeds, out: pathlib.Path, overrides) -> str:
     variant = digits_results.MODE_VARIANTS[mode]
     for seed in seeds:
       summary = digits_results.run_one(variant, seed, out, None, overrides)
-      rows.append({'variant': variant, 'seed': seed, 'final_error_top1': summary['final_error_top1'],
-                   'best_error_top1': summary['best_error_top1']})
+      rows.append(digits_results.summary_row(variant, seed, summary))
   write_csv(rows, list(rows[0]), str(out / 'final_errors.csv'))
   return digits_results.table(rows)
 

@@ -251,9 +251,15 @@ def print_outcome(summary: dict[str, Any], workdir: str):
            'stopped after a preemption request' if summary.get('preempted') else 'stopped')
   lines = [f'Run {state} at step {summary.get("steps")}.']
   if error is not None:
-    best = summary.get('best_error_top1')
-    lines.append(f'Final test error {error:.2f}% (best {best:.2f}%) on '
+    median, count = summary.get('median_last_20_error_top1'), summary.get('median_last_20_count')
+    smoothed = f'; median of the last {count} evaluations {median:.2f}%' if median is not None else ''
+    lines.append(f'Final test error {error:.2f}%{smoothed} on '
                  f'{summary.get("num_eval_examples")} test examples.')
+    at_best = summary.get('test_error_top1_at_best_validation')
+    if at_best is not None:
+      lines.append(f'Test error at the best validation step ({summary.get("best_validation_step")}, '
+                   f'validation error {summary.get("best_validation_error_top1"):.2f}% on '
+                   f'{summary.get("num_validation_examples")} held-out examples): {at_best:.2f}%.')
   if summary.get('preempted'):
     lines.append('Rerun the same command to resume.')
   from semimeta_jax import preemption  # pylint: disable=g-import-not-at-top

@@ -50,8 +50,10 @@ FIXED_FIELDS = frozenset({
     'seed', 'method', 'model', 'model_width',
     'data.name', 'data.num_labels', 'data.label_fraction', 'data.unlabeled_includes_labeled',
     'data.image_size', 'data.folder', 'data.train_split', 'data.test_split',
-    'data.unlabeled_split', 'data.image_key', 'data.label_key',
+    'data.unlabeled_split', 'data.image_key', 'data.label_key', 'data.validation_size',
 })
+# Shared fields added since runs were recorded, at the value that keeps an earlier run's behaviour.
+ADDED_FIELDS = {'data.validation_size': 0}
 FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'hypergrad.diagnostics_every_steps', 'preemption_check_every_steps', 'allow_config_change',
@@ -100,8 +102,9 @@ def upgrade_saved(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, A
 
   Renamed fields take their new names; the fields of method and option blocks
   that the saved config lacks (added since it was written) and `current` (the
-  config compared with it) has take their defaults; free fields added since
-  take their current values (they never decide whether a run may resume).
+  config compared with it) has take their defaults, as do the shared fields of
+  `ADDED_FIELDS`; free fields added since take their current values (they never
+  decide whether a run may resume).
   """
   flat = {RENAMED_FIELDS.get(name, name): value for name, value in _flatten(saved).items()}
   blocks = {name: block.to_dict() for name, block in methods.config_blocks().items()}
@@ -111,6 +114,8 @@ def upgrade_saved(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, A
       flat.setdefault(name, value)
   for name in FREE_FIELDS & current.keys():
     flat.setdefault(name, current[name])
+  for name in ADDED_FIELDS.keys() & current.keys():
+    flat.setdefault(name, ADDED_FIELDS[name])
   return flat
 
 

@@ -22,6 +22,7 @@ from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import preemption
 from semimeta_jax import progress as progress_lib
+from semimeta_jax import result_protocol
 from semimeta_jax import run_dir
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
@@ -58,12 +59,6 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {name: float(np.mean([np.float64(row[name]) for row in host])) for name in host[0]}
 
 
-def _earlier_evaluations(workdir: str, up_to_step: int, key: str) -> list[float]:
-  """The `key` errors this workdir logged at or before `up_to_step` (for best-so-far on resume)."""
-  return [row[key] for row in metrics_lib.read_rows(workdir)
-          if row.get('step', up_to_step + 1) <= up_to_step and row.get(key) is not None]
-
-
 class _Run:
   """The mutable parts of one training run, so the loop body reads as the algorithm."""
 
@@ -77,7 +72,6 @@ class _Run:
     self.pending: list[dict[str, jax.Array]] = []
     self.last_checked_step = start_step
     self.headline = headline  # The prefix of the weight set whose error the run reports.
-    self.errors = _earlier_evaluations(workdir, start_step, f'{self.headline}/error_top1')
     self.last_eval: dict[str, float] = {}
 
   def report_train_metrics(self, step: int, extra: dict[str, float]):
@@ -100,17 +94,31 @@ class _Run:
     self.last_checked_step = step
     self.writer.write_scalars(step, {f'train/{k}': v for k, v in {**means, **extra}.items()})
 
+  def _evaluate_split(self, step, prefix, num_examples, eval_step, state, batches):
+    """{'<prefix>/<metric>': value} of one weight set on one evaluated split."""
+    num_batches = eval_data.num_eval_batches(num_examples, jax.process_count(),
+                                             self.config.eval_batch_size // jax.process_count())
+    started = time.time()
+    # Silent unless the pass is long: then its compile time, rate and ETA every minute.
+    progress = progress_lib.Progress(num_batches, title=f'step {step}, {prefix}', unit='batch',
+                                     every_seconds=60.0, quiet_seconds=20.0)
+    eval_step = progress_lib.tracked(eval_step, progress, self.config.max_steps_in_flight)
+    result = evaluation.evaluate(eval_step, state, batches(self.mesh), self.mesh)
+    scalars = {f'{prefix}/{k}': v for k, v in result.items()}
+    scalars[f'{prefix}/seconds'] = time.time() - started
+    return scalars
+
   def evaluate(self, step: int, state, evaluators, recent_batches=()):
     """Evaluates every weight set the method and its options keep, and logs the errors.
 
+    Each set is evaluated on the test split and, when the run holds one out, on
+    the validation split (`val...` prefixes, `result_protocol.validation_prefix`).
     A set that is not ready (e.g. an average without a snapshot yet) is skipped;
     one that needs batch statistics gets them from the last of `recent_batches`
     first (skipped when there is none since a resume). Returns the state (with
     those statistics, so that a checkpoint carries them).
     """
     scalars, evaluated = {}, set()
-    num_batches = eval_data.num_eval_batches(self.inp.num_eval_examples, jax.process_count(),
-                                             self.config.eval_batch_size // jax.process_count())
     for weight_set, eval_step, statistics in evaluators:
       if not weight_set.ready(state):
         continue
@@ -120,25 +128,25 @@ class _Run:
         batches = list(recent_batches)[-weight_set.statistics_batches:]
         state = weight_set.with_statistics(state, [statistics(state, batch) for batch in batches])
       prefix = weight_set.prefix
-      started = time.time()
-      # Silent unless the pass is long: then its compile time, rate and ETA every minute.
-      progress = progress_lib.Progress(num_batches, title=f'step {step}, {prefix}', unit='batch',
-                                       every_seconds=60.0, quiet_seconds=20.0)
-      eval_step = progress_lib.tracked(eval_step, progress, self.config.max_steps_in_flight)
-      result = evaluation.evaluate(eval_step, state, self.inp.global_eval_batches(self.mesh),
-                                   self.mesh)
-      scalars.update({f'{prefix}/{k}': v for k, v in result.items()})
-      scalars[f'{prefix}/seconds'] = time.time() - started
+      scalars.update(self._evaluate_split(step, prefix, self.inp.num_eval_examples, eval_step,
+                                          state, self.inp.global_eval_batches))
+      if self.inp.num_validation_examples:
+        scalars.update(self._evaluate_split(
+            step, result_protocol.validation_prefix(prefix), self.inp.num_validation_examples,
+            eval_step, state, self.inp.global_validation_batches))
       evaluated.add(prefix)
     self.writer.write_scalars(step, scalars)
     if self.headline not in evaluated:
       return state
     self.last_eval = {k.split('/', 1)[1]: v for k, v in scalars.items()
                       if k.startswith(self.headline + '/')}
-    self.errors.append(self.last_eval['error_top1'])
     logging.info('step %d: test error %.2f%% (top-5 %.2f%%) on %d examples', step,
                  self.last_eval['error_top1'], self.last_eval['error_top5'],
                  self.last_eval['num_examples'])
+    validation = f'{result_protocol.validation_prefix(self.headline)}/error_top1'
+    if validation in scalars:
+      logging.info('step %d: validation error %.2f%% on %d examples', step, scalars[validation],
+                   self.inp.num_validation_examples)
     return state
 
 
@@ -293,8 +301,12 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
       'wall_seconds_total': previous.get('wall_seconds_total', previous.get('wall_seconds_this_run', 0.0)) + this_run,
       'final_error_top1': run.last_eval.get('error_top1'),
       'final_error_top5': run.last_eval.get('error_top5'),
-      'best_error_top1': min(run.errors) if run.errors else None,
+      # Median of the last 20 evaluations and the test error at the best validation step, over
+      # every evaluation this workdir logged; no figure chosen on the test set.
+      **result_protocol.summarize(metrics_lib.read_rows(workdir), method.headline),
+      'reported_prefix': method.headline,
       'num_labeled': int(len(inp.labeled_indices)),
+      'num_validation_examples': inp.num_validation_examples,
       'num_eval_examples': inp.num_eval_examples,
       'config': config.to_dict(),
   }

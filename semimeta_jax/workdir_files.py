@@ -30,7 +30,7 @@ TMP_SUFFIX = '.tmp'
 LIBRARY_LOG = 'library.log'
 # The records a run keeps at the top of its workdir: each is a regular file or absent.
 RECORD_FILES = ('LOCK', 'config.json', 'metrics.jsonl', 'summary.json', 'labeled_indices.json',
-                'normalization.json')
+                'validation_indices.json', 'normalization.json')
 
 
 class WorkdirFileError(errors.UserError, OSError):

@@ -30,6 +30,9 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
   """
   _require(isinstance(data.num_labels, int) and (data.num_labels == -1 or data.num_labels > 0),
            'data.num_labels', data.num_labels, 'must be a positive integer, or -1 for every label')
+  _require(isinstance(data.validation_size, int) and data.validation_size >= 0,
+           'data.validation_size', data.validation_size,
+           'must be an integer >= 0 (held-out examples; 0 = no validation split)')
   _require(0 <= data.label_fraction <= 1, 'data.label_fraction', data.label_fraction, 'must be in [0, 1]')
   _one_of(data, 'pad_mode', device_augment.PAD_MODES)
   _one_of(data, 'augment_kind', device_augment.KINDS)

@@ -39,6 +39,10 @@ class Input:
       `train_batch` (for inspection; do not consume both).
     keep_eval_on_devices: whether `global_eval_batches` keeps the evaluation
       batches on the devices after building them once (small test splits).
+    validation_indices: ascending train-split indices of the validation split
+      (`config.data.validation_size`; empty when there is none), in no training pool.
+    make_validation_batches: as `make_eval_batches`, over the validation split
+      (None when there is none); kept on the devices as the test split is.
   """
   info: specs.DatasetInfo
   labeled_indices: np.ndarray
@@ -48,7 +52,29 @@ class Input:
   make_eval_batches: Callable[[], Iterator[dict]]
   host_batches: Optional[Iterator[dict]] = None
   keep_eval_on_devices: bool = False
+  validation_indices: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0,), np.int64))
+  make_validation_batches: Optional[Callable[[], Iterator[dict]]] = None
   _device_eval: Optional[list] = dataclasses.field(default=None, repr=False)
+  _device_validation: Optional[list] = dataclasses.field(default=None, repr=False)
+
+  @property
+  def num_validation_examples(self) -> int:
+    """Size of the validation split (0: none)."""
+    return len(self.validation_indices)
+
+  def global_validation_batches(self, mesh) -> Iterable[dict]:
+    """The validation split's padded batches as global arrays on `mesh`, kept on the devices.
+
+    Raises:
+      ValueError: the run has no validation split.
+    """
+    if self.make_validation_batches is None:
+      raise ValueError('This input has no validation split (config.data.validation_size=0).')
+    if self._device_validation is None:
+      self._device_validation = [parallel.to_global(batch, mesh)
+                                 for batch in self.make_validation_batches()]
+    return self._device_validation
 
   def global_eval_batches(self, mesh) -> Iterable[dict]:
     """The evaluation batches as global arrays on `mesh` (every process's share).

@@ -73,6 +73,14 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
   data = config.data
   spec = catalog.get_spec(data)
   splits.check_label_config(data.num_labels, data.label_fraction, spec.num_classes)
+  if data.validation_size and not spec.in_memory:
+    # A held-out share of a streamed split would need a masked record reader of its own; such a
+    # dataset names its validation share as a split instead.
+    raise input_contract.InputConfigError(
+        f'config.data.validation_size={data.validation_size} holds examples out of an in-memory '
+        f'training split; {spec.name} is streamed. Set it to 0 and name a held-out share as the '
+        "evaluated split instead (e.g. config.data.train_split='train[:95%]', "
+        "config.data.test_split='train[95%:]').")
   augment_kind = spec.augment if data.augment else 'none'
   if spec.in_memory:
     return resident_input.build(config, workdir, spec, augment_kind, process_index=process_index,

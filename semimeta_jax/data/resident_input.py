@@ -18,6 +18,7 @@ from semimeta_jax.data import normalization
 from semimeta_jax.data import specs
 from semimeta_jax.data import splits
 from semimeta_jax.data import train_pools
+from semimeta_jax.data import validation_split
 
 
 def _load_arrays(data_config, spec):
@@ -54,13 +55,23 @@ def build(config, workdir, spec, augment_kind, *, process_index, process_count, 
   info = specs.DatasetInfo(spec.name, spec.num_classes, spec.image_shape, num_train, num_test)
   # A truly unlabeled pool is the last rows; the labels are drawn from the rows before it.
   num_labeled_rows = num_train - spec.num_unlabeled
+  # Checked before the labeled split is written: a size that cannot be held out writes nothing.
+  validation_sizes = validation_split.per_class_sizes(
+      labels[:num_labeled_rows], spec.num_classes, validation_size=data.validation_size,
+      num_labels=data.num_labels, label_fraction=data.label_fraction) if data.validation_size else None
   labeled = splits.load_or_draw(
       workdir, labels[:num_labeled_rows], dataset=spec.name, num_classes=spec.num_classes,
       num_labels=data.num_labels, label_fraction=data.label_fraction,
       seed=config.seed, num_train=num_labeled_rows, write=process_index == 0)
+  validation = np.zeros((0,), np.int64)
+  if validation_sizes is not None:
+    validation = validation_split.load_or_draw(
+        workdir, labels[:num_labeled_rows], labeled, dataset=spec.name, sizes=validation_sizes,
+        seed=config.seed, write=process_index == 0)
   spec = normalization.with_statistics(workdir, spec, train_images, labeled,
                                        write=process_index == 0)
-  pools = train_pools.pools(config, num_train, labeled, uses_unlabeled, spec.num_unlabeled)
+  pools = train_pools.pools(config, num_train, labeled, uses_unlabeled, spec.num_unlabeled,
+                            held_out=validation)
   # Rows of a truly unlabeled pool have no labels (-1): its batches carry none.
   streams = {name: device_input.Stream(pool, batch, *train_pools.stream_seeds(config.seed, sid),
                                        has_labels=not (name == 'unlabeled' and spec.num_unlabeled))
@@ -70,13 +81,26 @@ def build(config, workdir, spec, augment_kind, *, process_index, process_count, 
       pad_mode=data.pad_mode)
 
   eval_rows = config.eval_batch_size // process_count
-  share = eval_batches.share_bounds(num_test, process_index, process_count)
-  images, eval_labels = test_images[share[0]:share[1]], test_labels[share[0]:share[1]]
-  num_batches = eval_batches.num_eval_batches(num_test, process_count, eval_rows)
-  make_eval = lambda: eval_batches.padded_batches(
-      eval_batches.array_batches(images, eval_labels, eval_rows, spec.mean, spec.std),
-      num_batches, eval_rows, spec.image_shape)
+  make_eval = _exact_batches(test_images, test_labels, spec, eval_rows, process_index, process_count)
+  make_validation = None
+  if len(validation):
+    # Evaluation views (no augmentation) of the held-out training rows, counted as the test set is.
+    make_validation = _exact_batches(train_images[validation], labels[validation], spec, eval_rows,
+                                     process_index, process_count)
   unlabeled = pools['unlabeled'][0] if 'unlabeled' in pools else None
   return input_contract.Input(info=info, labeled_indices=labeled, unlabeled_indices=unlabeled,
                               train_batch=train_batch, num_eval_examples=num_test,
-                              make_eval_batches=make_eval, keep_eval_on_devices=True)
+                              make_eval_batches=make_eval, keep_eval_on_devices=True,
+                              validation_indices=validation,
+                              make_validation_batches=make_validation)
+
+
+def _exact_batches(images, labels, spec, rows, process_index, process_count):
+  """`make_batches()`: this process's padded, masked batches of an evaluated split (eval_batches.py)."""
+  count = len(labels)
+  start, stop = eval_batches.share_bounds(count, process_index, process_count)
+  images, labels = images[start:stop], labels[start:stop]
+  num_batches = eval_batches.num_eval_batches(count, process_count, rows)
+  return lambda: eval_batches.padded_batches(
+      eval_batches.array_batches(images, labels, rows, spec.mean, spec.std),
+      num_batches, rows, spec.image_shape)

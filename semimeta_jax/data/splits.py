@@ -62,6 +62,37 @@ def check_label_config(num_labels, label_fraction, num_classes):
         f'{num_classes}.')
 
 
+def labels_per_class(counts, num_classes, *, num_labels, label_fraction):
+  """How many examples of each class the labeled split takes (a function of the class sizes only).
+
+  Args:
+    counts: int array [num_classes], the training split's examples per class.
+    num_classes: number of classes.
+    num_labels: see `draw_labeled_indices`.
+    label_fraction: see `draw_labeled_indices`.
+
+  Returns:
+    int64 array [num_classes].
+
+  Raises:
+    LabelBudgetError: bad budget, or more labels per class than a class has.
+  """
+  check_label_config(num_labels, label_fraction, num_classes)
+  counts = np.asarray(counts, np.int64)
+  if not label_fraction and num_labels == -1:
+    return counts.copy()
+  if label_fraction:
+    return np.minimum(np.maximum(1, np.round(label_fraction * counts)).astype(np.int64), counts)
+  wanted = np.full(num_classes, num_labels // num_classes, np.int64)
+  short = np.flatnonzero(wanted > counts)
+  if short.size:
+    raise LabelBudgetError(
+        f'config.data.num_labels={num_labels} asks for {wanted[0]} labels '
+        f'per class, but class {short[0]} has only {counts[short[0]]} '
+        'training examples.')
+  return wanted
+
+
 def draw_labeled_indices(labels, num_classes, *, num_labels, label_fraction,
                          seed):
   """Draws the class-balanced labeled subset of the training split.
@@ -80,22 +111,13 @@ def draw_labeled_indices(labels, num_classes, *, num_labels, label_fraction,
   Raises:
     LabelBudgetError: bad budget, or more labels per class than a class has.
   """
-  check_label_config(num_labels, label_fraction, num_classes)
   labels = np.asarray(labels, np.int64)
   counts = np.bincount(labels, minlength=num_classes)
   if not label_fraction and num_labels == -1:
+    check_label_config(num_labels, label_fraction, num_classes)
     return np.arange(len(labels), dtype=np.int64)
-  if label_fraction:
-    wanted = np.maximum(1, np.round(label_fraction * counts)).astype(np.int64)
-    wanted = np.minimum(wanted, counts)
-  else:
-    wanted = np.full(num_classes, num_labels // num_classes, np.int64)
-    short = np.flatnonzero(wanted > counts)
-    if short.size:
-      raise LabelBudgetError(
-          f'config.data.num_labels={num_labels} asks for {wanted[0]} labels '
-          f'per class, but class {short[0]} has only {counts[short[0]]} '
-          'training examples.')
+  wanted = labels_per_class(counts, num_classes, num_labels=num_labels,
+                            label_fraction=label_fraction)
   order = np.random.default_rng(seed).permutation(len(labels))
   # Rank of each example within its class along the shuffled order: an example
   # is labeled while its class still needs labels.

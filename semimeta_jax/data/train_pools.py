@@ -18,12 +18,13 @@ def stream_seeds(seed, stream_id):
   return int(state[0]), int(state[1])
 
 
-def pools(config, num_train, labeled, uses_unlabeled, num_unlabeled=0):
+def pools(config, num_train, labeled, uses_unlabeled, num_unlabeled=0, held_out=None):
   """{stream: (train indices, global batch size, stream id)} of the run.
 
   With a truly unlabeled pool (the last `num_unlabeled` of the `num_train`
   rows, `DatasetSpec.num_unlabeled`), the unlabeled stream draws from those
   rows only (plus the labeled ones if `config.data.unlabeled_includes_labeled`).
+  The `held_out` rows (the validation split) are in no pool.
 
   Raises:
     input_contract.InputConfigError: the unlabeled pool would be empty.
@@ -38,9 +39,12 @@ def pools(config, num_train, labeled, uses_unlabeled, num_unlabeled=0):
   else:
     unlabeled = splits.unlabeled_indices(
         num_train, labeled, config.data.unlabeled_includes_labeled)
+  if held_out is not None and len(held_out):
+    unlabeled = np.setdiff1d(unlabeled, held_out)
   if not unlabeled.size:
     raise input_contract.InputConfigError(
-        'The unlabeled pool is empty (every training example is labeled); '
+        'The unlabeled pool is empty (every training example is labeled or held out by '
+        'config.data.validation_size); '
         'set config.data.unlabeled_includes_labeled=True, or choose a method that reads '
         'no unlabeled data.')
   out['unlabeled'] = (unlabeled, config.unlabeled_batch_size, _UNLABELED)
