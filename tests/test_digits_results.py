@@ -59,7 +59,7 @@ def test_a_finished_run_of_another_config_is_not_reused(runner, tmp_path):
 
 
 def test_the_table_names_the_label_budget_the_runs_used(runner):
-  rows = [{'variant': 'labeled_only', 'seed': s, 'final_error_top1': e, 'best_error_top1': e,
+  rows = [{'variant': 'labeled_only', 'seed': s, 'final_error_top1': e, 'median_last_20_error_top1': e,
            'num_labeled': 30, 'wall_seconds': 60.0} for s, e in ((0, 10.0), (1, 12.0))]
   table = runner.table(rows)
   assert '| Labeled only (30 labels) | 2 | 11.00 ± 1.00 | 11.00 ± 1.00 | 60 |' in table
