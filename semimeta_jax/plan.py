@@ -69,11 +69,15 @@ def run_plan(config, workdir: str) -> str:
     if num_unlabeled:
       pool = num_unlabeled + (num_labeled if config.data.unlabeled_includes_labeled else 0)
     else:
-      pool = num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
+      pool = (num_train if config.data.unlabeled_includes_labeled else num_train - num_labeled
+              ) - config.data.validation_size
     lines.append(f'unlabeled     {pool} examples, batch {config.unlabeled_batch_size}: '
                  f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs' if sizes_known
                  else f'unlabeled     batch {config.unlabeled_batch_size}'
                  + (f' from the {spec.unlabeled_split!r} split' if spec.unlabeled_split else ''))
+  if config.data.validation_size:
+    lines.append(f'validation    {config.data.validation_size} training examples held out of the pools, '
+                 f'evaluated at every evaluation (val/)')
   devices = jax.device_count()
   lines.append(f'devices       {devices} x {jax.devices()[0].platform} in {jax.process_count()} '
                f'process(es); per device: {config.labeled_batch_size / devices:g} labeled + '

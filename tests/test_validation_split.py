@@ -9,11 +9,13 @@ import pytest
 
 from semimeta_jax import errors
 from semimeta_jax import parallel
+from semimeta_jax import plan
 from semimeta_jax import train
 from semimeta_jax import validation as validation_lib
 from semimeta_jax.data import pipeline
 from semimeta_jax.data import splits
 from semimeta_jax.data import synthetic
+from semimeta_jax.data import train_pools
 from semimeta_jax.data import validation_split
 from tests import protocol_run
 from tests.conftest import cpu_devices
@@ -166,3 +168,24 @@ def test_a_run_with_a_validation_split_logs_it_at_every_evaluation():
   assert len(saved['indices']) == protocol_run.VALIDATION_SIZE
   assert not set(saved['indices']) & set(labeled)
   assert 'validation_indices.json' in os.listdir(workdir)
+
+
+@pytest.mark.parametrize('includes_labeled, num_unlabeled', [(False, 0), (True, 0), (True, 10)])
+def test_no_training_pool_holds_a_validation_example(includes_labeled, num_unlabeled):
+  config = protocol_run.config(unlabeled_includes_labeled=includes_labeled)
+  labeled, held_out = np.array([0, 5, 9]), np.array([1, 2, 7])
+  pools = train_pools.pools(config, 30, labeled, True, num_unlabeled, held_out=held_out)
+  for indices, _, _ in pools.values():
+    assert np.intersect1d(indices, held_out).size == 0
+  unlabeled = pools['unlabeled'][0]
+  rows = np.arange(30 - num_unlabeled, 30) if num_unlabeled else np.setdiff1d(np.arange(30), held_out)
+  expected = np.union1d(rows, labeled) if includes_labeled else np.setdiff1d(rows, labeled)
+  chex.assert_trees_all_equal(unlabeled, expected)
+
+
+def test_the_run_plan_counts_the_held_out_examples():
+  lines = plan.run_plan(protocol_run.config(), '/nonexistent/protocol_plan').splitlines()
+  left = protocol_run.NUM_TRAIN - 8 - protocol_run.VALIDATION_SIZE
+  assert any(line.startswith(f'unlabeled     {left} examples') for line in lines)
+  assert any(line.startswith(f'validation    {protocol_run.VALIDATION_SIZE} training examples')
+             for line in lines)
