@@ -16,7 +16,7 @@ from semimeta_jax import train
 from semimeta_jax.data import synthetic
 
 DATASET = 'synthetic_protocol'
-NUM_TRAIN, NUM_TEST, NUM_CLASSES = 120, 20, 4
+NUM_TRAIN, NUM_TEST, NUM_CLASSES = 120, 24, 4
 NUM_STEPS, EVAL_EVERY = 8, 2
 VALIDATION_SIZE = 20
 

@@ -10,6 +10,7 @@ import pytest
 from semimeta_jax import errors
 from semimeta_jax import parallel
 from semimeta_jax import plan
+from semimeta_jax import run_dir
 from semimeta_jax import train
 from semimeta_jax import validation as validation_lib
 from semimeta_jax.data import pipeline
@@ -189,3 +190,18 @@ def test_the_run_plan_counts_the_held_out_examples():
   assert any(line.startswith(f'unlabeled     {left} examples') for line in lines)
   assert any(line.startswith(f'validation    {protocol_run.VALIDATION_SIZE} training examples')
              for line in lines)
+
+
+def test_the_size_never_changes_in_a_workdir_and_an_earlier_run_reads_as_none(tmp_path):
+  config = protocol_run.config()
+  saved = json.loads(config.to_json_best_effort())
+  (tmp_path / run_dir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert run_dir.check_config(str(tmp_path), config) == {}
+  with pytest.raises(run_dir.ConfigChangedError, match='data.validation_size'):
+    run_dir.check_config(str(tmp_path), protocol_run.config(validation_size=40))
+  # A run recorded before the field existed held nothing out.
+  del saved['data']['validation_size']
+  (tmp_path / run_dir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert run_dir.check_config(str(tmp_path), protocol_run.config(validation_size=0)) == {}
+  with pytest.raises(run_dir.ConfigChangedError, match='validation_size: saved 0, now 20'):
+    run_dir.check_config(str(tmp_path), config)
