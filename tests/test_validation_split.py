@@ -144,10 +144,15 @@ def test_the_input_holds_the_split_out_of_every_pool_and_evaluates_it_exactly(tm
   chex.assert_trees_all_equal(_input(config, tmp_path).validation_indices, held_out)
 
 
-def test_a_size_too_large_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize('size, message', [
+    (-4, 'config.data.validation_size=-4: must be an integer >= 0'),
+    (30, 'not divisible by the 4 classes'),
+    (120, 'larger than the 112 training examples left'),
+])
+def test_a_bad_size_is_one_clear_error_before_anything_is_written(tmp_path, size, message):
   workdir = tmp_path / 'run'
-  with pytest.raises(validation_split.ValidationSizeError, match='larger than the 112'):
-    train.train_and_evaluate(protocol_run.config(validation_size=120), str(workdir))
+  with pytest.raises(errors.ConfigError, match=message):
+    train.train_and_evaluate(protocol_run.config(validation_size=size), str(workdir))
   assert not workdir.exists()
 
 
