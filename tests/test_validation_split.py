@@ -210,3 +210,25 @@ def test_the_size_never_changes_in_a_workdir_and_an_earlier_run_reads_as_none(tm
   assert run_dir.check_config(str(tmp_path), protocol_run.config(validation_size=0)) == {}
   with pytest.raises(run_dir.ConfigChangedError, match='validation_size: saved 0, now 20'):
     run_dir.check_config(str(tmp_path), config)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_on_the_same_split_and_reports_over_both_parts(tmp_path):
+  config, reference_dir, reference = protocol_run.finished_run()
+  workdir = tmp_path / 'run'
+  shorter = protocol_run.config()
+  shorter.num_train_steps = 4
+  first = train.train_and_evaluate(shorter, str(workdir))
+  assert first['steps'] == 4
+  saved = (workdir / validation_split.VALIDATION_FILENAME).read_text()
+  resumed = train.train_and_evaluate(config, str(workdir))
+  assert resumed['completed'] and (workdir / validation_split.VALIDATION_FILENAME).read_text() == saved
+  assert saved == (reference_dir / validation_split.VALIDATION_FILENAME).read_text()
+  # The same evaluations as the uninterrupted run, so the same reported figures.
+  evaluations = lambda d: [{k: v for k, v in json.loads(line).items() if k.startswith(('val', 'eval'))
+                            and not k.endswith('seconds')}
+                           for line in (d / 'metrics.jsonl').read_text().splitlines()]
+  assert evaluations(workdir) == evaluations(reference_dir)
+  for key in ('final_error_top1', 'median_last_20_error_top1', 'median_last_20_count',
+              'best_validation_step', 'test_error_top1_at_best_validation'):
+    assert resumed[key] == reference[key], key
