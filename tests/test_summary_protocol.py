@@ -1,5 +1,7 @@
 """The reported result: final, median of the last 20 evaluations, test error at the best validation step."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -96,8 +98,6 @@ def test_a_runs_summary_equals_numpy_on_its_metrics_and_selects_nothing_on_test(
 
 
 def _outcome(summary, workdir):
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     cli.print_outcome(summary, str(workdir))
