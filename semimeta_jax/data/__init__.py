@@ -17,7 +17,8 @@ Layers, top to bottom (a module imports from its own layer or the ones below, ne
   catalog.py          config.data -> DatasetSpec, the dispatcher over the dataset kinds:
                       folder.py, tfds_by_name.py, the built-in and registered specs
                       (digits.py, synthetic.py); TFDS reading in tfds_builders.py, tfds_arrays.py
-  specs.py, config_checks.py, splits.py, sampling.py, device_augment.py   the bottom
+  specs.py, config_checks.py, splits.py, validation_split.py, sampling.py, device_augment.py
+                      the bottom
 
 Importing this package does not import TensorFlow: only reading TFDS data does
 (`tfds_builders.py`, `tfds_arrays.py`, `streamed_input.py`), so a registered
