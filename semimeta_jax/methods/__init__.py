@@ -17,6 +17,7 @@ import jax
 
 from semimeta_jax import errors
 from semimeta_jax import state as state_lib
+from semimeta_jax.methods import adanet
 from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import mean_teacher
@@ -42,6 +43,7 @@ _REGISTRY = {method.name: method for method in (
     vat.METHOD,
     pseudo_label.METHOD,
     memory.METHOD,
+    adanet.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
