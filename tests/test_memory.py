@@ -98,7 +98,7 @@ def test_the_prediction_and_loss_equal_numpy():
   assert np.argmax(want_probs[3]) == np.argmax(mem['values'][2])
 
 
-def test_the_unlabeled_features_receive_the_memory_losss_gradient():
+def test_the_unlabeled_features_receive_the_memory_loss_gradient():
   rng = np.random.default_rng(2)
   mem = jax.tree.map(jnp.float32, random_memory(rng))
   features = jnp.float32(rng.normal(size=(3, FEATURE_DIM)))
