@@ -142,6 +142,7 @@ def test_a_step_trains_both_networks_and_traces_once():
   assert not np.allclose(new_state.params['head']['fc']['kernel'], state.params['head']['fc']['kernel'])
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one():
   config = adanet_config()
   batch = jax.tree.map(np.asarray, synthetic_batch(jax.random.key(1)))

@@ -161,6 +161,7 @@ def test_a_step_updates_the_memory_first_and_trains_on_the_numpy_loss():
   assert not np.allclose(later.extra['ma_dnn']['keys'], new_state.extra['ma_dnn']['keys'])
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one():
   config = tiny_config(method='ma_dnn')
   batch = jax.tree.map(np.asarray, synthetic_batch(jax.random.key(1)))
