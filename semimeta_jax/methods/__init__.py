@@ -17,9 +17,11 @@ import jax
 
 from semimeta_jax import errors
 from semimeta_jax import state as state_lib
+from semimeta_jax.methods import adanet
 from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import mean_teacher
+from semimeta_jax.methods import memory
 from semimeta_jax.methods import options as options_lib
 from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
@@ -40,6 +42,8 @@ _REGISTRY = {method.name: method for method in (
     temporal_ensembling.METHOD,
     vat.METHOD,
     pseudo_label.METHOD,
+    memory.METHOD,
+    adanet.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
