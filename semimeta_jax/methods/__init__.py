@@ -26,6 +26,7 @@ from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
 from semimeta_jax.methods import supervised
 from semimeta_jax.methods import temporal_ensembling
+from semimeta_jax.methods import tnar
 from semimeta_jax.methods import vat
 
 Method = base.Method
@@ -40,6 +41,7 @@ _REGISTRY = {method.name: method for method in (
     temporal_ensembling.METHOD,
     vat.METHOD,
     pseudo_label.METHOD,
+    tnar.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
