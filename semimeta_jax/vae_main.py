@@ -32,6 +32,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 
 from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -96,6 +97,9 @@ def train_vae(config, workdir: str) -> dict:
     with checkpoint.Checkpointer(workdir, keep=1) as checkpointer:
       state, start_step = checkpointer.restore_newest_intact(state)
       start_step = start_step or 0
+      errors.require(start_step <= num_steps, 'vae.num_train_steps', num_steps,
+                     f'{workdir} holds a VAE already trained {start_step} steps; pass at least that '
+                     'or use a new --workdir')
       inp = data.build_input(run_config, workdir, start_step=start_step, mesh=mesh,
                              uses_unlabeled=True)
       step_fn = parallel.jit_train_step(

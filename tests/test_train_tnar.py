@@ -74,6 +74,9 @@ def test_a_vae_trained_by_vae_main_drives_a_run_that_resumes_to_the_same_state(t
   assert description['image_shape'] == [32, 32, 3] and description['steps'] == 3
   rows = (tmp_path / 'vae' / 'metrics.jsonl').read_text().splitlines()
   assert rows and 'vae/negative_elbo' in rows[-1]
+  with pytest.raises(errors.ConfigError, match='config.vae.num_train_steps=2: .* already trained 3 steps'):
+    with tfds.testing.mock_data(num_examples=40):
+      vae_main.train_vae(tnar_config(tmp_path, '', **{'vae.num_train_steps': 2}), str(tmp_path / 'vae'))
 
   config = tnar_config(tmp_path, str(tmp_path / 'vae'))
   whole = run(config, tmp_path / 'whole')

@@ -17,8 +17,12 @@ it). For an unlabeled x with code z = mu(x) (the encoder's mean, as the authors)
     start and of every iterate; x_norm = x + eps2 d, exactly orthogonal to x_tan - x.
     The authors' code approximates the normal space the same way (orthogonality to
     the tangent perturbation, not to the whole of range(J)) but mixes a zeta-sized
-    (I - t t^T) d into H d instead of projecting; the projection is the paper's
-    constraint.
+    (I - t t^T) d into H d instead of projecting; the projection here enforces that
+    orthogonality exactly.
+
+CG is truncated, as the authors' 4 steps in a 512-dimensional code: run to the code's
+dimension on a poorly conditioned J^T J (an untrained decoder's), it solves exactly
+and so divides float32 rounding by the smallest eigenvalues.
 
 Loss = CE + w(t) * (w_tan KL(sg p(x) || p(x_tan)) + w_norm KL(sg p(x) || p(x_norm)))
        + `tnar.entropy_weight` * entropy of p(x_u),
