@@ -28,6 +28,7 @@ from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
 from semimeta_jax.methods import supervised
 from semimeta_jax.methods import temporal_ensembling
+from semimeta_jax.methods import tnar
 from semimeta_jax.methods import vat
 
 Method = base.Method
@@ -44,6 +45,7 @@ _REGISTRY = {method.name: method for method in (
     pseudo_label.METHOD,
     memory.METHOD,
     adanet.METHOD,
+    tnar.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)

@@ -1,0 +1,153 @@
+"""TNAR's perturbations against explicit float64 linear algebra on a tiny decoder and classifier."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from semimeta_jax import errors
+from semimeta_jax.methods import tnar
+from semimeta_jax.methods import vat
+from tests.conftest import tiny_config
+
+LATENT, IMAGE, CLASSES, BATCH = 3, (2, 3, 1), 4, 2
+
+
+@pytest.fixture(autouse=True)
+def float64():
+  with jax.enable_x64(True):
+    yield
+
+
+def tiny_networks():
+  """A nonlinear decoder z [B, 3] -> [B, 2, 3, 1] and classifier [B, 2, 3, 1] -> [B, 4] logits."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  w1 = jax.random.normal(keys[0], (LATENT, 5), jnp.float64)
+  w2 = jax.random.normal(keys[1], (5, 6), jnp.float64) / 2
+  c1 = jax.random.normal(keys[2], (6, 7), jnp.float64)
+  c2 = jax.random.normal(keys[3], (7, CLASSES), jnp.float64)
+  decode = lambda z: (jnp.tanh(z @ w1) @ w2).reshape(z.shape[0], *IMAGE)
+  logits_fn = lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ c1) @ c2
+  return decode, logits_fn
+
+
+def per_example_jacobians(decode, z):
+  """[B, 6, 3]: each example's decoder Jacobian, built explicitly (what the method never does)."""
+  one = lambda zi: decode(zi[None])[0].reshape(-1)
+  return np.stack([np.asarray(jax.jacfwd(one)(zi)) for zi in z])
+
+
+def inputs():
+  decode, logits_fn = tiny_networks()
+  z = jax.random.normal(jax.random.key(1), (BATCH, LATENT), jnp.float64)
+  x = decode(z) + 0.1 * jax.random.normal(jax.random.key(2), (BATCH, *IMAGE), jnp.float64)
+  return decode, logits_fn, z, x
+
+
+def test_conjugate_gradient_solves_the_explicit_gram_system():
+  decode, _, z, _ = inputs()
+  b = jax.random.normal(jax.random.key(3), (BATCH, LATENT), jnp.float64)
+  solved = tnar.conjugate_gradient(tnar.gram_product(decode, z), b, iterations=LATENT)
+  jacobians = per_example_jacobians(decode, z)
+  expected = np.stack([np.linalg.solve(j.T @ j, bi) for j, bi in zip(jacobians, np.asarray(b))])
+  np.testing.assert_allclose(solved, expected, rtol=1e-8, atol=1e-10)
+  # Fewer steps than the dimension do not solve it: the comparison above can fail.
+  short = tnar.conjugate_gradient(tnar.gram_product(decode, z), b, iterations=1)
+  assert not np.allclose(short, expected, rtol=1e-3)
+
+
+def test_the_gram_product_equals_the_explicit_one():
+  decode, _, z, _ = inputs()
+  p = jax.random.normal(jax.random.key(4), (BATCH, LATENT), jnp.float64)
+  jacobians = per_example_jacobians(decode, z)
+  expected = np.einsum('bij,bik,bk->bj', jacobians, jacobians, np.asarray(p))
+  np.testing.assert_allclose(tnar.gram_product(decode, z)(p), expected, rtol=1e-10)
+
+
+def kl_hessian(logits_fn, clean, x_of_r, dim):
+  """Each example's explicit Hessian at r = 0 of KL(p(x) || p(x_of_r(r))) (r is [dim])."""
+  hessians = []
+  for i in range(BATCH):
+    kl = lambda r, i=i: vat.kl_to_clean(clean[i:i + 1], logits_fn(x_of_r(i, r)))
+    hessians.append(np.asarray(jax.hessian(kl)(jnp.zeros(dim, jnp.float64))))
+  return np.stack(hessians)
+
+
+def _assert_parallel(a, b, tol=1e-6):
+  a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+  cosine = abs(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+  assert cosine > 1 - tol, cosine
+
+
+def test_the_tangent_perturbation_is_the_top_generalised_eigenvector_in_the_tangent_space():
+  decode, logits_fn, z, x = inputs()
+  clean = logits_fn(x)
+  epsilon = 1e-5
+  tangent = tnar.tangent_perturbation(logits_fn, clean, x, decode, z, jax.random.key(5), epsilon=epsilon,
+                                      xi=0.0, power_iterations=60, cg_iterations=LATENT)
+  jacobians = per_example_jacobians(decode, z)
+  # x_of_r: the perturbation along the manifold, x + g(z + r) - g(z), of example i.
+  hessians = kl_hessian(logits_fn, clean,
+                        lambda i, r: x[i:i + 1] + decode(z[i:i + 1] + r) - decode(z[i:i + 1]), LATENT)
+  for i in range(BATCH):
+    flat = np.asarray(tangent[i]).reshape(-1)
+    j = jacobians[i]
+    # In the tangent space: the residual of its projection onto range(J) vanishes (to O(eps)).
+    projection = j @ np.linalg.lstsq(j, flat, rcond=None)[0]
+    assert np.linalg.norm(flat - projection) < 1e-4 * np.linalg.norm(flat)
+    # Its latent direction: the top eigenvector of H v = l J^T J v, by dense eigensolve.
+    latent = np.linalg.lstsq(j, flat, rcond=None)[0]
+    _, vectors = scipy.linalg.eigh(hessians[i], j.T @ j)
+    _assert_parallel(latent, vectors[:, -1])
+    np.testing.assert_allclose(np.linalg.norm(latent), epsilon, rtol=1e-4)
+
+
+def test_the_normal_perturbation_is_orthogonal_to_the_tangent_one_and_vats_projected_direction():
+  decode, logits_fn, z, x = inputs()
+  clean = logits_fn(x)
+  tangent = tnar.tangent_perturbation(logits_fn, clean, x, decode, z, jax.random.key(5), epsilon=0.5,
+                                      xi=0.0, power_iterations=2, cg_iterations=LATENT)
+  normal = tnar.normal_perturbation(logits_fn, clean, x, tangent, jax.random.key(6), epsilon=2.0, xi=0.0,
+                                    power_iterations=60)
+  dim = int(np.prod(IMAGE))
+  hessians = kl_hessian(logits_fn, clean, lambda i, r: x[i:i + 1] + r.reshape(1, *IMAGE), dim)
+  for i in range(BATCH):
+    n, t = np.asarray(normal[i]).reshape(-1), np.asarray(tangent[i]).reshape(-1)
+    np.testing.assert_allclose(np.linalg.norm(n), 2.0, rtol=1e-10)
+    assert abs(n @ t) < 1e-10 * np.linalg.norm(n) * np.linalg.norm(t)
+    # VAT's direction within the complement of t: the top eigenvector of (I - tt^T) H (I - tt^T).
+    unit = t / np.linalg.norm(t)
+    projector = np.eye(dim) - np.outer(unit, unit)
+    _, vectors = np.linalg.eigh(projector @ hessians[i] @ projector)
+    _assert_parallel(n, vectors[:, -1])
+    # And not VAT's unconstrained one: the projection changed the answer.
+    _, free = np.linalg.eigh(hessians[i])
+    assert abs(free[:, -1] @ n) / np.linalg.norm(n) < 1 - 1e-3
+
+
+def test_the_finite_difference_probe_approximates_the_exact_directions():
+  decode, logits_fn, z, x = inputs()
+  clean = logits_fn(x)
+  common = dict(epsilon=0.5, power_iterations=3, cg_iterations=LATENT)
+  exact = tnar.tangent_perturbation(logits_fn, clean, x, decode, z, jax.random.key(7), xi=0.0, **common)
+  probed = tnar.tangent_perturbation(logits_fn, clean, x, decode, z, jax.random.key(7), xi=1e-6, **common)
+  chex.assert_trees_all_close(probed, exact, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize('field,value', [('tnar.eps_tangent', 0.0), ('tnar.eps_normal', -1.0),
+                                         ('tnar.xi', -1e-6), ('tnar.cg_iterations', 0),
+                                         ('tnar.power_iterations', 0), ('tnar.weight_normal', -1.0),
+                                         ('vae.latent_dim', 0)])
+def test_bad_fields_are_named(field, value):
+  with pytest.raises(errors.ConfigError, match=f'config.{field}='):
+    tnar.validate(tiny_config(method='tnar_vae', **{field: value}))
+
+
+def test_a_missing_vae_is_one_error_naming_the_command(tmp_path):
+  config = tiny_config(method='tnar_vae', **{'tnar.vae_dir': str(tmp_path / 'absent')})
+  with pytest.raises(errors.ConfigError, match='holds no trained VAE.*vae_main'):
+    tnar.validate(config)
+  with pytest.raises(errors.ConfigError, match="config.tnar.vae_dir='': TNAR needs a trained VAE"):
+    tnar.load_vae_params(tiny_config(method='tnar_vae'), (8, 8, 1))
