@@ -19,6 +19,8 @@ from semimeta_jax import errors
 from semimeta_jax import state as state_lib
 from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
+from semimeta_jax.methods import co_training
+from semimeta_jax.methods import dual_student
 from semimeta_jax.methods import mean_teacher
 from semimeta_jax.methods import options as options_lib
 from semimeta_jax.methods import pseudo_label
@@ -40,6 +42,8 @@ _REGISTRY = {method.name: method for method in (
     temporal_ensembling.METHOD,
     vat.METHOD,
     pseudo_label.METHOD,
+    co_training.METHOD,
+    dual_student.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
@@ -178,9 +182,9 @@ class Configured:
                               image_shape=image_shape, rng=model_key))
 
   def weight_sets(self) -> list[base.WeightSet]:
-    """The weight sets to evaluate: the raw weights ('eval'), then each option's."""
+    """The weight sets to evaluate: the raw weights ('eval'), the method's own, then each option's."""
     raw = base.WeightSet(prefix='eval', select=lambda state: (state.params, state.batch_stats))
-    return [raw] + [ws for option in self.options for ws in option.weight_sets(self.config)]
+    return [raw] + self.method.weight_sets(self.config) + [ws for option in self.options for ws in option.weight_sets(self.config)]
 
   @property
   def headline(self) -> str:
