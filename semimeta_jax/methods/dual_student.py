@@ -142,6 +142,39 @@ def learners(stable_first, stable_second, distance_first, distance_second):
   return first_learns, second_learns
 
 
+def stabilization_losses(class_own, cons_own, class_other, *, num_labeled, threshold):
+  """Each student's stabilisation loss (before its weight), and the masks behind it.
+
+  Args:
+    class_own: {student: class logits on its own view} (differentiated only through
+      the consistency heads here: the other student's are targets).
+    cons_own: {student: consistency-head logits on its own view}.
+    class_other: {student: class logits on the other view}, constant.
+    num_labeled: the batch's first `num_labeled` rows are labeled (never stabilised).
+    threshold: `dual_student.stable_threshold`.
+
+  Returns:
+    ({student: loss}, {'<student>_stable': [B] bool, '<student>_learns': [B] bool}).
+  """
+  students = (FIRST, SECOND)
+  frozen = jax.lax.stop_gradient
+  batch_size = class_own[FIRST].shape[0]
+  num_unlabeled = batch_size - num_labeled
+  unlabeled_rows = jnp.arange(batch_size) >= num_labeled
+  distance = {s: frozen(per_example_softmax_mse(cons_own[s], class_other[s])) for s in students}
+  is_stable = {s: stable(class_own[s], class_other[s], threshold) & unlabeled_rows for s in students}
+  learns = dict(zip(students, learners(is_stable[FIRST], is_stable[SECOND], distance[FIRST],
+                                       distance[SECOND])))
+  other = {FIRST: SECOND, SECOND: FIRST}
+  result = {}
+  for s in students:
+    to_other = per_example_softmax_mse(cons_own[s], frozen(class_own[other[s]]))
+    # The authors' weight times the unlabeled share of the batch, over the unlabeled count.
+    result[s] = (num_unlabeled / batch_size) * jnp.sum(jnp.where(learns[s], to_other, 0.0)) / num_unlabeled
+  masks = {**{f'{s}_stable': is_stable[s] for s in students}, **{f'{s}_learns': learns[s] for s in students}}
+  return result, masks
+
+
 def objective(trainable, state, batch, *, consistency_weight, stabilization_weight, config):
   """The two students' losses, summed (their parameters are disjoint).
 
@@ -160,7 +193,6 @@ def objective(trainable, state, batch, *, consistency_weight, stabilization_weig
   labeled = batch['labeled']
   num_labeled = labeled['image'].shape[0]
   images = jnp.concatenate([labeled['image'], batch['unlabeled']['image']])
-  num_unlabeled = images.shape[0] - num_labeled
   perturb = augment.from_config(config)
   views = {s: perturb(state.step_key(common.NOISE, _STUDENT_TAG[s]), images) for s in (FIRST, SECOND)}
   stats = {FIRST: state.batch_stats, SECOND: second_network.weights(state)[1]}
@@ -174,29 +206,21 @@ def objective(trainable, state, batch, *, consistency_weight, stabilization_weig
           state.step_key(common.DROPOUT_UNLABELED, _STUDENT_TAG[s], tag))
       out[s, tag] = (logits, consistency_logits(trainable['heads'][s], features))
 
-  terms, masks, total = {}, {}, 0.0
   class_own = {s: out[s, OWN_VIEW][0] for s in (FIRST, SECOND)}
   cons_own = {s: out[s, OWN_VIEW][1] for s in (FIRST, SECOND)}
   class_other = {s: jax.lax.stop_gradient(out[s, OTHER_VIEW][0]) for s in (FIRST, SECOND)}
-  distance = {s: per_example_softmax_mse(cons_own[s], class_other[s]) for s in (FIRST, SECOND)}
-  unlabeled_rows = jnp.arange(images.shape[0]) >= num_labeled
-  is_stable = {s: stable(class_own[s], class_other[s], block.stable_threshold) & unlabeled_rows
-               for s in (FIRST, SECOND)}
-  frozen = jax.lax.stop_gradient
-  learns = dict(zip((FIRST, SECOND), learners(is_stable[FIRST], is_stable[SECOND],
-                                              frozen(distance[FIRST]), frozen(distance[SECOND]))))
+  stabilization, masks = stabilization_losses(class_own, cons_own, class_other, num_labeled=num_labeled,
+                                              threshold=block.stable_threshold)
+  terms, total = {}, 0.0
   for s in (FIRST, SECOND):
     supervised = losses.cross_entropy(class_own[s][:num_labeled], labeled['label'])
     logit_distance = jnp.mean(jnp.square(losses.at_least_float32(class_own[s]) - cons_own[s]))
-    consistency = jnp.mean(distance[s])
-    to_other = per_example_softmax_mse(cons_own[s], frozen(class_own[other[s]]))
-    stabilization = (num_unlabeled / images.shape[0]) * jnp.sum(
-        jnp.where(learns[s], to_other, 0.0)) / num_unlabeled
+    consistency = jnp.mean(per_example_softmax_mse(cons_own[s], class_other[s]))
     total += (supervised + block.logit_distance_weight * logit_distance + consistency_weight * consistency
-              + stabilization_weight * stabilization)
+              + stabilization_weight * stabilization[s])
     terms.update({f'{s}_supervised_loss': supervised, f'{s}_consistency_loss': consistency,
-                  f'{s}_stabilization_loss': stabilization, f'{s}_logit_distance': logit_distance})
-    masks.update({f'{s}_stable': is_stable[s], f'{s}_learns': learns[s], f'{s}_logits': class_own[s]})
+                  f'{s}_stabilization_loss': stabilization[s], f'{s}_logit_distance': logit_distance})
+    masks[f'{s}_logits'] = class_own[s]
   return total, (stats[FIRST], stats[SECOND], terms, masks)
 
 
