@@ -3,17 +3,26 @@
 The official run used 8 GPUs x 64 labeled + 64 unlabeled images with synchronised
 batch norm; here the same global batch (512 + 512) is sharded over every device of
 every host, and batch norm is global by construction.
+
+The rows of the ImageNet table are presets declared beside each method
+(`PRESETS['imagenet']` in semimeta_jax/methods/): `--config=configs/imagenet.py:co_training`.
+`labeled_only`, `mean_teacher`, `co_training`, `semimeta` and `fully_supervised`
+share this file's schedule unless their preset says otherwise. Epoch counts are in
+passes over the unlabeled pool (90% of the train split, 2253 steps at batch 512);
+a preset may set `num_epochs`, `warmup_epochs` and `rampup_epochs` (the ramp of the
+consistency weight) in those units, and the step counts follow.
 """
 
 import math
 
 from configs import default
+from semimeta_jax import methods
 
 NUM_TRAIN = 1_281_167  # ILSVRC 2012 train split.
 
 
-def get_config():
-  """Returns the ImageNet configuration (paper: 44.87% top-1, 18.88% top-5 error)."""
+def get_config(preset=None):
+  """Returns the ImageNet configuration (paper: 44.87% top-1, 18.88% top-5 error), with a row's preset."""
   config = default.get_config()
   config.data.name = 'imagenet2012'
   config.data.label_fraction = 0.1
@@ -27,6 +36,7 @@ def get_config():
   # are references to the epoch fields, so `--config.num_epochs=90` updates them.
   config.num_epochs = 600
   config.warmup_epochs = 5
+  config.rampup_epochs = 0  # The official ImageNet loss adds L_u at full weight.
   steps_per_epoch = math.ceil(NUM_TRAIN * (1 - config.data.label_fraction) / config.unlabeled_batch_size)
   config.steps_per_epoch = steps_per_epoch  # At the default batch; informative.
   config.lr_schedule = 'cosine'
@@ -34,11 +44,11 @@ def get_config():
   config.weight_decay = 1e-4
   config.num_train_steps = config.get_ref('num_epochs') * steps_per_epoch
   config.warmup_steps = config.get_ref('warmup_epochs') * steps_per_epoch
-  config.consistency_rampup_steps = 0  # The official ImageNet loss adds L_u at full weight.
+  config.consistency_rampup_steps = config.get_ref('rampup_epochs') * steps_per_epoch
   config.semimeta.mixup_alpha = 1.0
 
   config.eval_every_steps = 5 * steps_per_epoch
   config.checkpoint_every_steps = steps_per_epoch
   config.log_every_steps = 500
   config.half_precision = False  # True for bfloat16 activations on TPU / recent GPUs.
-  return config
+  return methods.apply_preset(config, 'imagenet', preset)

@@ -211,6 +211,8 @@ def train_step(state, batch, *, config, num_classes):
 _RAMP = {'consistency_rampup': 'sigmoid', 'consistency_weight': 1.0}
 PRESETS = {
     'digits': {'co_training': {**_RAMP, 'consistency_rampup_steps': 200}},
+    # CIFAR-10: the ramp over the same share (80/600) of configs/cifar10.py's 400k steps.
+    'cifar10': {'co_training': {**_RAMP, 'consistency_rampup_steps': 400_000 * 80 // 600}},
     # ImageNet (ResNet-18, 10% labels): the CIFAR weights and radius; the ramp over the first
     # 80 of the 600 epochs, as the reference's warm-up (configs/imagenet.py counts it in steps).
     'imagenet': {'co_training': {**_RAMP, 'rampup_epochs': 80}},
