@@ -30,9 +30,9 @@ lambda_cot = `co_training.lambda_cot` (10) and lambda_dif = `co_training.lambda_
 (`consistency_weight`, 1 in the presets) and its ramp: 'sigmoid' is the paper's
 Gaussian ramp-up exp(-5 (1 - t/T)^2). The S terms are averaged over S and the U
 terms over U (the reference divides both by its batch size, equal for S and U).
-The paper states eps = 0.02 (`co_training.fgsm_epsilon`); the reference code's
-main.py also defaults to 0.02 (an eps of 0.1 is quoted elsewhere for it; the
-version read, commit 1b56dc1, uses 0.02).
+The paper states eps = 0.02 (`co_training.fgsm_epsilon`, the default here). An
+eps of 0.1 is sometimes quoted for the reference code; the version read (commit
+1b56dc1 of its main.py) defaults to 0.02 as well.
 
 Departures: both networks see the same labeled batch (the reference draws S1 and
 S2 from two loaders of the same labeled set, shuffled apart), and the CIFAR
@@ -42,9 +42,8 @@ The pair of networks is kept as two pytrees, not stacked on a leading axis and
 vmapped: the step needs the two networks' forwards in a fixed order with each
 one's batch statistics, and a vmapped forward would need the batch-norm layers'
 axis names to keep the two networks' statistics apart. Measured on CPU (2 shared
-cores, tests' 4-channel ConvLarge on 8x8 inputs, 16 + 16 images, 8 simulated
-devices present): compile 9.9 s, step 31 ms (median of 20; `experiments` not
-used, a `jax.jit` of `make_train_step` timed directly).
+cores; the tests' 4-channel ConvLarge on 8x8 inputs, 16 + 16 images; a `jax.jit`
+of `methods.make_train_step`): compile 7.3 s, step 33 ms (median of 20).
 
 Evaluation: network 1 is the run's headline ('eval'); network 2 is evaluated as
 its own weight set ('eval_second').

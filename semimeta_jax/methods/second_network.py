@@ -9,6 +9,7 @@ learning-rate schedule (`state.tx`): the reference codes step both networks with
 one SGD of the same settings.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -26,8 +27,9 @@ def init(config, *, model, image_shape, rng, params, batch_stats, num_classes):
     another random initialisation, a fresh optimizer state.
   """
   del params, batch_stats, num_classes  # The second network shares nothing with the first.
-  variables = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape), jnp.float32),
-                         train=False)
+  params_key, dropout_key = jax.random.split(rng)
+  variables = model.init({'params': params_key, 'dropout': dropout_key},
+                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
   second_params = variables['params']
   return {KEY: {'params': second_params, 'batch_stats': variables.get('batch_stats', {}),
                 'opt_state': options.optimizer(config).init(second_params)}}
