@@ -1,4 +1,4 @@
-"""Dual Student (Ke et al., "Dual Student: Breaking the Limits of the Teacher in Semi-supervised Learning", ICCV 2019).
+"""Dual Student (Ke et al., ICCV 2019: "Breaking the Limits of the Teacher in Semi-supervised Learning").
 
 Two students of one architecture: the first is the run's classifier
 (`state.params`), the second lives in `extra['second_network']`
