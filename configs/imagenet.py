@@ -11,6 +11,16 @@ share this file's schedule unless their preset says otherwise. Epoch counts are 
 passes over the unlabeled pool (90% of the train split, 2253 steps at batch 512);
 a preset may set `num_epochs`, `warmup_epochs` and `rampup_epochs` (the ramp of the
 consistency weight) in those units, and the step counts follow.
+
+Memory of the two-network rows (ResNet-18, 224x224, 1000 classes): the compiled step's
+temp + argument + output - alias bytes under XLA:CPU's buffer assignment, fitted as
+fixed + per (labeled + unlabeled) pair from per-device batches 8+8 and 16+16 (a GPU's
+figure will differ by its convolution workspaces):
+  co_training   0.48 GiB + 0.279 GiB per pair: 18.3 GiB at the official 64+64 per
+                device; the whole 512+512 on one device is about 143 GiB and does NOT
+                fit 80 GB (about 270+270 does; or 8 devices, or `remat`).
+  dual_student  0.27 GiB + 0.132 GiB per pair: 8.7 GiB at 64+64; about 68 GiB for
+                512+512 on one device, within 80 GB but with little room.
 """
 
 import math
