@@ -18,7 +18,7 @@ fixed + per (labeled + unlabeled) pair from per-device batches 8+8 and 16+16 (a 
 figure will differ by its convolution workspaces):
   co_training   0.48 GiB + 0.279 GiB per pair: 18.3 GiB at the official 64+64 per
                 device; the whole 512+512 on one device is about 143 GiB and does NOT
-                fit 80 GB (about 270+270 does; or 8 devices, or `remat`).
+                fit 80 GB (about 270+270 does, as do 8 devices; `remat` untried).
   dual_student  0.27 GiB + 0.132 GiB per pair: 8.7 GiB at 64+64; about 68 GiB for
                 512+512 on one device, within 80 GB but with little room.
 """
