@@ -20,6 +20,8 @@ from semimeta_jax import state as state_lib
 from semimeta_jax.methods import adanet
 from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
+from semimeta_jax.methods import co_training
+from semimeta_jax.methods import dual_student
 from semimeta_jax.methods import mean_teacher
 from semimeta_jax.methods import memory
 from semimeta_jax.methods import options as options_lib
@@ -46,6 +48,8 @@ _REGISTRY = {method.name: method for method in (
     memory.METHOD,
     adanet.METHOD,
     tnar.METHOD,
+    co_training.METHOD,
+    dual_student.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
@@ -184,9 +188,9 @@ class Configured:
                               image_shape=image_shape, rng=model_key))
 
   def weight_sets(self) -> list[base.WeightSet]:
-    """The weight sets to evaluate: the raw weights ('eval'), then each option's."""
+    """The weight sets to evaluate: the raw weights ('eval'), the method's own, then each option's."""
     raw = base.WeightSet(prefix='eval', select=lambda state: (state.params, state.batch_stats))
-    return [raw] + [ws for option in self.options for ws in option.weight_sets(self.config)]
+    return [raw] + self.method.weight_sets(self.config) + [ws for option in self.options for ws in option.weight_sets(self.config)]
 
   @property
   def headline(self) -> str:

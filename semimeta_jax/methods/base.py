@@ -91,6 +91,8 @@ class Method:
     diagnostics_every_steps: `(config) -> int`, its cadence (0 = off).
     diagnostics_prefix: the metric prefix of the diagnostics.
     describe: `(config) -> str`, the method's settings in the run plan ('' = none).
+    weight_sets: `(config) -> [WeightSet]` the method adds to the evaluation after
+      the raw weights (a second network it trains; the raw weights stay the headline).
   """
   name: str
   train_step: TrainStep
@@ -107,6 +109,7 @@ class Method:
   diagnostics_every_steps: Callable[[Any], int] = never
   diagnostics_prefix: str = 'diagnostics'
   describe: Callable[[Any], str] = lambda config: ''
+  weight_sets: Callable[[Any], list] = lambda config: []
 
 
 @dataclasses.dataclass(frozen=True)

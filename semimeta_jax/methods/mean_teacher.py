@@ -153,6 +153,13 @@ PRESETS = {
     'cifar10': {'mean_teacher': {'consistency_rampup': 'sigmoid', 'consistency_weight': 100.0,
                                  'ema.decay': 0.999, 'ema.headline': True,
                                  'perturb.max_translation': 2, 'perturb.noise_std': 0.15}},
+    # ImageNet (ResNet-18): the authors' ImageNet weight 10 and decay 0.9997, sigmoid ramp over 5
+    # epochs; the two views differ by a shift of up to 16 pixels and a flip each (ResNet-18 has no
+    # dropout and the pipeline's crop is shared by both views).
+    'imagenet': {'mean_teacher': {'consistency_rampup': 'sigmoid', 'consistency_weight': 10.0,
+                                  'rampup_epochs': 5, 'ema.decay': 0.9997, 'ema.headline': True,
+                                  'perturb.max_translation': 16, 'perturb.flip': True,
+                                  'perturb.noise_std': 0.0}},
 }
 
 METHOD = base.Method(name='mean_teacher', train_step=train_step, uses_unlabeled=True,

@@ -216,7 +216,7 @@ def describe(config) -> str:
 
 
 # The official recipe is the default config's (configs/default.py, CIFAR-10) and configs/digits.py's.
-PRESETS = {'digits': {'semimeta': {}}, 'cifar10': {'semimeta': {}}}
+PRESETS = {'digits': {'semimeta': {}}, 'cifar10': {'semimeta': {}}, 'imagenet': {'semimeta': {}}}
 
 METHOD = base.Method(
     name='semimeta',

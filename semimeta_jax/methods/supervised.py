@@ -37,6 +37,10 @@ def train_step(state, batch, *, config, num_classes):
 PRESETS = {
     'digits': {'labeled_only': {}, 'fully_supervised': {'data.num_labels': -1}},
     'cifar10': {'labeled_only': {}, 'fully_supervised': {'data.num_labels': -1}},
+    # ImageNet: both run as many steps as 90 epochs of the whole train split at batch 512 (100
+    # passes over configs/imagenet.py's unlabeled pool), the standard ResNet-18 schedule.
+    'imagenet': {'labeled_only': {'num_epochs': 100},
+                 'fully_supervised': {'num_epochs': 100, 'data.label_fraction': 0.0, 'data.num_labels': -1}},
 }
 
 METHOD = base.Method(name='supervised', train_step=train_step, uses_unlabeled=False,

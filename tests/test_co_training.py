@@ -1,0 +1,134 @@
+"""Deep Co-Training: the JSD, the FGSM examples, and two networks that train apart."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semimeta_jax import errors
+from semimeta_jax import methods
+from semimeta_jax import models
+from semimeta_jax import validation
+from semimeta_jax.methods import co_training
+from semimeta_jax.methods import common
+from semimeta_jax.methods import second_network
+from tests import numpy_reference
+from tests.conftest import synthetic_batch, tiny_config
+
+
+def traceable(step):
+  """A plain function around a partial, which chex's trace counter needs."""
+  chex.clear_trace_counter()
+  return lambda state, batch: step(state, batch)
+
+
+def initial_state(config):
+  model = models.get_model(config, 10)
+  init = jax.jit(lambda key: methods.init_train_state(config, model, (8, 8, 1), key, num_classes=10))
+  return init(jax.random.key(0))
+
+
+def run_steps(config, num_steps):
+  state = initial_state(config)
+  step = jax.jit(chex.assert_max_traces(traceable(methods.make_train_step(config, 10)), n=1))
+  batch = synthetic_batch(jax.random.key(1))
+  history = []
+  for _ in range(num_steps):
+    state, metrics = step(state, batch)
+    history.append(jax.tree.map(float, metrics))
+  return state, history
+
+
+def test_jensen_shannon_is_the_mean_of_the_two_kls_to_the_mixture():
+  keys = jax.random.split(jax.random.key(0), 2)
+  logits1 = 3.0 * jax.random.normal(keys[0], (7, 5))
+  logits2 = 3.0 * jax.random.normal(keys[1], (7, 5))
+  p, q = numpy_reference.softmax(logits1), numpy_reference.softmax(logits2)
+  m = (p + q) / 2
+  expected = 0.5 * numpy_reference.kl(p, m) + 0.5 * numpy_reference.kl(q, m)
+  got = jax.jit(co_training.jensen_shannon)(logits1, logits2)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5, atol=1e-7)
+  assert expected > 1e-3  # Two different distributions: the comparison is not of two zeros.
+  np.testing.assert_allclose(float(co_training.jensen_shannon(logits1, logits1)), 0.0, atol=1e-6)
+
+
+def test_soft_cross_entropy_is_its_definition():
+  keys = jax.random.split(jax.random.key(2), 2)
+  targets, logits = jax.random.normal(keys[0], (6, 4)), jax.random.normal(keys[1], (6, 4))
+  expected = -np.mean(np.sum(numpy_reference.softmax(targets) * numpy_reference.log_softmax(logits), -1))
+  np.testing.assert_allclose(float(co_training.soft_cross_entropy(targets, logits)), expected, rtol=1e-6)
+
+
+def test_each_fgsm_example_is_its_own_gradient_sign_step():
+  config = tiny_config(method='co_training')
+  state = initial_state(config)
+  batch = synthetic_batch(jax.random.key(3))
+  x = jnp.concatenate([batch['labeled']['image'], batch['unlabeled']['image']])
+  labels = jnp.concatenate([batch['labeled']['label'], batch['unlabeled']['label']])
+  params, stats = second_network.weights(state)  # Against the second network, in evaluation mode.
+  logits_fn = lambda images: common.eval_forward(state, params, images, batch_stats=stats)
+  epsilon = 0.1
+  got = jax.jit(lambda images, y: co_training.fgsm(logits_fn, images, y, epsilon))(x, labels)
+
+  # Separately: one example at a time, the gradient of its own mean cross-entropy.
+  def one(image, label):
+    loss = lambda im: numpy_free_cross_entropy(logits_fn(im[None]), label[None])
+    return jax.grad(loss)(image)
+
+  grads = np.stack([np.asarray(jax.jit(one)(x[i], labels[i])) for i in range(x.shape[0])])
+  expected = np.asarray(x) + epsilon * np.sign(grads)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
+  # Every pixel moved by exactly eps (no zero gradient here), so the check is not vacuous.
+  np.testing.assert_allclose(np.abs(np.asarray(got) - np.asarray(x)), epsilon, rtol=1e-5)
+
+
+def numpy_free_cross_entropy(logits, labels):
+  """-log softmax(logits)[label], written out (not the library's loss)."""
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1).sum()
+
+
+def test_without_the_co_training_terms_network_one_takes_the_supervised_step():
+  # lambda_cot = lambda_dif = 0 leaves CE(f1) + CE(f2): the first network's update is the
+  # supervised method's (no dropout, so the two steps draw nothing that differs).
+  base = dict(dropout_rate=0.0, **{'co_training.lambda_cot': 0.0, 'co_training.lambda_dif': 0.0})
+  co_config = tiny_config(method='co_training', **base)
+  sup_config = tiny_config(method='supervised', dropout_rate=0.0)
+  batch = synthetic_batch(jax.random.key(4))
+  co_state = initial_state(co_config)
+  sup_state = initial_state(sup_config)
+  chex.assert_trees_all_equal(co_state.params, sup_state.params)  # The same first network.
+  co_after, _ = jax.jit(methods.make_train_step(co_config, 10))(co_state, batch)
+  sup_after, _ = jax.jit(methods.make_train_step(sup_config, 10))(sup_state, batch)
+  chex.assert_trees_all_close(co_after.params, sup_after.params, rtol=1e-5, atol=1e-6)
+
+
+def test_both_networks_train_and_stay_different():
+  config = tiny_config(method='co_training')
+  start = initial_state(config)
+  state, history = run_steps(config, 4)
+  first0, second0 = start.params, second_network.weights(start)[0]
+  first, second = state.params, second_network.weights(state)[0]
+  changed = lambda a, b: any(bool(jnp.any(x != y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert changed(first, first0) and changed(second, second0)
+  assert changed(first, second)
+  # The second network's own optimizer took the same number of steps as the first's.
+  counts = lambda opt_state: [int(leaf) for leaf in jax.tree.leaves(opt_state) if jnp.ndim(leaf) == 0]
+  assert counts(state.extra[second_network.KEY]['opt_state']) == counts(state.opt_state)
+  assert all(np.isfinite(row['loss']) and row['dif_loss'] > 0 and row['cot_loss'] >= 0 for row in history)
+  required = {'supervised_loss', 'cot_loss', 'dif_loss', 'lambda_cot', 'lambda_dif', 'agreement',
+              'unlabeled_accuracy', 'second_unlabeled_accuracy'}
+  assert required <= set(history[0])
+
+
+def test_the_second_network_is_evaluated_as_its_own_weight_set():
+  configured = methods.configure(tiny_config(method='co_training'))
+  assert [ws.prefix for ws in configured.weight_sets()] == ['eval', 'eval_second']
+  assert configured.headline == 'eval'
+
+
+@pytest.mark.parametrize('field,value', [('co_training.lambda_cot', -1.0), ('co_training.lambda_dif', -0.1),
+                                         ('co_training.fgsm_epsilon', 0.0)])
+def test_bad_fields_are_one_config_error(field, value):
+  with pytest.raises(errors.ConfigError, match=field.replace('.', r'\.')):
+    validation.validate_config(tiny_config(method='co_training', **{field: value}))
