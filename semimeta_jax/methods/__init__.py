@@ -24,8 +24,10 @@ from semimeta_jax.methods import options as options_lib
 from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
+from semimeta_jax.methods import sntg
 from semimeta_jax.methods import supervised
 from semimeta_jax.methods import temporal_ensembling
+from semimeta_jax.methods import vadd
 from semimeta_jax.methods import vat
 
 Method = base.Method
@@ -40,13 +42,14 @@ _REGISTRY = {method.name: method for method in (
     temporal_ensembling.METHOD,
     vat.METHOD,
     pseudo_label.METHOD,
+    vadd.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
 # Folded into the run's key for `Method.init_model_state`.
 MODEL_STATE_KEY_TAG = 0x5EC0
 # The blocks that are neither a method's nor an option's own: shared by several methods.
-_SHARED_BLOCKS = (augment,)
+_SHARED_BLOCKS = (augment, sntg)
 
 
 def get(name: str) -> base.Method:
@@ -90,6 +93,12 @@ def presets(dataset: str) -> dict[str, dict[str, Any]]:
       if name in found:
         raise ValueError(f'Two methods declare the {dataset} preset {name!r}.')
       found[name] = {'method': method.name, **overrides}
+  # A shared block may compose presets from the methods' (`sntg.derived_presets`).
+  for shared in _SHARED_BLOCKS:
+    for name, overrides in getattr(shared, 'derived_presets', lambda *_: {})(dataset, found).items():
+      if name in found:
+        raise ValueError(f'Two modules declare the {dataset} preset {name!r}.')
+      found[name] = overrides
   return found
 
 
