@@ -110,8 +110,8 @@ def objective(params, state, batch, *, weight, config):
     (loss, (stats, supervised, vat, entropy, clean logits, *SNTG's aux tail)).
   """
   labeled, x_u = batch['labeled'], batch['unlabeled']['image']
-  logits_l, features_l, stats = sntg.student_forward(config, state, params, labeled['image'],
-                                                     state.batch_stats, state.step_key(common.DROPOUT_LABELED))
+  logits_l, features_l, stats = sntg.student_forward(
+      config, state, params, labeled['image'], state.batch_stats, state.step_key(common.DROPOUT_LABELED))
   supervised = losses.cross_entropy(logits_l, labeled['label'])
   dropout_key = state.step_key(common.DROPOUT_UNLABELED)
   # Training mode without keeping the running-average update (the clean, probe and
