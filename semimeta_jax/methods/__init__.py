@@ -201,6 +201,7 @@ class Configured:
   def describe(self) -> str:
     """The method and its options, in one line of the run plan."""
     parts = [self.method.describe(self.config)] + [o.describe(self.config) for o in self.options]
+    parts += [shared.describe(self.config) for shared in _SHARED_BLOCKS if hasattr(shared, 'describe')]
     details = '; '.join(part for part in parts if part)
     return self.method.name + (f' ({details})' if details else '')
 

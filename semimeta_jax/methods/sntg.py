@@ -163,3 +163,10 @@ def derived_presets(dataset: str, method_presets) -> dict:
   del dataset  # The methods' presets carry it.
   return {name: {**method_presets[base_name], 'sntg.weight': 0.4}
           for name, base_name in _EXTENDED_PRESETS.items() if base_name in method_presets}
+
+
+def describe(config) -> str:
+  """The SNTG term in the run plan ('' when off)."""
+  if not enabled(config):
+    return ''
+  return f'SNTG weight {config.sntg.weight} x ramp-up, margin {config.sntg.margin}'
