@@ -28,9 +28,11 @@ from semimeta_jax.methods import options as options_lib
 from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
+from semimeta_jax.methods import sntg
 from semimeta_jax.methods import supervised
 from semimeta_jax.methods import temporal_ensembling
 from semimeta_jax.methods import tnar
+from semimeta_jax.methods import vadd
 from semimeta_jax.methods import vat
 
 Method = base.Method
@@ -50,13 +52,14 @@ _REGISTRY = {method.name: method for method in (
     tnar.METHOD,
     co_training.METHOD,
     dual_student.METHOD,
+    vadd.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
 # Folded into the run's key for `Method.init_model_state`.
 MODEL_STATE_KEY_TAG = 0x5EC0
 # The blocks that are neither a method's nor an option's own: shared by several methods.
-_SHARED_BLOCKS = (augment,)
+_SHARED_BLOCKS = (augment, sntg)
 
 
 def get(name: str) -> base.Method:
@@ -100,6 +103,12 @@ def presets(dataset: str) -> dict[str, dict[str, Any]]:
       if name in found:
         raise ValueError(f'Two methods declare the {dataset} preset {name!r}.')
       found[name] = {'method': method.name, **overrides}
+  # A shared block may compose presets from the methods' (`sntg.derived_presets`).
+  for shared in _SHARED_BLOCKS:
+    for name, overrides in getattr(shared, 'derived_presets', lambda *_: {})(dataset, found).items():
+      if name in found:
+        raise ValueError(f'Two modules declare the {dataset} preset {name!r}.')
+      found[name] = overrides
   return found
 
 
@@ -202,6 +211,7 @@ class Configured:
   def describe(self) -> str:
     """The method and its options, in one line of the run plan."""
     parts = [self.method.describe(self.config)] + [o.describe(self.config) for o in self.options]
+    parts += [shared.describe(self.config) for shared in _SHARED_BLOCKS if hasattr(shared, 'describe')]
     details = '; '.join(part for part in parts if part)
     return self.method.name + (f' ({details})' if details else '')
 

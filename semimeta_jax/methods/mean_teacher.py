@@ -40,6 +40,7 @@ from semimeta_jax.methods import common
 from semimeta_jax.methods import ema
 from semimeta_jax.methods import options
 from semimeta_jax.methods import pi_model
+from semimeta_jax.methods import sntg
 
 # Views (perturbation sub-keys) of the student and the teacher.
 STUDENT_VIEW, TEACHER_VIEW = 0, 1
@@ -79,7 +80,7 @@ def objective(params, teacher_params, state, batch, *, weight, config):
 
   Returns:
     (loss, (batch statistics, supervised loss, consistency loss, student logits,
-    teacher logits)); logits are over the joined labeled + unlabeled batch.
+    teacher logits, *SNTG's aux tail)); logits are over the joined labeled + unlabeled batch.
   """
   labeled = batch['labeled']
   num_labeled = labeled['image'].shape[0]
@@ -88,14 +89,16 @@ def objective(params, teacher_params, state, batch, *, weight, config):
   student_view = perturb(state.step_key(common.NOISE, STUDENT_VIEW), images)
   teacher_view = perturb(state.step_key(common.NOISE, TEACHER_VIEW), images)
 
-  logits, stats = common.train_forward(state, params, student_view, state.batch_stats,
-                                       state.step_key(common.DROPOUT_UNLABELED))
+  logits, features, stats = sntg.student_forward(config, state, params, student_view, state.batch_stats,
+                                                 state.step_key(common.DROPOUT_UNLABELED))
   teacher_logits, _ = common.train_forward(state, teacher_params, teacher_view, ema.weights(state)[1],
                                            state.step_key(common.DROPOUT_TEACHER))
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   supervised = losses.cross_entropy(logits[:num_labeled], labeled['label'])
   consistency = pi_model.softmax_mse(logits, teacher_logits)
-  return supervised + weight * consistency, (stats, supervised, consistency, logits, teacher_logits)
+  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state.step, features,
+                                   teacher_logits, labeled['label'])
+  return loss, (stats, supervised, consistency, logits, teacher_logits, *sntg_aux)
 
 
 def train_step(state, batch, *, config, num_classes):
@@ -116,8 +119,8 @@ def train_step(state, batch, *, config, num_classes):
 
   loss_fn = functools.partial(objective, teacher_params=ema.weights(state)[0], state=state,
                               batch=batch, weight=weight, config=config)
-  (loss, (stats, supervised, consistency, logits, teacher_logits)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (stats, supervised, consistency, logits, teacher_logits, *sntg_aux)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   metrics = {
       'loss': loss,
       'supervised_loss': supervised,
@@ -126,6 +129,7 @@ def train_step(state, batch, *, config, num_classes):
       'consistency_weight': weight,
       'ema_decay': teacher_decay(config, state.step),
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
+      **sntg.metrics(sntg_aux),
   }
   # The teacher update follows, in the `ema` option's wrapper, with `teacher_decay`.
   return common.finish_step(

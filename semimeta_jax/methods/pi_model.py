@@ -35,6 +35,7 @@ from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import options
+from semimeta_jax.methods import sntg
 
 NUM_VIEWS = 2
 
@@ -61,23 +62,27 @@ def objective(params, state, batch, *, weight, config):
 
   Returns:
     (loss, (batch statistics after both forwards, supervised loss, consistency
-    loss, logits of the first view over the joined labeled + unlabeled batch)).
+    loss, logits of the first view over the joined labeled + unlabeled batch,
+    *SNTG's aux tail)). SNTG's features are the first view's, its target the second's.
   """
   labeled = batch['labeled']
   num_labeled = labeled['image'].shape[0]
   images = jnp.concatenate([labeled['image'], batch['unlabeled']['image']])
   perturb = augment.from_config(config)
-  stats, logits = state.batch_stats, []
+  stats, logits, features = state.batch_stats, [], []
   for view in range(NUM_VIEWS):
     # Each view has its own perturbation and dropout mask; the second forward
     # continues from the first one's batch statistics.
     view_images = perturb(state.step_key(common.NOISE, view), images)
-    view_logits, stats = common.train_forward(state, params, view_images, stats,
-                                              state.step_key(common.DROPOUT_UNLABELED, view))
+    view_logits, view_features, stats = sntg.student_forward(
+        config, state, params, view_images, stats, state.step_key(common.DROPOUT_UNLABELED, view))
     logits.append(view_logits)
+    features.append(view_features)
   supervised = losses.cross_entropy(logits[0][:num_labeled], labeled['label'])
   consistency = softmax_mse(logits[0], logits[1])
-  return supervised + weight * consistency, (stats, supervised, consistency, logits[0])
+  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state.step, features[0],
+                                   logits[1], labeled['label'])
+  return loss, (stats, supervised, consistency, logits[0], *sntg_aux)
 
 
 def train_step(state, batch, *, config, num_classes):
@@ -89,7 +94,7 @@ def train_step(state, batch, *, config, num_classes):
   weight = schedules.consistency_weight_schedule(config)(state.step)
 
   loss_fn = functools.partial(objective, state=state, batch=batch, weight=weight, config=config)
-  (loss, (stats, supervised, consistency, logits)), grads = jax.value_and_grad(
+  (loss, (stats, supervised, consistency, logits, *sntg_aux)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   metrics = {
       'loss': loss,
@@ -98,6 +103,7 @@ def train_step(state, batch, *, config, num_classes):
       'learning_rate': lr,
       'consistency_weight': weight,
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
+      **sntg.metrics(sntg_aux),
   }
   return common.finish_step(state, grads, stats, metrics,
                             scored=[('unlabeled_accuracy', logits[num_labeled:], unlabeled)])

@@ -42,6 +42,7 @@ from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import options
+from semimeta_jax.methods import sntg
 
 
 def config_blocks():
@@ -102,18 +103,21 @@ def objective(params, state, images, labels, ensemble_targets, has_target, *, we
   """CE on the labeled rows plus w(t) times the squared error to the ensemble targets.
 
   Returns:
-    (loss, (batch statistics, supervised loss, consistency loss, logits)).
+    (loss, (batch statistics, supervised loss, consistency loss, logits, *SNTG's aux tail)).
   """
   view = augment.from_config(config)(state.step_key(common.NOISE), images)
-  logits, stats = common.train_forward(state, params, view, state.batch_stats,
-                                       state.step_key(common.DROPOUT_UNLABELED))
+  logits, features, stats = sntg.student_forward(config, state, params, view, state.batch_stats,
+                                                 state.step_key(common.DROPOUT_UNLABELED))
   supervised = losses.cross_entropy(logits[:labels.shape[0]], labels)
   probs = jax.nn.softmax(losses.at_least_float32(logits))
   per_example = jnp.mean(jnp.square(probs - ensemble_targets), axis=-1)
   # Divided by the whole batch, not by the examples with a target: an example's
   # weight in the loss does not depend on how many others have been seen.
   consistency = jnp.mean(jnp.where(has_target, per_example, 0.0))
-  return supervised + weight * consistency, (stats, supervised, consistency, logits)
+  # SNTG's graph: the ensemble's argmax, the network's own where there is no ensemble yet.
+  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state.step, features,
+                                   jnp.where(has_target[:, None], ensemble_targets, probs), labels)
+  return loss, (stats, supervised, consistency, logits, *sntg_aux)
 
 
 def train_step(state, batch, *, config, num_classes):
@@ -131,7 +135,7 @@ def train_step(state, batch, *, config, num_classes):
   loss_fn = functools.partial(objective, state=state, images=images, labels=labeled['label'],
                               ensemble_targets=ensemble_targets, has_target=has_target,
                               weight=weight, config=config)
-  (loss, (stats, supervised, consistency, logits)), grads = jax.value_and_grad(
+  (loss, (stats, supervised, consistency, logits, *sntg_aux)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   predictions = jax.lax.stop_gradient(jax.nn.softmax(losses.at_least_float32(logits)))
   metrics = {
@@ -142,6 +146,7 @@ def train_step(state, batch, *, config, num_classes):
       'consistency_weight': weight,
       'ensemble_coverage': jnp.mean(has_target.astype(jnp.float32)),
       'train_accuracy': common.accuracy(logits[:num_labeled], labeled['label']),
+      **sntg.metrics(sntg_aux),
   }
   new_state, metrics = common.finish_step(
       state, grads, stats, metrics,

@@ -39,6 +39,7 @@ from semimeta_jax import schedules
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import options
+from semimeta_jax.methods import sntg
 
 
 def config_blocks():
@@ -103,22 +104,28 @@ def adversarial_direction(logits_fn, x, clean_logits, key, *, xi: float, power_i
 
 
 def objective(params, state, batch, *, weight, config):
-  """CE + w(t) * LDS (+ entropy). Returns (loss, (stats, supervised, vat, entropy, logits))."""
+  """CE + w(t) * LDS (+ entropy) (+ SNTG on the labeled then the unlabeled features, clean target).
+
+  Returns:
+    (loss, (stats, supervised, vat, entropy, clean logits, *SNTG's aux tail)).
+  """
   labeled, x_u = batch['labeled'], batch['unlabeled']['image']
-  logits_l, stats = common.train_forward(state, params, labeled['image'], state.batch_stats,
-                                         state.step_key(common.DROPOUT_LABELED))
+  logits_l, features_l, stats = sntg.student_forward(
+      config, state, params, labeled['image'], state.batch_stats, state.step_key(common.DROPOUT_LABELED))
   supervised = losses.cross_entropy(logits_l, labeled['label'])
   dropout_key = state.step_key(common.DROPOUT_UNLABELED)
   # Training mode without keeping the running-average update (the clean, probe and
   # perturbed forwards would otherwise count the unlabeled batch three times).
   logits_fn = lambda p, x: common.train_forward(state, p, x, stats, dropout_key)[0]
-  clean = logits_fn(params, x_u)
+  clean, features_u, _ = sntg.student_forward(config, state, params, x_u, stats, dropout_key)
   d = adversarial_direction(functools.partial(logits_fn, params), x_u, clean, state.step_key(common.NOISE),
                             xi=config.vat.xi, power_iterations=config.vat.power_iterations)
   vat_loss = kl_to_clean(clean, logits_fn(params, x_u + config.vat.epsilon * d))
   entropy = losses.entropy(jax.nn.softmax(losses.at_least_float32(clean)))
-  loss = supervised + weight * vat_loss + config.vat.entropy_weight * entropy
-  return loss, (stats, supervised, vat_loss, entropy, clean)
+  loss, sntg_aux = sntg.regularize(
+      supervised + weight * vat_loss + config.vat.entropy_weight * entropy, config, state.step,
+      sntg.joined(features_l, features_u), jnp.concatenate([logits_l, clean]), labeled['label'])
+  return loss, (stats, supervised, vat_loss, entropy, clean, *sntg_aux)
 
 
 def train_step(state, batch, *, config, num_classes):
@@ -127,7 +134,7 @@ def train_step(state, batch, *, config, num_classes):
   lr = options.learning_rate_schedule(config)(state.step)
   weight = schedules.consistency_weight_schedule(config)(state.step)
   loss_fn = functools.partial(objective, state=state, batch=batch, weight=weight, config=config)
-  (loss, (stats, supervised, vat_loss, entropy, clean)), grads = jax.value_and_grad(
+  (loss, (stats, supervised, vat_loss, entropy, clean, *sntg_aux)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   metrics = {
       'loss': loss,
@@ -136,6 +143,7 @@ def train_step(state, batch, *, config, num_classes):
       'entropy_loss': entropy,
       'learning_rate': lr,
       'consistency_weight': weight,
+      **sntg.metrics(sntg_aux),
   }
   return common.finish_step(state, grads, stats, metrics,
                             scored=[('unlabeled_accuracy', clean, batch['unlabeled'])])
