@@ -207,6 +207,28 @@ def with_protocol(summary, workdir, config):
           'reported_prefix': headline}
 
 
+def trained_vae(workdir, overrides):
+  """The `tnar.vae_dir` flag of a TNAR-VAE run, after training (or reusing) its seed's VAE.
+
+  TNAR-VAE loads a VAE trained first by `semimeta_jax.vae_main` on the same data and
+  seed; a variant that names no `tnar.vae_dir` gets one beside its run
+  (`<variant>/seed_<k>_vae`). Other variants get no flag.
+  """
+  fields = _field_overrides(overrides)
+  if fields.get('method') != 'tnar_vae' or 'tnar.vae_dir' in fields:
+    return []
+  vae_dir = (workdir.parent / f'{workdir.name}_vae').resolve()
+  if not (vae_dir / 'vae.json').exists():
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, '-m', 'semimeta_jax.vae_main', '--config=configs/digits.py',
+               f'--workdir={vae_dir}', *overrides]
+    with open(vae_dir / 'log.txt', 'a') as log:
+      result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+      raise RuntimeError(f'the VAE of {workdir} failed; see {vae_dir / "log.txt"}')
+  return [f'--config.tnar.vae_dir={vae_dir}']
+
+
 def run_one(variant, seed, out, data_dir, extra):
   """Runs (or reuses) one training run and returns its summary (with the protocol's figures)."""
   workdir = out / variant / f'seed_{seed}'
@@ -214,6 +236,7 @@ def run_one(variant, seed, out, data_dir, extra):
   overrides = [f'--config.seed={seed}', *VARIANTS[variant], *extra]
   if data_dir:
     overrides.append(f'--config.data.data_dir={data_dir}')
+  overrides += trained_vae(workdir, overrides)
   wanted = resolve_config(overrides)
   if summary_path.exists():
     summary = json.loads(summary_path.read_text())
