@@ -1,4 +1,4 @@
-"""Trains the VAE that TNAR-VAE (`method='tnar_vae'`) loads frozen.
+"""Trains the VAE that TNAR-VAE (methods/tnar.py) loads frozen.
 
 Usage:
   python -m semimeta_jax.vae_main --config=configs/digits.py:tnar_vae --workdir=runs/vae_digits
@@ -39,6 +39,7 @@ from semimeta_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-i
 from semimeta_jax import run_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import validation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax import workdir_lock  # pylint: disable=g-import-not-at-top,wrong-import-position
+from semimeta_jax.methods import tnar  # pylint: disable=g-import-not-at-top,wrong-import-position
 from semimeta_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,19 +48,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the VAE (checkpoints and vae.json).')
 
 NOISE_TAG = 0  # Folded into the step key for the reparameterisation noise.
-
-
-def vae_run_config(config):
-  """The run's config as the VAE's data input reads it: its batch is `vae.batch_size` images.
-
-  The classifier method's own checks are not the VAE's (TNAR's need this VAE), so
-  the shared fields are checked under the method that has none.
-  """
-  vae_config = config.copy_and_resolve_references()
-  with vae_config.unlocked():
-    vae_config.method = 'supervised'
-    vae_config.unlabeled_batch_size = config.vae.batch_size
-  return vae_config
 
 
 def train_step(state, batch, *, model, decoder_std):
@@ -82,7 +70,7 @@ def train_vae(config, workdir: str) -> dict:
   """
   workdir = run_dir.check_workdir_path(workdir)
   vae_lib.validate(config)
-  run_config = vae_run_config(config)
+  run_config = tnar.vae_input_config(config)
   validation.validate_config(run_config)
   info = data.dataset_info(run_config.data)
   mesh = parallel.make_mesh()

@@ -57,6 +57,7 @@ from semimeta_jax import schedules
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import options
+from semimeta_jax.methods import supervised
 from semimeta_jax.methods import vat
 from semimeta_jax.models import vae as vae_lib
 
@@ -302,6 +303,19 @@ def describe(config) -> str:
 # eps1 = 1 (a quarter of the typical code norm sqrt(16)), eps2 = 1 (half of VAT's digits radius),
 # and the exact Hessian products (xi = 0), as VAT's digits preset.
 _COMMON = {'consistency_weight': 1.0, 'consistency_rampup_steps': 0}
+def vae_input_config(config):
+  """The run's config as the VAE's trainer (`vae_main`) reads its input: `vae.batch_size` images a step.
+
+  TNAR-VAE's own checks need a trained VAE, which this config is about to train, so
+  the shared fields are checked under a method that has no checks of its own.
+  """
+  vae_config = config.copy_and_resolve_references()
+  with vae_config.unlocked():
+    vae_config.method = supervised.METHOD.name
+    vae_config.unlabeled_batch_size = config.vae.batch_size
+  return vae_config
+
+
 PRESETS = {
     'digits': {'tnar_vae': {**_COMMON, 'tnar.eps_tangent': 1.0, 'tnar.eps_normal': 1.0, 'tnar.xi': 0.0,
                             'vae.architecture': 'mlp', 'vae.latent_dim': 16, 'vae.width': 128,
