@@ -1,6 +1,7 @@
 """The results runner: labels from the runs, no silent reuse of another config, no contradicting overrides."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -106,3 +107,28 @@ def test_a_variant_reads_its_methods_preset_and_reuses_runs_recorded_in_flat_nam
   assert runner.run_one('mean_teacher_fast_swa', 0, tmp_path, None, [])['final_error_top1'] == 7.0
   with pytest.raises(RuntimeError, match=r'ema\.decay: ran 0.99, requested 0.9'):
     runner.run_one('mean_teacher_fast_swa', 0, tmp_path, None, ['--config.ema.decay=0.9'])
+
+
+def test_a_tnar_variant_trains_its_seeds_vae_once_and_runs_with_it(runner, tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(command, **kwargs):
+    del kwargs
+    calls.append(command)
+    workdir = next(arg.split('=', 1)[1] for arg in command if arg.startswith('--workdir='))
+    (pathlib.Path(workdir) / 'vae.json').write_text('{}')
+    return type('Done', (), {'returncode': 0})()
+
+  monkeypatch.setattr(runner.subprocess, 'run', fake_run)
+  overrides = ['--config.seed=2', *runner.VARIANTS['tnar_vae']]
+  workdir = tmp_path / 'tnar_vae' / 'seed_2'
+  flag = runner.trained_vae(workdir, overrides)
+  vae_dir = (tmp_path / 'tnar_vae' / 'seed_2_vae').resolve()
+  assert flag == [f'--config.tnar.vae_dir={vae_dir}']
+  assert len(calls) == 1 and calls[0][1:3] == ['-m', 'semimeta_jax.vae_main']
+  assert calls[0][-len(overrides):] == overrides  # The VAE sees the run's data, seed and vae block.
+  assert runner.trained_vae(workdir, overrides) == flag and len(calls) == 1  # Reused, not retrained.
+  # Other variants, and a TNAR run given its VAE, train nothing.
+  assert runner.trained_vae(workdir, ['--config.seed=2', *runner.VARIANTS['vat']]) == []
+  assert runner.trained_vae(workdir, [*overrides, '--config.tnar.vae_dir=/elsewhere']) == []
+  assert len(calls) == 1
