@@ -36,13 +36,13 @@ MUTANTS = [
         'LDS as the KL from the perturbed to the clean prediction (the other direction)',
     ), (
         'vat-ent-entropy-subtracted',
-        'loss = supervised + weight * vat_loss + config.vat.entropy_weight * entropy',
-        'loss = supervised + weight * vat_loss - config.vat.entropy_weight * entropy',
+        'supervised + weight * vat_loss + config.vat.entropy_weight * entropy, config',
+        'supervised + weight * vat_loss - config.vat.entropy_weight * entropy, config',
         'VAT+Ent: entropy subtracted (maximised) instead of added',
     ), (
         'vat-lds-unweighted',
-        'loss = supervised + weight * vat_loss + config.vat.entropy_weight * entropy',
-        'loss = supervised + vat_loss + config.vat.entropy_weight * entropy',
+        'supervised + weight * vat_loss + config.vat.entropy_weight * entropy, config',
+        'supervised + vat_loss + config.vat.entropy_weight * entropy, config',
         'VAT term without its weight w(t)',
     )),
     *group('semimeta_jax/methods/temporal_ensembling.py', (TE_LOSS,), (
