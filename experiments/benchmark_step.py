@@ -1,4 +1,5 @@
-r"""Benchmarks the compiled training step: supervised, and SemiMeta in each hypergradient mode.
+r"""Benchmarks the compiled training step: supervised, SemiMeta in each hypergradient mode, and
+any method's CIFAR-10 preset (`--modes=finite_difference,mt_sntg,co_training`).
 
 For every mode it compiles `jax.jit(train_step, donate_argnums=0)` ahead of time (timing
 `.lower()` + `.compile()`), runs a few warm-up steps, then times N steps one by one and
@@ -26,6 +27,9 @@ Any size field can be overridden, e.g. the ImageNet-size step:
   python -m experiments.benchmark_step --small \
     --xla_flags_variants='default;no_ynn_conv'
 
+A preset row (`methods.presets('cifar10')`, e.g. `ma_dnn`, `dual_student`) runs that method with its
+papers' CIFAR-10 settings at the same size, warm-up and ramps set to their end as for SemiMeta;
+`tnar_vae` is left out (its step needs a trained VAE of the benchmark's input shape).
 SemiMeta runs the default config (mix-up, K = 1, evaluation-mode meta forward, where
 theta~ = theta and `jvp` / `finite_difference` skip the virtual step); `--forward_mode
 train` times the meta step with dropout and batch statistics on instead.
@@ -57,6 +61,14 @@ from semimeta_jax import methods
 from semimeta_jax import models
 
 MODES = ('supervised', 'exact', 'first_order', 'jvp', 'finite_difference')
+# Methods whose step needs state from outside the run (a trained VAE) have no preset row.
+_NEEDS_OUTSIDE_STATE = ('tnar_vae',)
+
+
+def preset_modes() -> tuple[str, ...]:
+  """The CIFAR-10 presets a row can run (`--modes=NAME`), besides MODES."""
+  return tuple(name for name in methods.presets('cifar10') if name not in _NEEDS_OUTSIDE_STATE)
+
 SIZES = {
     'default': dict(model='convlarge', model_width=0, batch_size=128, image_size=32, channels=3,
                     num_classes=10, steps=20, warmup_steps=3),
@@ -90,18 +102,23 @@ CSV_FIELDS = (
 
 def make_config(mode: str, *, model: str, model_width: int, batch_size: int,
                 half_precision: bool = False, forward_mode: str = 'eval', remat: str = 'none'):
-  """The default config running `mode` ('supervised' or a hypergradient mode) at one size.
+  """The default config running `mode` at one size.
 
+  `mode` is 'supervised', a hypergradient mode of SemiMeta, or a CIFAR-10 preset
+  (`preset_modes()`), which sets its method and the method's fields.
   `forward_mode` is the meta step's forward: 'eval' (official) makes theta~ = theta, so
   `jvp` and `finite_difference` skip the virtual step; 'train' makes every mode take it.
   `remat` is `config.remat`, what a training forward keeps for its backward pass.
   """
-  if mode not in MODES:
-    raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')
+  if mode not in MODES + preset_modes():
+    raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES + preset_modes()}.')
   config = default.get_config()
-  config.method = 'supervised' if mode == 'supervised' else 'semimeta'
-  if mode != 'supervised':
-    config.hypergrad.mode = mode
+  if mode in MODES:
+    config.method = 'supervised' if mode == 'supervised' else 'semimeta'
+    if mode != 'supervised':
+      config.hypergrad.mode = mode
+  else:
+    config = methods.apply_preset(config, 'cifar10', mode)
   config.hypergrad.forward_mode = forward_mode
   config.model = model
   config.model_width = model_width
@@ -160,7 +177,7 @@ def initial_state(config, model, image_shape, key):
 
 
 def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_steps: int,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, name: str | None = None) -> dict:
   """Compiles and times one training step on the default device.
 
   Args:
@@ -170,6 +187,7 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
     steps: number of timed steps (the median is reported).
     warmup_steps: untimed steps run after compiling.
     seed: seed of the parameters and the synthetic batch.
+    name: the row's name (default: the method, with SemiMeta's hypergradient mode).
 
   Returns:
     One table row: a dict with the keys of CSV_FIELDS (except 'error').
@@ -218,8 +236,9 @@ def measure_step(config, *, num_classes: int, image_shape, steps: int, warmup_st
       'half_precision': bool(config.half_precision),
       'remat': config.remat,
       'method': config.method,
-      'mode': config.hypergrad.mode if uses_unlabeled else '',
-      'name': f'semimeta / {config.hypergrad.mode}' if uses_unlabeled else config.method,
+      'mode': config.hypergrad.mode if config.method == 'semimeta' else '',
+      'name': name or (f'semimeta / {config.hypergrad.mode}' if config.method == 'semimeta'
+                       else config.method),
       'images_per_step': images,
       'steps': steps,
       'warmup_steps': warmup_steps,
@@ -287,7 +306,8 @@ def _run_in_subprocess(args, mode: str, flags: str, remat: str, rows_dir: str) -
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--small', action='store_true', help='CPU-sized defaults (SIZES["small"]).')
-  parser.add_argument('--modes', default=','.join(MODES), help=f'Comma-separated subset of {MODES}.')
+  parser.add_argument('--modes', default=','.join(MODES),
+                      help=f'Comma-separated, from {MODES} and the CIFAR-10 presets {preset_modes()}.')
   for name, kind in (('model', str), ('model_width', int), ('batch_size', int), ('image_size', int),
                      ('channels', int), ('num_classes', int), ('steps', int), ('warmup_steps', int)):
     parser.add_argument(f'--{name}', type=kind, default=None, help='Overrides the size preset.')
@@ -315,9 +335,9 @@ def _parse_args(argv):
     unknown_remat = sorted(set(args.remat_variants) - set(models.REMAT_POLICIES))
     if unknown_remat:
       parser.error(f'unknown remat policies {unknown_remat}; expected a subset of {models.REMAT_POLICIES}')
-  unknown = sorted(set(args.modes) - set(MODES))
+  unknown = sorted(set(args.modes) - set(MODES + preset_modes()))
   if unknown:
-    parser.error(f'unknown modes {unknown}; expected a subset of {MODES}')
+    parser.error(f'unknown modes {unknown}; expected a subset of {MODES + preset_modes()}')
   return args
 
 
@@ -331,7 +351,8 @@ def main(argv=None):
                            batch_size=args.batch_size, half_precision=args.half_precision,
                            forward_mode=args.forward_mode, remat=args.remat)
       row = measure_step(config, num_classes=args.num_classes, image_shape=image_shape,
-                         steps=args.steps, warmup_steps=args.warmup_steps, seed=args.seed)
+                         steps=args.steps, warmup_steps=args.warmup_steps, seed=args.seed,
+                         name=None if mode in MODES else f'{mode} (CIFAR-10 preset)')
       print(f'[{row["xla_flags"] or "(no XLA_FLAGS)"}] {row["name"]} remat={row["remat"]}: compile {row["compile_s"]:.1f} s, '
             f'median step {row["median_step_ms"]:.1f} ms', file=sys.stderr, flush=True)
       rows.append(row)

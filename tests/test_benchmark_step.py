@@ -3,6 +3,8 @@
 import csv
 import math
 
+import pytest
+
 from experiments import benchmark_step
 
 
@@ -39,3 +41,17 @@ def test_measure_step_rows_and_table(tmp_path):
 def test_flag_variants_resolve_presets_and_raw_flags():
   variants = benchmark_step.resolve_flag_variants('default; no_ynn_conv;--xla_foo=1')
   assert variants == ['', benchmark_step.XLA_FLAG_PRESETS['no_ynn_conv'], '--xla_foo=1']
+
+
+def test_a_preset_row_runs_its_method_with_the_papers_fields():
+  config = benchmark_step.make_config('mt_sntg', model='convlarge_digits', model_width=4, batch_size=8)
+  assert config.method == 'mean_teacher' and config.sntg.weight > 0  # The preset's method and fields.
+  assert config.warmup_steps == 0 and config.consistency_rampup_steps == 0  # As after the ramps.
+  config.dropout_rate = 0.0
+  row = benchmark_step.measure_step(config, num_classes=10, image_shape=(8, 8, 1), steps=1,
+                                    warmup_steps=0, name='mt_sntg (CIFAR-10 preset)')
+  assert row['name'] == 'mt_sntg (CIFAR-10 preset)' and row['mode'] == ''
+  assert row['images_per_step'] == 16 and row['median_step_ms'] > 0
+  assert 'tnar_vae' not in benchmark_step.preset_modes()  # Needs a trained VAE of the input shape.
+  with pytest.raises(ValueError, match='Unknown mode'):
+    benchmark_step.make_config('tnar_vae', model='convlarge_digits', model_width=4, batch_size=8)
