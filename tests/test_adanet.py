@@ -130,8 +130,9 @@ def test_a_step_trains_both_networks_and_traces_once():
   state = _state(config)
   step = jax.jit(chex.assert_max_traces(traceable(methods.make_train_step(config, 10)), n=1))
   history = []
+  new_state = state
   for seed in range(3):
-    new_state, metrics = step(state if seed == 0 else new_state, synthetic_batch(jax.random.key(seed)))
+    new_state, metrics = step(new_state, synthetic_batch(jax.random.key(seed)))
     history.append(jax.tree.map(float, metrics))
   assert history[0]['reversal_coefficient'] == 0.0 < history[1]['reversal_coefficient']
   assert all(np.isfinite(row['loss']) and row['alignment_loss'] > 0 for row in history)

@@ -8,6 +8,7 @@ import pytest
 from experiments import benchmark_step
 
 
+@pytest.mark.slow
 def test_measure_step_rows_and_table(tmp_path):
   rows = []
   for mode in ('supervised', 'exact'):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiments import benchmark_train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +17,7 @@ _TINY = ['--small', '--allow_tensorflow', '--precisions=fp32', '--model_width=4'
          '--log_every=2', '--eval_every=4', '--checkpoint_every=8', '--bare_steps=2']
 
 
+@pytest.mark.slow
 def test_the_synthetic_loop_runs_without_tensorflow(tmp_path):
   # `python -m experiments.benchmark_train`, with the modules made absent first.
   program = (

@@ -42,6 +42,7 @@ def test_help_exits_zero_and_says_how_fields_are_listed_and_overridden():
   assert '--workdir' in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args,names', [
     (['--config.hypergrad.mode=exactt'], ['hypergrad.mode', 'exactt']),
     (['--config.hypergrad.modee=exact'], ["'hypergrad.modee'", "did you mean 'hypergrad.mode'"]),
@@ -57,6 +58,7 @@ def test_a_bad_field_is_one_line_and_nothing_is_written(tmp_path, args, names):
   assert_one_clear_error(result, *names, workdir=workdir)
 
 
+@pytest.mark.slow
 def test_a_preset_runs_its_method_and_an_unknown_one_is_named(tmp_path):
   workdir = tmp_path / 'run'
   result = run_main('--config=configs/digits.py:vat_ent', f'--workdir={workdir}', '--dry_run',
@@ -75,6 +77,7 @@ def test_a_missing_config_file_names_it_and_the_configs_there(tmp_path):
   assert_one_clear_error(result, 'configs/nope.py', 'digits.py', workdir=workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workdir_flag', ['--workdir=', '--workdir=   ', None])
 def test_an_empty_or_missing_workdir_is_refused(tmp_path, workdir_flag):
   args = [f'--config={REPO / "configs" / "digits.py"}'] + ([workdir_flag] if workdir_flag else [])
@@ -85,6 +88,7 @@ def test_an_empty_or_missing_workdir_is_refused(tmp_path, workdir_flag):
   assert_one_clear_error(result, '--workdir', workdir=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   path = tmp_path / 'file'
   path.write_text('not a directory')
@@ -93,6 +97,7 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   assert path.read_text() == 'not a directory'
 
 
+@pytest.mark.slow
 def test_a_missing_dataset_names_it_where_it_looked_and_the_fix(tmp_path):
   workdir = tmp_path / 'run'
   data_dir = tmp_path / 'tfds'
@@ -116,6 +121,7 @@ def test_dry_run_prints_the_config_and_plan_and_writes_nothing(tmp_path):
   assert not workdir.exists() and not data_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_started_again_logs_nothing_twice_and_keeps_the_total_time(tmp_path):
   workdir = tmp_path / 'digits'
   args = ['--config=configs/digits.py', f'--workdir={workdir}', f'--config.data.data_dir={tmp_path / "tfds"}',

@@ -117,6 +117,7 @@ def test_num_labels_minus_one_labels_every_train_image(digits_folder, tmp_path):
   assert inp.unlabeled_indices.min() == 10 * TRAIN_PER_CLASS
 
 
+@pytest.mark.slow
 def test_trains_end_to_end_through_main(digits_folder, tmp_path):
   workdir = tmp_path / 'run'
   result = run_main(
@@ -205,6 +206,7 @@ def test_bad_data_is_one_user_error_naming_it(tmp_path, make):
     assert text in str(raised.value), (text, str(raised.value))
 
 
+@pytest.mark.slow
 def test_bad_data_through_main_is_one_line_before_any_training(tmp_path):
   root = tmp_path / 'data'
   _bad_single_class(root, tmp_path)
@@ -214,6 +216,7 @@ def test_bad_data_through_main_is_one_line_before_any_training(tmp_path):
   assert_one_clear_error(result, 'single class', workdir=workdir)
 
 
+@pytest.mark.slow
 def test_the_dry_run_counts_the_unlabeled_folder_apart(digits_folder, tmp_path):
   result = run_main('--config=configs/folder.py', f'--config.data.folder={digits_folder}',
                     f'--workdir={tmp_path / "run"}', '--config.data.num_labels=-1', '--dry_run',
@@ -225,6 +228,7 @@ def test_the_dry_run_counts_the_unlabeled_folder_apart(digits_folder, tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method,extra', [('pi_model', {}), ('mean_teacher', {'ema_decay': 0.99}),
                                           ('temporal_ensembling', {}), ('vat', {})])
 def test_every_method_trains_on_a_truly_unlabeled_pool_without_reading_its_labels(

@@ -153,6 +153,7 @@ def _mock_main(workdir, *flags):
                         text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_configs_stl10_trains_end_to_end_on_mock_data(tmp_path):
   workdir = tmp_path / 'stl10'
   result = _mock_main(

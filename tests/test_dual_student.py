@@ -1,6 +1,5 @@
 """Dual Student: the stability mask and the "less stable learns" rule against the authors' loop."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -31,6 +31,7 @@ def train_mode_fidelity():
   return {(row['reference'], row['inner_steps'], row['mode']): row for row in rows}
 
 
+@pytest.mark.slow
 def test_exact_is_its_own_reference_and_jvp_is_exact_at_one_inner_step(train_mode_fidelity):
   against_exact = {(k, mode): row for (ref, k, mode), row in train_mode_fidelity.items() if ref == 'exact'}
   for k in (1, 2):
@@ -77,6 +78,7 @@ def test_table_and_plot_render(train_mode_fidelity, tmp_path):
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_bf16_fidelity_rows_are_close_to_float32_exact_and_render():
   config = tiny_config(**{'hypergrad.forward_mode': 'train', 'learning_rate': 0.5})
   model = models.get_model(config, 10)

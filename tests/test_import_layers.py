@@ -4,6 +4,7 @@ Read from the source (module-level and function-level imports alike), so a
 lazy import that closes a cycle is caught as well as a top-level one.
 """
 
+import pytest
 import ast
 import os
 import pathlib
@@ -92,6 +93,7 @@ def test_data_imports_nothing_of_the_package_above_it():
     assert graph[leaf] <= {'semimeta_jax.errors'}
 
 
+@pytest.mark.slow
 def test_a_registered_dataset_is_described_and_batched_without_tensorflow():
   program = (
       'import sys\n'

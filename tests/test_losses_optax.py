@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from semimeta_jax import losses
 
@@ -13,6 +14,7 @@ def _log_softmax(x):
   return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_optax_cross_entropy_and_kl_with_zero_targets():
   """The optax-backed losses, zeros in the soft targets included (0 log 0 = 0)."""
   logits = jax.random.normal(jax.random.key(0), (32, 10)) * 3

@@ -1,5 +1,6 @@
 """The command line, as a user runs it: the offline digits config, a few steps."""
 
+import pytest
 import json
 import pathlib
 import subprocess
@@ -8,6 +9,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_main_trains_digits_from_the_command_line(tmp_path):
   workdir = tmp_path / 'digits'
   command = [sys.executable, '-m', 'semimeta_jax.main', '--config=configs/digits.py',

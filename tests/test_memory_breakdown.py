@@ -1,8 +1,11 @@
 """experiments/memory_breakdown.py: its table, and the saving it reports for config.remat."""
 
+import pytest
+
 from experiments import memory_breakdown
 
 
+@pytest.mark.slow
 def test_small_table_reports_the_batch_norm_saving(tmp_path):
   rows = memory_breakdown.main(['--small', '--modes=supervised', '--precisions=bf16',
                                 f'--out={tmp_path}'])

@@ -28,6 +28,7 @@ def fresh_state(config, seed=0):
   return state_lib.init_train_state(config, model, (8, 8, 1), jax.random.key(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', hypergrad.MODES)
 def test_meta_steps_reduce_the_loss_keep_the_simplex_and_trace_once(mode):
   # `implicit` needs its own beta: the official one assumes the K = 1 hypergradient's scale.
@@ -49,6 +50,7 @@ def test_meta_steps_reduce_the_loss_keep_the_simplex_and_trace_once(mode):
   np.testing.assert_allclose(pseudo.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_supervised_step_fits_the_labeled_batch_and_ignores_unlabeled():
   config = tiny_config(method='supervised', dropout_rate=0.0, learning_rate=0.1)
   state = fresh_state(config)
@@ -66,6 +68,7 @@ def test_supervised_step_fits_the_labeled_batch_and_ignores_unlabeled():
   chex.assert_trees_all_equal(a.params, b.params)
 
 
+@pytest.mark.slow
 def test_default_step_matches_the_official_update_rule():
   """Default alpha/beta in every mode give the official yhat = relu-normalise(ytil - lr d)."""
   config = tiny_config(learning_rate=0.1)
@@ -122,6 +125,7 @@ class TestTrainForwardMode:
                                          train=False))
     return apply_fn, (state.params, x_l, y_l, x_u, ytil)
 
+  @pytest.mark.slow
   def test_exact_passes_the_gradient_check_and_first_order_differs(self, problem):
     state, batch = problem
     with jax.enable_x64(True):
@@ -158,6 +162,7 @@ class TestTrainForwardMode:
 
 class TestHypergradientFidelity:
 
+  @pytest.mark.slow
   def test_exact_against_itself_is_one(self):
     config = tiny_config(**{'hypergrad.mode': 'exact', 'hypergrad.forward_mode': 'train'})
     fidelity = jax.jit(functools.partial(semimeta.hypergradient_fidelity, config=config))(
@@ -165,6 +170,7 @@ class TestHypergradientFidelity:
     np.testing.assert_allclose(fidelity['cosine'], 1.0, atol=1e-6)
     np.testing.assert_allclose(fidelity['relative_error'], 0.0, atol=1e-6)
 
+  @pytest.mark.slow
   def test_first_order_in_train_mode_is_below_one(self):
     config = tiny_config(**{'hypergrad.mode': 'first_order', 'hypergrad.forward_mode': 'train',
                             'learning_rate': 0.5})

@@ -67,12 +67,14 @@ def test_coefficients_follow_beta_alpha_alpha(alpha):
   np.testing.assert_allclose(lam.var(), 1.0 / (4.0 * (2.0 * alpha + 1.0)), rtol=0.1)
 
 
+@pytest.mark.slow
 def test_same_key_same_mix_other_key_other_mix():
   first, second, other = mix(16, 1.0, seed=2)[0], mix(16, 1.0, seed=2)[0], mix(16, 1.0, seed=5)[0]
   np.testing.assert_array_equal(first, second)
   assert not np.allclose(first, other)
 
 
+@pytest.mark.slow
 def test_the_step_with_mixup_trains_on_a_mixed_target():
   """With mix-up on, the supervised loss is a KL to soft targets, far below the hard-label CE."""
   config = tiny_config(mixup=True, dropout_rate=0.0, **{'hypergrad.mode': 'jvp'})

@@ -30,6 +30,10 @@ TINY = {
     'resnet50': (2, (4, 32, 32, 3)),
     'wrn28_2': (4, (4, 8, 8, 3)),
 }
+# The quick tier runs the behaviour tests on the smallest model; the others are slow-tier cases.
+QUICK_MODEL = 'convlarge_digits'
+TINY_CASES = [name if name == QUICK_MODEL else pytest.param(name, marks=pytest.mark.slow)
+              for name in sorted(TINY)]
 
 
 def _model(name, width=0, num_classes=10, **overrides):
@@ -113,7 +117,7 @@ def test_unknown_model_lists_registered_names():
       'convlarge', 'convlarge_digits', 'resnet18', 'resnet50', 'wrn28_2'}
 
 
-@pytest.mark.parametrize('name', sorted(TINY))
+@pytest.mark.parametrize('name', TINY_CASES)
 def test_pooled_features_come_from_the_same_forward_and_feed_the_head(name):
   model, x, variables = _tiny(name)
   logits, sown = model.apply(variables, x, train=False, mutable=['intermediates'])
@@ -125,7 +129,7 @@ def test_pooled_features_come_from_the_same_forward_and_feed_the_head(name):
   assert features.shape == (x.shape[0], head['kernel'].shape[0])
 
 
-@pytest.mark.parametrize('name', sorted(TINY))
+@pytest.mark.parametrize('name', TINY_CASES)
 def test_train_and_eval_modes(name):
   model, x, variables = _tiny(name)
   assert set(variables) == {'params', 'batch_stats'}
@@ -189,7 +193,8 @@ def test_batch_norm_uses_pytorch_momentum_and_epsilon():
   np.testing.assert_allclose(bn_out, conv_out / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize('name', ['convlarge', 'resnet18', 'wrn28_2'])
+@pytest.mark.parametrize('name', [pytest.param('convlarge', marks=pytest.mark.slow),
+                                  pytest.param('resnet18', marks=pytest.mark.slow), 'wrn28_2'])
 def test_half_precision_keeps_float32_params_and_logits(name):
   model, x, variables = _tiny(name)
   width, _ = TINY[name]

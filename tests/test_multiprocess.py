@@ -166,6 +166,7 @@ def _assert_trees_equal(expected, actual, index=0):
     np.testing.assert_array_equal(actual[path][index], expected[path][0], err_msg=path)
 
 
+@pytest.mark.slow
 def test_pair_completes_into_one_shared_workdir(runs):
   workdirs, workers = runs
   for i in range(2):

@@ -31,6 +31,7 @@ def one_step(config, mesh, batch):
   return step(state, global_batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method,mode', CASES)
 def test_eight_devices_match_one(method, mode):
   # Train-mode forward in the meta step too, so batch statistics enter every term.

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from experiments import profile_step
 
 HLO = """
@@ -67,6 +69,7 @@ def test_device_kernels_are_attributed_by_their_hlo_op():
   assert math.isclose(unmatched, 7e-6) and list(top) == ['memcpy']
 
 
+@pytest.mark.slow
 def test_small_cpu_profile_adds_up(tmp_path):
   (row,) = profile_step.main(['--small', '--modes=supervised', '--steps=1', f'--out={tmp_path}'])
   shares = [row[f'{c}_percent'] for c in profile_step.CATEGORIES]

@@ -41,6 +41,7 @@ def test_the_loss_is_the_thresholded_hard_label_cross_entropy():
   assert float(pseudo_label.pseudo_label_loss(logits, 1.0)[0]) == 0.0
 
 
+@pytest.mark.slow
 def test_the_hard_labels_carry_no_gradient():
   logits = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)) * 4, jnp.float32)
   grad = jax.grad(lambda z: pseudo_label.pseudo_label_loss(z, 0.0)[0])(logits)

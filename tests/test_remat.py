@@ -67,6 +67,7 @@ def _residual_bytes_by_producer(model, variables, x):
   return kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(TINY))
 def test_same_variables_values_and_gradients(name):
   variables, x = _variables_and_images(name)
@@ -98,6 +99,7 @@ def test_batch_norm_keeps_only_its_input(half_precision):
   assert sum(rematted.values()) < sum(plain.values()) - plain['sub']
 
 
+@pytest.mark.slow
 def test_train_step_is_unchanged():
   config = default.get_config()
   config.model, config.model_width = 'convlarge', 4

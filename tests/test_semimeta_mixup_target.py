@@ -5,6 +5,7 @@ The reference rebuilds the mixed images and targets in numpy from the step's own
 keys and from yhat, and takes the KL of the network's training-mode prediction.
 """
 
+import pytest
 import jax
 import numpy as np
 
@@ -32,6 +33,7 @@ def _supervised_reference(state, batch, pseudo_labels):
   return numpy_reference.kl(target, numpy_reference.softmax(logits))
 
 
+@pytest.mark.slow
 def test_the_mixed_target_is_built_from_the_meta_updated_pseudo_labels():
   config = tiny_config(mixup=True, mixup_alpha=ALPHA, dropout_rate=0.0,
                        **{'hypergrad.mode': 'jvp', 'hypergrad.meta_lr': 200.0})

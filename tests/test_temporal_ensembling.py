@@ -71,6 +71,7 @@ def _traceable(step):
   return lambda state, batch: step(state, batch)
 
 
+@pytest.mark.slow
 def test_step_trains_traces_once_and_keeps_the_ensemble_of_its_predictions():
   config = tiny_config(method='temporal_ensembling', dropout_rate=0.0, learning_rate=0.1,
                        consistency_rampup='sigmoid', consistency_rampup_steps=4, consistency_weight=3.0,

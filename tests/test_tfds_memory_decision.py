@@ -9,7 +9,6 @@ decimal GB, or without the unlabeled split lands on the wrong side.
 import tensorflow_datasets as tfds
 
 from semimeta_jax.data import catalog
-from semimeta_jax.data import specs
 from tests.test_data_tfds_by_name import NUM_MOCK
 from tests.test_data_tfds_by_name import _stl10
 

@@ -60,6 +60,7 @@ def uninterrupted(tmp_path_factory):
   return config, tmp_path / 'run', summary
 
 
+@pytest.mark.slow
 def test_a_run_trains_evaluates_exactly_and_writes_its_records(uninterrupted):
   _, workdir, summary = uninterrupted
   assert summary['completed'] and summary['steps'] == NUM_STEPS
@@ -81,6 +82,7 @@ def test_a_run_trains_evaluates_exactly_and_writes_its_records(uninterrupted):
     assert (workdir / name).exists(), name
 
 
+@pytest.mark.slow
 def test_an_interrupted_and_resumed_run_ends_with_identical_parameters(uninterrupted, tmp_path):
   config, reference_dir, _ = uninterrupted
   workdir = tmp_path / 'run'
@@ -91,6 +93,7 @@ def test_an_interrupted_and_resumed_run_ends_with_identical_parameters(uninterru
   chex.assert_trees_all_equal(saved_params(config, workdir), saved_params(config, reference_dir))
 
 
+@pytest.mark.slow
 def test_a_preempted_run_saves_then_resumes_to_the_same_parameters(uninterrupted, tmp_path, monkeypatch):
   config, reference_dir, _ = uninterrupted
   workdir = tmp_path / 'run'
@@ -103,6 +106,7 @@ def test_a_preempted_run_saves_then_resumes_to_the_same_parameters(uninterrupted
   chex.assert_trees_all_equal(saved_params(config, workdir), saved_params(config, reference_dir))
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_the_advised_command_resumes(tmp_path, monkeypatch):
   build_input = data.build_input
 
@@ -155,6 +159,7 @@ def test_bad_input_fails_before_the_workdir_is_touched(tmp_path):
   assert jax.device_count() == 8  # The checks above were against eight devices.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides, message', [
     ({'data.num_labels': 55}, 'not divisible by the 10 classes'),
     ({'data.num_labels': 100000}, 'class 0 has only'),
@@ -196,6 +201,7 @@ def test_a_finished_run_resumed_with_fewer_steps_is_refused(uninterrupted):
   assert json.loads((reference_dir / 'summary.json').read_text())['completed']
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_and_a_torn_metrics_line_fall_back_to_the_same_final_state(
     uninterrupted, tmp_path, caplog):
   config, reference_dir, _ = uninterrupted
@@ -221,6 +227,7 @@ def test_a_damaged_checkpoint_and_a_torn_metrics_line_fall_back_to_the_same_fina
     assert all(json.loads(line) for line in f)  # Every row whole again.
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_the_run_naming_its_step_and_a_rerun_resumes(
     uninterrupted, tmp_path, monkeypatch):
   config, reference_dir, _ = uninterrupted

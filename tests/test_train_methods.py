@@ -1,5 +1,6 @@
 """End to end on tfds mock data: Temporal Ensembling (resumed identically), VAT+Ent, MT + fast-SWA."""
 
+import pytest
 import json
 
 import chex
@@ -27,6 +28,7 @@ def metric_rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_temporal_ensembling_runs_and_resumes_to_the_same_ensemble(tmp_path):
   te = {'method': 'temporal_ensembling', 'consistency_rampup': 'sigmoid', 'max_translation': 1}
   config = mock_config(tmp_path, **te)
@@ -42,6 +44,7 @@ def test_temporal_ensembling_runs_and_resumes_to_the_same_ensemble(tmp_path):
   assert any(row.get('train/ensemble_coverage', 0) > 0 for row in metric_rows(tmp_path / 'whole'))
 
 
+@pytest.mark.slow
 def test_vat_ent_runs(tmp_path):
   config = mock_config(tmp_path, method='vat', entropy_weight=1.0, vat_epsilon=2.0,
                        consistency_rampup_steps=0)
@@ -51,6 +54,7 @@ def test_vat_ent_runs(tmp_path):
   assert all(row['train/consistency_loss'] > 0 and row['train/entropy_loss'] > 0 for row in train_rows)
 
 
+@pytest.mark.slow
 def test_mean_teacher_with_fast_swa_reports_the_averaged_weights(tmp_path):
   config = mock_config(tmp_path, **{
       'method': 'mean_teacher', 'ema.decay': 0.9, 'num_train_steps': 8, 'eval_every_steps': 4,

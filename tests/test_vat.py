@@ -27,6 +27,7 @@ class _MLP(nn.Module):
     return nn.Dense(4, param_dtype=jnp.float64)(h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('xi', [1e-6, 0.0], ids=['finite_difference', 'exact_hvp'])
 def test_power_iteration_finds_the_dominant_eigenvector_of_the_kl_hessian(xi):
   with jax.enable_x64(True):
