@@ -1,8 +1,8 @@
 r"""A 2-D t-SNE embedding of the pooled test features of finished runs, one panel per run.
 
-  python -m experiments.feature_embedding \
-      --runs=results/digits/labeled_only/seed_0,results/digits/mean_teacher/seed_0,results/digits/semimeta/seed_0 \
-      --labels='Labeled only,Mean Teacher,SemiMeta' --out=docs/digits_features.png
+  python -m experiments.feature_embedding --out=docs/digits_features.png \
+      --labels='Labeled only,Mean Teacher,SemiMeta' \
+      --runs=results/digits/labeled_only/seed_0,results/digits/mean_teacher/seed_0,results/digits/semimeta/seed_0
 
 Each run directory is a finished `semimeta_jax.main` workdir. Its saved config
 (`config.json`, read in today's field names as a resume reads it) rebuilds the
@@ -277,8 +277,9 @@ def main(argv=None):
   with cli.user_errors_exit():
     check_arguments(runs, labels, args.out, args.perplexity)
     results = [extract_features(workdir, data_dir=args.data_dir) for workdir in runs]
-  panels = [(f'{label}\ntest error {100 * r.reported_error:.2f}%', embed(r.features, perplexity=args.perplexity),
-             r.labels, r.num_classes) for label, r in zip(labels, results)]
+  panels = [(f'{label}\ntest error {100 * r.reported_error:.2f}%',
+             embed(r.features, perplexity=args.perplexity), r.labels, r.num_classes)
+            for label, r in zip(labels, results)]
   plot_embeddings(panels, args.out)
   print(f'{"run":<20} {"weights":<9} {"step":>7} {"test examples":>13} {"feature dim":>11} '
         f'{"error % (recomputed)":>20} {"error % (summary)":>17}  directory')
