@@ -1,5 +1,6 @@
 r"""Benchmarks the compiled training step: supervised, SemiMeta in each hypergradient mode, and
-any method's CIFAR-10 preset (`--modes=finite_difference,mt_sntg,co_training`).
+any method's preset (`--modes=finite_difference,mt_sntg,co_training`; CIFAR-10's, or another
+dataset's with `--presets_of=imagenet`).
 
 For every mode it compiles `jax.jit(train_step, donate_argnums=0)` ahead of time (timing
 `.lower()` + `.compile()`), runs a few warm-up steps, then times N steps one by one and
@@ -28,7 +29,7 @@ Any size field can be overridden, e.g. the ImageNet-size step:
     --xla_flags_variants='default;no_ynn_conv'
 
 A preset row (`methods.presets('cifar10')`, e.g. `ma_dnn`, `dual_student`) runs that method with its
-papers' CIFAR-10 settings at the same size, warm-up and ramps set to their end as for SemiMeta;
+papers' settings (`configs/<dataset>.py:NAME`: that file's schedule, the preset's fields) at the same size, warm-up and ramps set to their end as for SemiMeta;
 `tnar_vae` is left out (its step needs a trained VAE of the benchmark's input shape).
 SemiMeta runs the default config (mix-up, K = 1, evaluation-mode meta forward, where
 theta~ = theta and `jvp` / `finite_difference` skip the virtual step); `--forward_mode
@@ -42,6 +43,7 @@ written to `<out_dir>/benchmark_step_<tag>.md` and `.csv`.
 import argparse
 import datetime
 import functools
+import importlib
 import json
 import os
 import shlex
@@ -65,9 +67,10 @@ MODES = ('supervised', 'exact', 'first_order', 'jvp', 'finite_difference')
 _NEEDS_OUTSIDE_STATE = ('tnar_vae',)
 
 
-def preset_modes() -> tuple[str, ...]:
-  """The CIFAR-10 presets a row can run (`--modes=NAME`), besides MODES."""
-  return tuple(name for name in methods.presets('cifar10') if name not in _NEEDS_OUTSIDE_STATE)
+def preset_modes(dataset: str = 'cifar10') -> tuple[str, ...]:
+  """The presets of `dataset` a row can run (`--modes=NAME`), besides MODES."""
+  return tuple(name for name in methods.presets(dataset)
+               if name not in _NEEDS_OUTSIDE_STATE and name not in MODES)
 
 SIZES = {
     'default': dict(model='convlarge', model_width=0, batch_size=128, image_size=32, channels=3,
@@ -101,24 +104,27 @@ CSV_FIELDS = (
 
 
 def make_config(mode: str, *, model: str, model_width: int, batch_size: int,
-                half_precision: bool = False, forward_mode: str = 'eval', remat: str = 'none'):
+                half_precision: bool = False, forward_mode: str = 'eval', remat: str = 'none',
+                presets_of: str = 'cifar10'):
   """The default config running `mode` at one size.
 
-  `mode` is 'supervised', a hypergradient mode of SemiMeta, or a CIFAR-10 preset
-  (`preset_modes()`), which sets its method and the method's fields.
+  `mode` is 'supervised', a hypergradient mode of SemiMeta, or a preset of dataset
+  `presets_of` (`preset_modes(presets_of)`), which sets its method and the method's fields.
   `forward_mode` is the meta step's forward: 'eval' (official) makes theta~ = theta, so
   `jvp` and `finite_difference` skip the virtual step; 'train' makes every mode take it.
   `remat` is `config.remat`, what a training forward keeps for its backward pass.
   """
-  if mode not in MODES + preset_modes():
-    raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES + preset_modes()}.')
+  if mode not in MODES + preset_modes(presets_of):
+    raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES + preset_modes(presets_of)}.')
   config = default.get_config()
   if mode in MODES:
     config.method = 'supervised' if mode == 'supervised' else 'semimeta'
     if mode != 'supervised':
       config.hypergrad.mode = mode
   else:
-    config = methods.apply_preset(config, 'cifar10', mode)
+    # The dataset's own config file: its presets may set fields only that file defines
+    # (the ImageNet rows' epoch counts).
+    config = importlib.import_module(f'configs.{presets_of}').get_config(mode)
   config.hypergrad.forward_mode = forward_mode
   config.model = model
   config.model_width = model_width
@@ -282,7 +288,7 @@ def resolve_flag_variants(spec: str) -> list[str]:
 def _size_args(args) -> list[str]:
   """The resolved size flags, passed on verbatim to each subprocess."""
   names = ('model', 'model_width', 'batch_size', 'image_size', 'channels', 'num_classes', 'steps',
-           'warmup_steps', 'seed', 'forward_mode', 'remat')
+           'warmup_steps', 'seed', 'forward_mode', 'remat', 'presets_of')
   flags = [f'--{name}={getattr(args, name)}' for name in names]
   return flags + (['--half_precision'] if args.half_precision else [])
 
@@ -307,7 +313,10 @@ def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--small', action='store_true', help='CPU-sized defaults (SIZES["small"]).')
   parser.add_argument('--modes', default=','.join(MODES),
-                      help=f'Comma-separated, from {MODES} and the CIFAR-10 presets {preset_modes()}.')
+                      help=f'Comma-separated, from {MODES} and the presets of --presets_of '
+                      f'(CIFAR-10: {preset_modes()}).')
+  parser.add_argument('--presets_of', default='cifar10',
+                      help="The dataset whose presets --modes names (e.g. 'imagenet').")
   for name, kind in (('model', str), ('model_width', int), ('batch_size', int), ('image_size', int),
                      ('channels', int), ('num_classes', int), ('steps', int), ('warmup_steps', int)):
     parser.add_argument(f'--{name}', type=kind, default=None, help='Overrides the size preset.')
@@ -335,9 +344,10 @@ def _parse_args(argv):
     unknown_remat = sorted(set(args.remat_variants) - set(models.REMAT_POLICIES))
     if unknown_remat:
       parser.error(f'unknown remat policies {unknown_remat}; expected a subset of {models.REMAT_POLICIES}')
-  unknown = sorted(set(args.modes) - set(MODES + preset_modes()))
+  known = MODES + preset_modes(args.presets_of)
+  unknown = sorted(set(args.modes) - set(known))
   if unknown:
-    parser.error(f'unknown modes {unknown}; expected a subset of {MODES + preset_modes()}')
+    parser.error(f'unknown modes {unknown}; expected a subset of {known}')
   return args
 
 
@@ -349,10 +359,11 @@ def main(argv=None):
     for mode in args.modes:
       config = make_config(mode, model=args.model, model_width=args.model_width,
                            batch_size=args.batch_size, half_precision=args.half_precision,
-                           forward_mode=args.forward_mode, remat=args.remat)
+                           forward_mode=args.forward_mode, remat=args.remat,
+                           presets_of=args.presets_of)
       row = measure_step(config, num_classes=args.num_classes, image_shape=image_shape,
                          steps=args.steps, warmup_steps=args.warmup_steps, seed=args.seed,
-                         name=None if mode in MODES else f'{mode} (CIFAR-10 preset)')
+                         name=None if mode in MODES else f'{mode} ({args.presets_of} preset)')
       print(f'[{row["xla_flags"] or "(no XLA_FLAGS)"}] {row["name"]} remat={row["remat"]}: compile {row["compile_s"]:.1f} s, '
             f'median step {row["median_step_ms"]:.1f} ms', file=sys.stderr, flush=True)
       rows.append(row)

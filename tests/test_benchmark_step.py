@@ -56,3 +56,14 @@ def test_a_preset_row_runs_its_method_with_the_papers_fields():
   assert 'tnar_vae' not in benchmark_step.preset_modes()  # Needs a trained VAE of the input shape.
   with pytest.raises(ValueError, match='Unknown mode'):
     benchmark_step.make_config('tnar_vae', model='convlarge_digits', model_width=4, batch_size=8)
+
+
+def test_imagenet_rows_read_their_presets_from_the_imagenet_config():
+  config = benchmark_step.make_config('co_training', model='convlarge_digits', model_width=4,
+                                      batch_size=8, presets_of='imagenet')
+  assert config.method == 'co_training' and config.data.name == 'imagenet2012'
+  assert config.model == 'convlarge_digits' and config.labeled_batch_size == 8  # The benchmark's size.
+  assert 'co_training' in benchmark_step.preset_modes('imagenet')
+  with pytest.raises(ValueError, match='Unknown mode'):  # A CIFAR-10-only preset is no ImageNet row.
+    benchmark_step.make_config('vat_vadd', model='convlarge_digits', model_width=4, batch_size=8,
+                               presets_of='imagenet')
