@@ -36,6 +36,18 @@ def test_each_row_validates_and_plans_without_data(name, tmp_path):
   assert not workdir.exists()
 
 
+def test_the_adanet_row_keeps_its_papers_batch_and_step_schedule(tmp_path):
+  config = imagenet.get_config('adanet')
+  configured = validation.validate_config(config)
+  assert (configured.method.name, config.model, config.labeled_batch_size) == ('adanet', 'resnet18', 256)
+  assert (config.num_train_steps, tuple(config.lr_decay_boundaries)) == (300_000, (150_000, 225_000, 275_000))
+  assert config.adanet.discriminator_width == 1024  # The paper's 1024-1024-2 discriminator.
+  plan = cli.describe_run(config, str(tmp_path / 'run')).split('# Run plan\n')[1]
+  assert 'method        adanet' in plan and 'steps         300000 ' in plan
+  assert 'labeled       128117 examples, batch 256' in plan
+  assert not (tmp_path / 'run').exists()
+
+
 def test_the_fully_supervised_row_runs_90_epochs_of_every_label():
   config = imagenet.get_config('fully_supervised')
   assert (config.data.label_fraction, config.data.num_labels) == (0.0, -1)
