@@ -15,6 +15,9 @@ Left out on purpose (equivalent mutants, no test can tell them apart):
     search differentiates with respect to the mask only, never the target.
   * SNTG: dropping the `stop_gradient` around `hard_labels`: an argmax and integer
     labels carry no gradient either way.
+  * MA-DNN: dropping the `stop_gradient` on the updated memory in `objective`: the
+    update's inputs (labeled features and predictions) are already held constant, and
+    the old memory is state, not a parameter.
 """
 
 from experiments.mutants import group
@@ -31,8 +34,10 @@ VADD_STEP = (_VADD + 'test_the_step_traces_once_and_adds_lambda_times_the_masked
 
 _TNAR = 'tests/test_tnar.py::'
 TNAR_CG = (_TNAR + 'test_conjugate_gradient_solves_the_explicit_gram_system',)
-TNAR_TANGENT = (_TNAR + 'test_the_tangent_perturbation_is_the_top_generalised_eigenvector_in_the_tangent_space',)
-TNAR_NORMAL = (_TNAR + 'test_the_normal_perturbation_is_orthogonal_to_the_tangent_one_and_vats_projected_direction',)
+TNAR_TANGENT = (_TNAR + 'test_the_tangent_perturbation_is_the_top_generalised_eigenvector_'
+                       'in_the_tangent_space',)
+TNAR_NORMAL = (_TNAR + 'test_the_normal_perturbation_is_orthogonal_to_the_tangent_one_'
+                      'and_vats_projected_direction',)
 TNAR_PROBE = (_TNAR + 'test_the_finite_difference_probe_approximates_the_exact_directions',)
 TNAR_LOSS = (_TNAR + 'test_the_loss_weighs_the_two_kls_and_the_entropy_at_the_vae_code',)
 VAE_ELBO = ('tests/test_vae.py::test_the_elbo_equals_a_numpy_computation',)
@@ -41,12 +46,15 @@ _MEMORY = 'tests/test_memory.py::'
 MEMORY_UPDATE = (_MEMORY + 'test_the_update_equals_a_loop_over_the_batch',)
 MEMORY_LOSS = (_MEMORY + 'test_the_prediction_and_loss_equal_numpy',)
 MEMORY_STEP = (_MEMORY + 'test_a_step_updates_the_memory_first_and_trains_on_the_numpy_loss',)
+MEMORY_GRAD = (_MEMORY + 'test_the_weighted_memory_loss_trains_the_unlabeled_features_'
+                        'and_not_the_memory_update',)
 
 _ADANET = 'tests/test_adanet.py::'
 ADANET_REVERSAL = (_ADANET + 'test_the_reversal_layer_is_the_identity_with_minus_c_times_its_gradient',)
 ADANET_SCHEDULE = (_ADANET + 'test_the_reversal_coefficient_follows_its_schedule',)
 ADANET_LOSS = (_ADANET + 'test_the_mixed_batch_and_the_loss_equal_numpy',)
 ADANET_PSEUDO = (_ADANET + 'test_the_pseudo_labels_carry_no_gradient',)
+ADANET_REVERSED = (_ADANET + 'test_the_features_receive_minus_c_times_the_weighted_alignment_gradient',)
 
 _COT = 'tests/test_co_training.py::'
 COT_JSD = (_COT + 'test_jensen_shannon_is_the_mean_of_the_two_kls_to_the_mixture',)
@@ -56,6 +64,7 @@ COT_STEP = (_COT + 'test_the_terms_and_statistics_equal_the_forward_chain_rebuil
 _DS = 'tests/test_dual_student.py::'
 DS_LOOP = (_DS + 'test_stability_and_who_learns_equal_the_authors_loop',)
 DS_STABLE = (_DS + 'test_stability_needs_the_same_argmax_and_one_confident_view',)
+DS_TERMS = (_DS + 'test_each_students_terms_are_rebuilt_from_its_own_and_the_other_view',)
 
 MUTANTS = [
     *group('semimeta_jax/methods/sntg.py', SNTG_LOOP, (
@@ -229,6 +238,17 @@ MUTANTS = [
         'memory_probs = memory_prediction(state.extra[NAME], labels, features[num_labeled:])',
         "p_mem read from the memory before this batch's update",
     )),
+    *group('semimeta_jax/methods/memory.py', MEMORY_GRAD, (
+        'madnn-unlabeled-features-stopped',
+        'memory_probs = memory_prediction(memory, labels, features[num_labeled:])',
+        'memory_probs = memory_prediction(memory, labels, jax.lax.stop_gradient(features[num_labeled:]))',
+        'no gradient from the memory loss into the unlabeled features',
+    ), (
+        'madnn-loss-unweighted',
+        'loss = supervised + config.ma_dnn.weight * unsupervised',
+        'loss = supervised + unsupervised',
+        'memory loss without its weight',
+    )),
     *group('semimeta_jax/methods/adanet.py', ADANET_REVERSAL, (
         'adanet-reversal-sign',
         'return -coefficient * cotangent, jnp.zeros_like(coefficient)',
@@ -262,6 +282,17 @@ MUTANTS = [
         'return jax.lax.stop_gradient(probs), jax.lax.stop_gradient(logits)',
         'return probs, jax.lax.stop_gradient(logits)',
         'the pseudo-labels pass a gradient into the classifier',
+    )),
+    *group('semimeta_jax/methods/adanet.py', ADANET_REVERSED, (
+        'adanet-coefficient-ignored',
+        'reverse_gradient(losses.at_least_float32(features), coefficient))',
+        'reverse_gradient(losses.at_least_float32(features), jnp.ones_like(coefficient)))',
+        'gradient reversed at full strength from step 0 (the schedule c ignored)',
+    ), (
+        'adanet-alignment-unweighted',
+        'loss = classification + config.adanet.alignment_weight * alignment',
+        'loss = classification + alignment',
+        'alignment loss without its weight',
     )),
     *group('semimeta_jax/methods/co_training.py', COT_JSD, (
         'cot-jsd-entropies-not-halved',
@@ -333,5 +364,22 @@ MUTANTS = [
         'confident = (jnp.max(own, axis=-1) > threshold) | (jnp.max(other, axis=-1) > threshold)',
         'confident = (jnp.max(own, axis=-1) > threshold) & (jnp.max(other, axis=-1) > threshold)',
         'stability needs both views confident, not either',
+    )),
+    *group('semimeta_jax/methods/dual_student.py', DS_TERMS, (
+        'dual-consistency-same-view',
+        'consistency = jnp.mean(per_example_softmax_mse(cons_own[s], class_other[s]))',
+        'consistency = jnp.mean(per_example_softmax_mse(cons_own[s], class_own[s]))',
+        'consistency against the class head on its own view, not the other view',
+    ), (
+        'dual-logit-distance-unweighted',
+        'total += (supervised + block.logit_distance_weight * logit_distance',
+        'total += (supervised + logit_distance',
+        'logit distance without its weight',
+    ), (
+        'dual-students-share-a-view',
+        'views = {s: perturb(state.step_key(common.NOISE, _STUDENT_TAG[s]), images)'
+        ' for s in (FIRST, SECOND)}',
+        'views = {s: perturb(state.step_key(common.NOISE), images) for s in (FIRST, SECOND)}',
+        'both students perturbed by one key: one view, not one each',
     )),
 ]
