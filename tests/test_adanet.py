@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from semimeta_jax import errors
@@ -183,3 +184,39 @@ def test_the_imagenet_preset_is_the_authors_schedule():
   # 60 epochs of 1.28M / 256 images; lr / 10 after epochs 30, 45 and 55.
   assert config.num_train_steps == 60 * 5000
   assert tuple(config.lr_decay_boundaries) == (30 * 5000, 45 * 5000, 55 * 5000)
+
+
+def test_the_features_receive_minus_c_times_the_weighted_alignment_gradient():
+  # No dropout, and a weight and a coefficient other than 1, so that each factor shows.
+  config = adanet_config(dropout_rate=0.0, **{'adanet.alignment_weight': 0.6})
+  state = _state(config)
+  batch = synthetic_batch(jax.random.key(4))
+  lam = jnp.linspace(0.1, 0.9, 16)
+  trainable = {'classifier': state.params, 'discriminator': state.extra['adanet']['params']}
+  grads = jax.jit(jax.grad(lambda t: adanet.objective(
+      t, state, batch, lam, coefficient=jnp.float32(0.37), num_classes=10, config=config)[0]))(trainable)
+
+  # The two losses rebuilt without the reversal layer, each differentiated on its own.
+  targets, _ = adanet.pseudo_labels(state, state.params, batch['unlabeled']['image'], num_classes=10,
+                                    hard=False)
+  images, mixed_targets = adanet.cross_set_mixup(batch['labeled']['image'], batch['labeled']['label'],
+                                                 batch['unlabeled']['image'], targets, lam)
+  discriminator = adanet.Discriminator(8)
+
+  def losses(params, disc_params):
+    logits, features, _ = common.train_forward_with_features(state, params, images, state.batch_stats,
+                                                             jax.random.key(0))
+    classification = jnp.mean(lam * -jnp.sum(mixed_targets * jax.nn.log_softmax(logits), axis=-1))
+    disc_log_probs = jax.nn.log_softmax(discriminator.apply({'params': disc_params}, features))
+    alignment = jnp.mean(-jnp.sum(jnp.stack([lam, 1 - lam], -1) * disc_log_probs, axis=-1))
+    return classification, alignment
+
+  classification_grad = jax.jit(jax.grad(lambda p: losses(p, trainable['discriminator'])[0]))(state.params)
+  alignment_grad = jax.jit(jax.grad(lambda p: losses(p, trainable['discriminator'])[1]))(state.params)
+  disc_grad = jax.jit(jax.grad(lambda d: losses(state.params, d)[1]))(trainable['discriminator'])
+  want = jax.tree.map(lambda g, a: g - 0.37 * 0.6 * a, classification_grad, alignment_grad)
+  chex.assert_trees_all_close(grads['classifier'], want, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(grads['discriminator'], jax.tree.map(lambda a: 0.6 * a, disc_grad),
+                              rtol=1e-4, atol=1e-7)
+  # Not vacuous: the reversed alignment term moves the classifier's gradient well beyond the tolerance.
+  assert float(optax.tree.norm(alignment_grad)) > 1e-2

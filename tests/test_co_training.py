@@ -132,3 +132,57 @@ def test_the_second_network_is_evaluated_as_its_own_weight_set():
 def test_bad_fields_are_one_config_error(field, value):
   with pytest.raises(errors.ConfigError, match=field.replace('.', r'\.')):
     validation.validate_config(tiny_config(method='co_training', **{field: value}))
+
+
+def test_the_terms_and_statistics_equal_the_forward_chain_rebuilt():
+  # No dropout: each training-mode forward is a function of its images and its running averages.
+  config = tiny_config(method='co_training', dropout_rate=0.0, **{
+      'co_training.lambda_cot': 3.0, 'co_training.lambda_dif': 0.7, 'co_training.fgsm_epsilon': 0.05})
+  state = initial_state(config)
+  batch = synthetic_batch(jax.random.key(5))
+  new_state, metrics = jax.jit(methods.make_train_step(config, 10))(state, batch)
+  x_s, y_s, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+
+  def train_forward(net, x):
+    logits, updates = state.apply_fn({'params': net['params'], 'batch_stats': net['batch_stats']}, x,
+                                     train=True, rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
+    net['batch_stats'] = updates['batch_stats']  # Each forward moves the running averages in turn.
+    return np.asarray(logits, np.float64)
+
+  def fgsm_examples(net, pseudo_labels):
+    """Each example's own sign-gradient step against `net` in evaluation mode, by jax.grad per example."""
+    variables = {'params': net['params'], 'batch_stats': net['batch_stats']}
+    images = jnp.concatenate([x_s, x_u])
+    labels = jnp.concatenate([y_s, jnp.asarray(pseudo_labels)])
+    own_loss = lambda image, label: -jax.nn.log_softmax(state.apply_fn(variables, image[None], train=False))[
+        0, label]
+    grads = jax.jit(jax.vmap(jax.grad(own_loss)))(images, labels)
+    return images + 0.05 * jnp.sign(grads)
+
+  first = {'params': state.params, 'batch_stats': state.batch_stats}
+  params2, stats2 = second_network.weights(state)
+  second = {'params': params2, 'batch_stats': stats2}
+  clean_s = [train_forward(net, x_s) for net in (first, second)]
+  clean_u = [train_forward(net, x_u) for net in (first, second)]
+  against = [fgsm_examples(net, logits.argmax(-1)) for net, logits in zip((first, second), clean_u)]
+  # Network 1 on network 2's examples and network 2 on network 1's: S, then U.
+  adv_s = [train_forward(net, examples[:16]) for net, examples in ((first, against[1]), (second, against[0]))]
+  adv_u = [train_forward(net, examples[16:]) for net, examples in ((first, against[1]), (second, against[0]))]
+
+  p1, p2 = (numpy_reference.softmax(logits) for logits in clean_u)
+  mixture = (p1 + p2) / 2
+  want_cot = 0.5 * numpy_reference.kl(p1, mixture) + 0.5 * numpy_reference.kl(p2, mixture)
+  soft_ce = lambda target, logits: -np.mean(np.sum(numpy_reference.softmax(target)
+                                                   * numpy_reference.log_softmax(logits), -1))
+  want_dif = sum(soft_ce(clean[1 - net], adv[net]) for clean, adv in ((clean_s, adv_s), (clean_u, adv_u))
+                 for net in (0, 1))
+  want_supervised = sum(numpy_reference.cross_entropy(logits, y_s) for logits in clean_s)
+  assert want_cot > 1e-4 and want_dif > 0
+  np.testing.assert_allclose([metrics['supervised_loss'], metrics['cot_loss'], metrics['dif_loss']],
+                             [want_supervised, want_cot, want_dif], rtol=1e-4)
+  np.testing.assert_allclose(float(metrics['lambda_cot']), 3.0, rtol=1e-6)
+  np.testing.assert_allclose(metrics['loss'], want_supervised + 3.0 * want_cot + 0.7 * want_dif, rtol=1e-5)
+  # Each network keeps the running averages of its own four forwards.
+  chex.assert_trees_all_close(new_state.batch_stats, first['batch_stats'], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(second_network.weights(new_state)[1], second['batch_stats'], rtol=1e-5,
+                              atol=1e-6)

@@ -8,10 +8,12 @@ import pytest
 from semimeta_jax import errors
 from semimeta_jax import methods
 from semimeta_jax import validation
+from semimeta_jax.methods import augment
+from semimeta_jax.methods import common
 from semimeta_jax.methods import dual_student
 from semimeta_jax.methods import second_network
 from tests import numpy_reference
-from tests.conftest import tiny_config
+from tests.conftest import synthetic_batch, tiny_config
 from tests.test_co_training import initial_state, run_steps
 
 THRESHOLD = 0.8
@@ -161,3 +163,49 @@ def test_the_second_student_is_evaluated_as_its_own_weight_set():
 def test_bad_fields_are_one_config_error(field, value):
   with pytest.raises(errors.ConfigError, match=field.replace('.', r'\.')):
     validation.validate_config(tiny_config(method='dual_student', **{field: value}))
+
+
+def test_each_students_terms_are_rebuilt_from_its_own_and_the_other_view():
+  # Threshold 0 and near-identical views: stable examples exist, so the stabilisation term counts.
+  config = tiny_config(method='dual_student', dropout_rate=0.0, **{
+      'dual_student.stable_threshold': 0.0, 'dual_student.logit_distance_weight': 0.3,
+      'perturb.max_translation': 0, 'perturb.noise_std': 0.01})
+  state = initial_state(config)
+  batch = synthetic_batch(jax.random.key(6))
+  heads = state.extra[dual_student.HEADS]['params']
+  trainable = {'first': state.params, 'second': second_network.weights(state)[0], 'heads': heads}
+  total, (_, _, terms, _) = jax.jit(lambda t: dual_student.objective(
+      t, state, batch, consistency_weight=2.0, stabilization_weight=5.0, config=config))(trainable)
+
+  images = jnp.concatenate([batch['labeled']['image'], batch['unlabeled']['image']])
+  perturb = augment.from_config(config)
+  # Each student's own view comes from its own key: student 1 sees view 0, student 2 view 1.
+  views = [perturb(state.step_key(common.NOISE, tag), images) for tag in (0, 1)]
+  stats = [state.batch_stats, second_network.weights(state)[1]]
+  students = (dual_student.FIRST, dual_student.SECOND)
+  class_logits, cons_logits = {}, {}
+  for s, student in enumerate(students):
+    for view in (s, 1 - s):  # Its own view, then the other student's.
+      logits, features, _ = common.train_forward_with_features(state, trainable[student], views[view],
+                                                               stats[s], jax.random.key(0))
+      head = jax.tree.map(lambda a: np.asarray(a, np.float64), heads[student])
+      class_logits[student, view == s] = np.asarray(logits, np.float64)
+      cons_logits[student, view == s] = np.asarray(features, np.float64) @ head['kernel'] + head['bias']
+  stabilization, masks = dual_student.stabilization_losses(
+      {s: class_logits[s, True] for s in students}, {s: cons_logits[s, True] for s in students},
+      {s: class_logits[s, False] for s in students}, num_labeled=16, threshold=0.0)
+  assert np.any(np.asarray(masks['first_learns']) | np.asarray(masks['second_learns']))
+  want_total = 0.0
+  for s in students:
+    own, cons, other = class_logits[s, True], cons_logits[s, True], class_logits[s, False]
+    want = {'supervised_loss': numpy_reference.cross_entropy(own[:16], batch['labeled']['label']),
+            'logit_distance': np.mean(np.square(own - cons)),
+            'consistency_loss': np.mean(np.square(numpy_reference.softmax(cons)
+                                                  - numpy_reference.softmax(other))),
+            'stabilization_loss': float(stabilization[s])}
+    assert want['stabilization_loss'] > 0
+    for name, value in want.items():
+      np.testing.assert_allclose(float(terms[f'{s}_{name}']), value, rtol=1e-4, atol=1e-9, err_msg=name)
+    want_total += (want['supervised_loss'] + 0.3 * want['logit_distance'] + 2.0 * want['consistency_loss']
+                   + 5.0 * want['stabilization_loss'])
+  np.testing.assert_allclose(float(total), want_total, rtol=1e-5)

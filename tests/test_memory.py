@@ -187,3 +187,45 @@ def test_the_presets_name_the_method_and_pass_the_checks():
     config = methods.apply_preset(tiny_config(), dataset, 'ma_dnn')
     methods.configure(config)
     assert config.ema.headline and config.ma_dnn.update_rate == 0.5
+
+
+def test_the_weighted_memory_loss_trains_the_unlabeled_features_and_not_the_memory_update():
+  # A weight other than 1 and a memory away from its start, so that each factor shows.
+  config = tiny_config(method='ma_dnn', dropout_rate=0.0, **{'ma_dnn.weight': 0.4})
+  state = _state(config)
+  batch = synthetic_batch(jax.random.key(5))
+  labels = batch['labeled']['label']
+  images = jnp.concatenate([batch['labeled']['image'], batch['unlabeled']['image']])
+  logits, features, _ = jax.jit(common.train_forward_with_features)(state, state.params, images,
+                                                                   state.batch_stats, jax.random.key(0))
+  # Keys near ten of the unlabeled features: the memberships are soft, the features' gradient large.
+  rng = np.random.default_rng(3)
+  values = rng.uniform(0.1, 1.0, (10, 10))
+  start = {'keys': features[16:26] + jnp.float32(0.05 * rng.normal(size=(10, features.shape[1]))),
+           'values': jnp.float32(values / values.sum(axis=1, keepdims=True))}
+  state = state.replace(extra={'ma_dnn': start})
+  (loss, _), grads = jax.jit(jax.value_and_grad(
+      lambda p: memory.objective(p, state, batch, config=config), has_aux=True))(state.params)
+
+  # The loss as a function of the network: the memory moved by this batch is a constant (the
+  # authors' scatter update is not differentiated); p_mem of U follows the features through the keys.
+  updated = jax.jit(functools.partial(memory.update_memory, update_rate=0.5))(
+      start, features[:16], jax.nn.softmax(logits[:16]), labels)
+
+  def rebuilt(params, feature_path=True):
+    logits, features, _ = common.train_forward_with_features(state, params, images, state.batch_stats,
+                                                             jax.random.key(0))
+    probs = jax.nn.softmax(logits)
+    supervised = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:16]), labels[:, None], axis=1))
+    unlabeled = features[16:] if feature_path else jax.lax.stop_gradient(features[16:])
+    memory_probs = memory.memory_prediction(updated, labels, unlabeled)
+    return supervised + 0.4 * memory.memory_loss(memory_probs, probs)[0]
+
+  want_loss, want_grads = jax.jit(jax.value_and_grad(rebuilt))(state.params)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-7)
+  # Not vacuous: without the path through the unlabeled features the gradient is another one.
+  without = jax.jit(jax.grad(functools.partial(rebuilt, feature_path=False)))(state.params)
+  gap = max(float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(want_grads)))
+  assert gap > 1e-4, gap

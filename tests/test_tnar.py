@@ -8,9 +8,14 @@ import pytest
 import scipy.linalg
 
 from semimeta_jax import errors
+from semimeta_jax import methods
+from semimeta_jax import models
+from semimeta_jax.methods import common
 from semimeta_jax.methods import tnar
 from semimeta_jax.methods import vat
-from tests.conftest import tiny_config
+from semimeta_jax.models import vae as vae_lib
+from tests import numpy_reference
+from tests.conftest import synthetic_batch, tiny_config
 
 LATENT, IMAGE, CLASSES, BATCH = 3, (2, 3, 1), 4, 2
 
@@ -151,3 +156,51 @@ def test_a_missing_vae_is_one_error_naming_the_command(tmp_path):
     tnar.validate(config)
   with pytest.raises(errors.ConfigError, match="config.tnar.vae_dir='': TNAR needs a trained VAE"):
     tnar.load_vae_params(tiny_config(method='tnar_vae'), (8, 8, 1))
+
+
+def test_the_loss_weighs_the_two_kls_and_the_entropy_at_the_vae_code():
+  # Distinct weights, so that a swapped or dropped one changes the total; no dropout, so that the
+  # training-mode forwards are functions of their images only.
+  config = tiny_config(method='tnar_vae', dropout_rate=0.0, **{
+      'vae.architecture': 'mlp', 'vae.latent_dim': LATENT, 'vae.width': 5, 'tnar.eps_tangent': 0.7,
+      'tnar.eps_normal': 1.3, 'tnar.xi': 0.0, 'tnar.cg_iterations': 2, 'tnar.weight_tangent': 0.3,
+      'tnar.weight_normal': 1.7, 'tnar.entropy_weight': 0.45})
+  image_shape = (8, 8, 1)
+  classifier_config = tiny_config(method='supervised', dropout_rate=0.0)
+  state = methods.init_train_state(classifier_config, models.get_model(classifier_config, 10), image_shape,
+                                   jax.random.key(0), num_classes=10)
+  vae = vae_lib.from_fields(config.vae, image_shape)
+  vae_params = vae.init(jax.random.key(1), jnp.zeros((1, *image_shape)), jnp.zeros((1, LATENT)))['params']
+  state = state.replace(extra={'vae': vae_params})
+  batch = synthetic_batch(jax.random.key(2))
+  loss, (_, supervised, tangent_loss, normal_loss, entropy, _) = jax.jit(
+      lambda s: tnar.objective(s.params, s, batch, weight=0.6, config=config))(state)
+
+  # The code: the encoder's mean, written out in NumPy (leaky ReLU 0.1 hidden layer, then to_mu).
+  x_u = np.asarray(batch['unlabeled']['image'], np.float64)
+  layer = lambda h, name: h @ np.float64(vae_params[name]['kernel']) + np.float64(vae_params[name]['bias'])
+  hidden = layer(x_u.reshape(len(x_u), -1), 'enc_hidden')
+  code = layer(np.where(hidden > 0, hidden, 0.1 * hidden), 'to_mu')
+  # The perturbations from that code, by the functions the tests above check.
+  decode = lambda z: vae.apply({'params': vae_params}, z, method=vae_lib.VAE.decode)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits_fn = lambda x: state.apply_fn(variables, x, train=True, rngs={'dropout': jax.random.key(0)},
+                                       mutable=['batch_stats'])[0]
+  clean = logits_fn(x_u)
+  tangent_key, normal_key = jax.random.split(state.step_key(common.NOISE))
+  tangent = tnar.tangent_perturbation(logits_fn, clean, x_u, decode, jnp.asarray(code), tangent_key,
+                                      epsilon=0.7, xi=0.0, power_iterations=1, cg_iterations=2)
+  normal = tnar.normal_perturbation(logits_fn, clean, x_u, tangent, normal_key, epsilon=1.3, xi=0.0,
+                                    power_iterations=1)
+  p_clean = numpy_reference.softmax(clean)
+  want_tangent = numpy_reference.kl(p_clean, numpy_reference.softmax(logits_fn(x_u + np.asarray(tangent))))
+  want_normal = numpy_reference.kl(p_clean, numpy_reference.softmax(logits_fn(x_u + np.asarray(normal))))
+  want_entropy = numpy_reference.entropy(p_clean)
+  labeled = batch['labeled']
+  want_supervised = numpy_reference.cross_entropy(
+      numpy_reference.train_mode_logits(state, state.params, labeled['image']), labeled['label'])
+  assert min(want_tangent, want_normal, want_entropy) > 1e-6  # Every term counts in the total.
+  np.testing.assert_allclose([supervised, tangent_loss, normal_loss, entropy],
+                             [want_supervised, want_tangent, want_normal, want_entropy], rtol=1e-4)
+  np.testing.assert_allclose(
+      loss, want_supervised + 0.6 * (0.3 * want_tangent + 1.7 * want_normal) + 0.45 * want_entropy, rtol=1e-5)
