@@ -88,6 +88,7 @@ def numpy_free_cross_entropy(logits, labels):
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1).sum()
 
 
+@pytest.mark.slow
 def test_without_the_co_training_terms_network_one_takes_the_supervised_step():
   # lambda_cot = lambda_dif = 0 leaves CE(f1) + CE(f2): the first network's update is the
   # supervised method's (no dropout, so the two steps draw nothing that differs).

@@ -54,6 +54,7 @@ def test_the_fully_supervised_row_runs_90_epochs_of_every_label():
   assert round(config.num_train_steps * config.labeled_batch_size / 1281167) == 90
 
 
+@pytest.mark.slow
 def test_the_co_training_dry_run_prints_its_plan_and_writes_nothing(tmp_path):
   workdir, data_dir = tmp_path / 'run', tmp_path / 'tfds'
   result = run_main('--config=configs/imagenet.py:co_training', f'--workdir={workdir}',
