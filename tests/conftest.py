@@ -1,6 +1,7 @@
 """Shared test fixtures: a tiny configuration and synthetic batches."""
 
 import os
+import tempfile
 
 # The tests compile many small programs once each: XLA's CPU optimisation passes
 # cost more compile time than they save at these sizes (the multi-process test
@@ -16,6 +17,15 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 # Eight simulated CPU devices for the multi-device tests; set before any test
 # starts the backend. Single-device tests use a one-device mesh or plain jit.
 jax.config.update('jax_num_cpu_devices', 8)
+
+# Compiled programs persist between test runs, so a rerun after a one-line change
+# compiles only what the change touched; tests that build the same program share it.
+# SEMIMETA_TEST_XLA_CACHE='' turns it off.
+_XLA_CACHE = os.environ.get('SEMIMETA_TEST_XLA_CACHE',
+                            os.path.join(tempfile.gettempdir(), 'semimeta_jax_test_xla_cache'))
+if _XLA_CACHE:
+  jax.config.update('jax_compilation_cache_dir', _XLA_CACHE)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -49,6 +49,7 @@ def test_the_reversal_coefficient_follows_its_schedule():
   assert got[0] == 0.0 and got[-1] > 0.9999
 
 
+@pytest.mark.slow
 def test_the_mixing_weights_are_uniform_draws():
   lam = np.asarray(adanet.mixing_weights(_state(adanet_config()), 20000, 1.0))
   assert lam.min() > 0.0 and lam.max() < 1.0
@@ -68,6 +69,7 @@ def log_softmax(x):
   return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_the_mixed_batch_and_the_loss_equal_numpy():
   config = adanet_config()
   state = _state(config)
@@ -104,6 +106,7 @@ def test_the_mixed_batch_and_the_loss_equal_numpy():
   np.testing.assert_allclose(loss, classification + alignment, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_pseudo_labels_carry_no_gradient(monkeypatch):
   config = adanet_config()
   state = _state(config)
@@ -186,6 +189,7 @@ def test_the_imagenet_preset_is_the_authors_schedule():
   assert tuple(config.lr_decay_boundaries) == (30 * 5000, 45 * 5000, 55 * 5000)
 
 
+@pytest.mark.slow
 def test_the_features_receive_minus_c_times_the_weighted_alignment_gradient():
   # No dropout, and a weight and a coefficient other than 1, so that each factor shows.
   config = adanet_config(dropout_rate=0.0, **{'adanet.alignment_weight': 0.6})

@@ -100,6 +100,7 @@ def test_perturbations_are_off_when_disabled_and_per_example_otherwise():
   assert len(set(matches.argmax(axis=0))) > 4  # ...drawn per example.
 
 
+@pytest.mark.slow
 def test_trains_and_compiles_once(trained):
   method, states, history = trained
   assert int(states[-1].step) == NUM_STEPS
@@ -143,6 +144,7 @@ def test_teacher_is_the_ema_of_the_student(trained):
                          jax.tree.leaves(states[-1].params)[0])
 
 
+@pytest.mark.slow
 def test_teacher_targets_carry_no_gradient():
   config = baseline_config('mean_teacher')
   state = fresh_state(config)

@@ -44,6 +44,7 @@ def test_flag_variants_resolve_presets_and_raw_flags():
   assert variants == ['', benchmark_step.XLA_FLAG_PRESETS['no_ynn_conv'], '--xla_foo=1']
 
 
+@pytest.mark.slow
 def test_a_preset_row_runs_its_method_with_the_papers_fields():
   config = benchmark_step.make_config('mt_sntg', model='convlarge_digits', model_width=4, batch_size=8)
   assert config.method == 'mean_teacher' and config.sntg.weight > 0  # The preset's method and fields.

@@ -106,6 +106,7 @@ def test_a_missing_dataset_names_it_where_it_looked_and_the_fix(tmp_path):
   assert_one_clear_error(result, "'cifar10'", str(data_dir), 'tfds build cifar10', workdir=workdir)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_config_and_plan_and_writes_nothing(tmp_path):
   workdir, data_dir = tmp_path / 'run', tmp_path / 'tfds'
   result = run_main('--config=configs/digits.py', f'--workdir={workdir}',

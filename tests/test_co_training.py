@@ -104,6 +104,7 @@ def test_without_the_co_training_terms_network_one_takes_the_supervised_step():
   chex.assert_trees_all_close(co_after.params, sup_after.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_both_networks_train_and_stay_different():
   config = tiny_config(method='co_training')
   start = initial_state(config)
@@ -135,6 +136,7 @@ def test_bad_fields_are_one_config_error(field, value):
     validation.validate_config(tiny_config(method='co_training', **{field: value}))
 
 
+@pytest.mark.slow
 def test_the_terms_and_statistics_equal_the_forward_chain_rebuilt():
   # No dropout: each training-mode forward is a function of its images and its running averages.
   config = tiny_config(method='co_training', dropout_rate=0.0, **{

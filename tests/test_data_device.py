@@ -110,6 +110,7 @@ def test_streams_cover_their_pool_once_per_epoch():
   assert unlabeled[:16] != unlabeled[n:n + 16]  # Each epoch has its own order.
 
 
+@pytest.mark.slow
 def test_the_batch_is_the_same_on_one_and_eight_devices_and_on_resume():
   _register('device_test_mesh', 'pad_crop_flip', 2)
   config = _config('device_test_mesh')

@@ -127,6 +127,7 @@ def test_streams_draw_from_their_pools_epoch_by_epoch(data_dir):
   assert len(set(seen['unlabeled'])) == len(seen['unlabeled'])  # One epoch.
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_and_resume(data_dir):
   config = _config(data_dir)
   run = lambda start: data.build_input(config, None, start_step=start,
@@ -147,6 +148,7 @@ def test_same_seed_same_batches_and_resume(data_dir):
                             first[0]['labeled']['image'])
 
 
+@pytest.mark.slow
 def test_the_global_batch_does_not_depend_on_the_process_count(data_dir):
   # Every process computes the same global batch on the devices; its own rows
   # are its addressable shards.

@@ -134,6 +134,7 @@ def test_stability_needs_the_same_argmax_and_one_confident_view():
   assert not bool(dual_student.stable(confident, other_class, THRESHOLD)[0])
 
 
+@pytest.mark.slow
 def test_both_students_and_their_heads_train_and_stay_different():
   # Threshold 0 and near-identical views: stability comes down to the same argmax on both views.
   config = tiny_config(method='dual_student', dropout_rate=0.0, **{
@@ -165,6 +166,7 @@ def test_bad_fields_are_one_config_error(field, value):
     validation.validate_config(tiny_config(method='dual_student', **{field: value}))
 
 
+@pytest.mark.slow
 def test_each_students_terms_are_rebuilt_from_its_own_and_the_other_view():
   # Threshold 0 and near-identical views: stable examples exist, so the stabilisation term counts.
   config = tiny_config(method='dual_student', dropout_rate=0.0, **{

@@ -50,6 +50,7 @@ def test_exact_is_its_own_reference_and_jvp_is_exact_at_one_inner_step(train_mod
   assert against_exact[(2, 'neumann')]['relative_error'] < against_exact[(2, 'jvp')]['relative_error']
 
 
+@pytest.mark.slow
 def test_implicit_is_the_second_reference(train_mode_fidelity):
   for k in (1, 2):
     implicit = train_mode_fidelity[('implicit', k, 'implicit')]
@@ -65,6 +66,7 @@ def test_implicit_is_the_second_reference(train_mode_fidelity):
           in lines)
 
 
+@pytest.mark.slow
 def test_table_and_plot_render(train_mode_fidelity, tmp_path):
   rows = [row for (ref, _, _), row in train_mode_fidelity.items() if ref == 'exact']
   lines = hypergrad_ablation.fidelity_table(rows).splitlines()

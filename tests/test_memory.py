@@ -98,6 +98,7 @@ def test_the_prediction_and_loss_equal_numpy():
   assert np.argmax(want_probs[3]) == np.argmax(mem['values'][2])
 
 
+@pytest.mark.slow
 def test_the_unlabeled_features_receive_the_memory_loss_gradient():
   rng = np.random.default_rng(2)
   mem = jax.tree.map(jnp.float32, random_memory(rng))
@@ -189,6 +190,7 @@ def test_the_presets_name_the_method_and_pass_the_checks():
     assert config.ema.headline and config.ma_dnn.update_rate == 0.5
 
 
+@pytest.mark.slow
 def test_the_weighted_memory_loss_trains_the_unlabeled_features_and_not_the_memory_update():
   # A weight other than 1 and a memory away from its start, so that each factor shows.
   config = tiny_config(method='ma_dnn', dropout_rate=0.0, **{'ma_dnn.weight': 0.4})

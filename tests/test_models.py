@@ -117,7 +117,8 @@ def test_unknown_model_lists_registered_names():
       'convlarge', 'convlarge_digits', 'resnet18', 'resnet50', 'wrn28_2'}
 
 
-@pytest.mark.parametrize('name', TINY_CASES)
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(TINY))
 def test_pooled_features_come_from_the_same_forward_and_feed_the_head(name):
   model, x, variables = _tiny(name)
   logits, sown = model.apply(variables, x, train=False, mutable=['intermediates'])
@@ -193,8 +194,8 @@ def test_batch_norm_uses_pytorch_momentum_and_epsilon():
   np.testing.assert_allclose(bn_out, conv_out / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize('name', [pytest.param('convlarge', marks=pytest.mark.slow),
-                                  pytest.param('resnet18', marks=pytest.mark.slow), 'wrn28_2'])
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['convlarge', 'resnet18', 'wrn28_2'])
 def test_half_precision_keeps_float32_params_and_logits(name):
   model, x, variables = _tiny(name)
   width, _ = TINY[name]
@@ -212,6 +213,7 @@ def test_half_precision_keeps_float32_params_and_logits(name):
   np.testing.assert_allclose(logits, reference, atol=0.05 * np.max(np.abs(reference)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,last_bn', [('resnet18', 'BatchNorm_1'), ('resnet50', 'BatchNorm_2')])
 def test_resnet_zero_init_residual_is_opt_in(name, last_bn):
   _, _, variables = _tiny(name)
@@ -220,6 +222,7 @@ def test_resnet_zero_init_residual_is_opt_in(name, last_bn):
   np.testing.assert_array_equal(variables['params']['layer1_0'][last_bn]['scale'], 0.0)
 
 
+@pytest.mark.slow
 def test_resnet_stem_pads_like_pytorch():
   # With PyTorch's symmetric padding 3, output (0, 0) of the 7x7/2 stem sees input rows and
   # columns 0..3 only; Flax's SAME would pad (2, 3) and also see row/column 4.

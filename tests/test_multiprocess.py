@@ -23,6 +23,9 @@ import time
 import numpy as np
 import pytest
 
+# Every test here starts processes (the pair fixture): the slow tier.
+pytestmark = pytest.mark.slow
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = os.path.join(_REPO, 'tests', 'multiprocess_worker.py')
 _NUM_STEPS = 4

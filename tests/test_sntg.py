@@ -138,9 +138,8 @@ METHOD_FIELDS = {'mean_teacher': {'ema.decay': 0.9}, 'vat': {'vat.xi': 0.0, 'vat
                  'pi_model': {}, 'temporal_ensembling': {'temporal_ensembling.momentum': 0.6}}
 
 
-# The quick tier checks the term on the Pi-model's step; the other methods' are slow-tier cases.
-@pytest.mark.parametrize('method', [m if m == 'pi_model' else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in PARTS])
+@pytest.mark.slow
+@pytest.mark.parametrize('method', list(PARTS))
 def test_the_step_adds_the_ramped_weight_times_the_loop_loss(method):
   fields = {'consistency_rampup': 'linear', 'consistency_rampup_steps': 2, **METHOD_FIELDS[method]}
   with_sntg = tiny_config(method=method, **fields, **{'sntg.weight': 0.4, 'sntg.margin': 0.5})
@@ -169,6 +168,7 @@ def test_the_step_adds_the_ramped_weight_times_the_loop_loss(method):
     np.testing.assert_allclose(float(metrics[name]), float(plain[name]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sntg_leaves_the_methods_without_it_unchanged():
   config = tiny_config(method='mean_teacher', **{'ema.decay': 0.9})
   assert config.sntg.weight == 0.0  # Off by default.

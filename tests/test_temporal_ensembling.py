@@ -56,6 +56,7 @@ def test_ensemble_is_the_bias_corrected_ema_even_with_repeated_indices():
   np.testing.assert_array_equal(np.asarray(extra['visits']), counts)
 
 
+@pytest.mark.slow
 def test_the_startup_correction_makes_a_constant_prediction_its_own_target():
   extra = te.init_extra_state(None, num_train=2, num_classes=3)
   z = jnp.array([[0.2, 0.5, 0.3]])

@@ -86,6 +86,7 @@ def _assert_parallel(a, b, tol=1e-6):
   assert cosine > 1 - tol, cosine
 
 
+@pytest.mark.slow
 def test_the_tangent_perturbation_is_the_top_generalised_eigenvector_in_the_tangent_space():
   decode, logits_fn, z, x = inputs()
   clean = logits_fn(x)
@@ -109,6 +110,7 @@ def test_the_tangent_perturbation_is_the_top_generalised_eigenvector_in_the_tang
     np.testing.assert_allclose(np.linalg.norm(latent), epsilon, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_normal_perturbation_is_orthogonal_to_the_tangent_one_and_vats_projected_direction():
   decode, logits_fn, z, x = inputs()
   clean = logits_fn(x)
@@ -158,6 +160,7 @@ def test_a_missing_vae_is_one_error_naming_the_command(tmp_path):
     tnar.load_vae_params(tiny_config(method='tnar_vae'), (8, 8, 1))
 
 
+@pytest.mark.slow
 def test_the_loss_weighs_the_two_kls_and_the_entropy_at_the_vae_code():
   # Distinct weights, so that a swapped or dropped one changes the total; no dropout, so that the
   # training-mode forwards are functions of their images only.

@@ -141,6 +141,7 @@ def test_a_non_finite_loss_stops_the_run_and_the_advised_command_resumes(tmp_pat
   assert json.loads((workdir / 'config.json').read_text())['learning_rate'] == 0.005
 
 
+@pytest.mark.slow
 def test_a_workdir_holding_another_config_is_refused(uninterrupted, tmp_path):
   config, workdir, _ = uninterrupted
   changed = mock_config(tmp_path, seed=config.seed + 1, hypergrad_diagnostics_every_steps=3)
@@ -181,6 +182,7 @@ def test_an_empty_workdir_is_refused():
     train.train_and_evaluate(mock_config(pathlib.Path('unused')), '')
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_in_use_is_refused_and_writes_nothing(uninterrupted, tmp_path):
   config, reference_dir, _ = uninterrupted
   workdir = tmp_path / 'run'
@@ -192,6 +194,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_and_writes_nothing(uninterr
   assert sorted(p.relative_to(workdir) for p in workdir.rglob('*')) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_with_fewer_steps_is_refused(uninterrupted):
   config, reference_dir, _ = uninterrupted
   shorter = config.copy_and_resolve_references()

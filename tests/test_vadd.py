@@ -98,6 +98,7 @@ def _config(**overrides):
                                            'consistency_rampup_steps': 2, **overrides})
 
 
+@pytest.mark.slow
 def test_the_step_traces_once_and_adds_lambda_times_the_masked_kl():
   config = _config()
   model = models.get_model(config, 10)
