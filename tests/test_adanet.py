@@ -129,6 +129,7 @@ def test_the_pseudo_labels_carry_no_gradient(monkeypatch):
   assert float(jnp.abs(direct['head']['fc']['kernel']).sum()) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_step_trains_both_networks_and_traces_once():
   config = adanet_config()
   state = _state(config)

@@ -111,7 +111,6 @@ class _DeviceWatcher:
         return
 
 
-@pytest.mark.slow
 def test_a_sigterm_is_saved_within_depth_plus_one_steps_of_the_devices(tmp_path, monkeypatch):
   depth = 2  # The default; an unbounded host saved step 17 here, 11 steps after the signal.
   synthetic.register('synthetic_dispatch', num_train=64, num_test=16, image_shape=(8, 8, 1))
