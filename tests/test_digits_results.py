@@ -132,3 +132,15 @@ def test_a_tnar_variant_trains_its_seeds_vae_once_and_runs_with_it(runner, tmp_p
   assert runner.trained_vae(workdir, ['--config.seed=2', *runner.VARIANTS['vat']]) == []
   assert runner.trained_vae(workdir, [*overrides, '--config.tnar.vae_dir=/elsewhere']) == []
   assert len(calls) == 1
+
+
+def test_every_variant_is_a_valid_config(runner):
+  """A typo in a variant's overrides would only show when its runs start, minutes into a table."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from semimeta_jax import methods  # pylint: disable=g-import-not-at-top
+  for variant, overrides in runner.VARIANTS.items():
+    config = ml_collections.ConfigDict(runner.resolve_config(overrides))
+    methods.get(config.method).validate(config)
+  horizon = runner.resolve_config(runner.VARIANTS['semimeta_eval_k4'])['hypergrad']
+  assert (horizon['mode'], horizon['inner_steps'], horizon['meta_step_scale']) == (
+      'neumann', 4, 'first_step_norm')

@@ -237,3 +237,71 @@ def test_every_model_takes_both_estimators(model):
     chex.assert_trees_all_close(grads['neumann'], grads['jvp'], rtol=1e-4, atol=1e-7)
     chex.assert_tree_all_finite(grads['implicit'])
     assert float(jnp.linalg.norm(grads['implicit'])) > 0
+
+
+class TestLoopUnroll:
+
+  @pytest.mark.parametrize('mode', ['neumann', 'implicit'])
+  def test_unrolled_loops_give_the_rolled_values(self, mode):
+    params, x_l, y_l, x_u, predictions = evaluation_mode_problem(seed=40)
+    estimate = functools.partial(hypergrad.hypergradient, mode, mlp_apply, params, x_l, y_l, x_u,
+                                 predictions, alpha=0.3, inner_steps=5 if mode == 'neumann' else 1,
+                                 theta_tilde_is_theta=True, cg_iterations=7)
+    rolled = estimate(loop_unroll=1)
+    # 3 does not divide 4 terms or 7 CG steps: the remainder iterations run too.
+    for unroll in (3, 8):
+      chex.assert_trees_all_close(estimate(loop_unroll=unroll), rolled, rtol=1e-12, atol=1e-16)
+
+  def test_unrolled_virtual_steps_give_the_rolled_endpoint(self):
+    params, x_l, y_l, x_u, pseudo = random_problem(seed=41)
+    loss = lambda p: hypergrad.inner_loss(p, mlp_apply, x_u, pseudo)
+    rolled, unrolled = (hypergrad_output_space.gradient_descent_endpoint(
+        loss, params, alpha=0.2, steps=3, unroll=unroll) for unroll in (1, 3))
+    chex.assert_trees_all_close(unrolled, rolled, rtol=1e-12, atol=1e-16)
+
+
+class TestFirstStepNorm:
+  """`hypergrad.meta_step_scale='first_step_norm'`: the K = 1 step's size, the estimator's direction."""
+
+  def test_rescales_to_the_given_norm_and_keeps_the_direction(self):
+    grad = jnp.asarray([[3.0, -4.0], [0.0, 12.0]])
+    scaled = hypergrad.match_first_step_norm(grad, jnp.asarray([[0.0, 0.0], [0.0, 6.5]]))
+    np.testing.assert_allclose(scaled, grad / 2, rtol=1e-15)  # ||grad|| = 13, target 6.5.
+    np.testing.assert_array_equal(hypergrad.match_first_step_norm(jnp.zeros((2, 2)), grad), 0.0)
+
+  @pytest.mark.parametrize('mode,inner_steps', [('neumann', 3), ('exact', 2), ('implicit', 1)])
+  def test_meta_step_takes_the_k1_norm_and_its_own_direction(self, mode, inner_steps):
+    config = tiny_config(**{'hypergrad.mode': mode, 'hypergrad.inner_steps': inner_steps,
+                            'hypergrad.meta_step_scale': 'first_step_norm',
+                            'hypergrad.cg_iterations': 4})
+    semimeta.validate(config)  # `implicit` needs no meta_lr of its own when rescaled.
+    raw_config = config.copy_and_resolve_references()
+    raw_config.hypergrad.meta_step_scale = 'none'
+    raw_config.hypergrad.meta_lr = 1.0
+    k1_config = config.copy_and_resolve_references()
+    k1_config.hypergrad.update(mode='exact', inner_steps=1, meta_step_scale='none')
+    state = state_lib.init_train_state(config, models.get_model(config, 10), (8, 8, 1),
+                                       jax.random.key(0))
+    batch = synthetic_batch(jax.random.key(1), batch_size=4, image_shape=(8, 8, 1))
+    grads = {}
+    for name, cfg in (('scaled', config), ('raw', raw_config), ('k1', k1_config)):
+      _, grads[name], _ = semimeta.meta_pseudo_labels(
+          state, batch['labeled'], batch['unlabeled'], lr=0.1, key=jax.random.key(2), config=cfg)
+    norm = lambda g: float(jnp.linalg.norm(g))
+    assert norm(grads['raw']) > 0 and abs(norm(grads['raw']) / norm(grads['k1']) - 1) > 1e-3
+    # float32 model: the K = 1 reference here is `exact`, the rescaling's is `jvp`.
+    np.testing.assert_allclose(norm(grads['scaled']), norm(grads['k1']), rtol=1e-5)
+    cosine = float(jnp.vdot(grads['scaled'], grads['raw'])) / (norm(grads['scaled']) * norm(grads['raw']))
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-6)
+
+  def test_first_step_modes_are_left_alone(self):
+    for mode, steps in (('jvp', 1), ('exact', 1), ('neumann', 1)):
+      assert hypergrad.is_first_step_hypergradient(mode, steps)
+    for mode, steps in (('exact', 2), ('neumann', 4), ('implicit', 1), ('finite_difference', 1)):
+      assert not hypergrad.is_first_step_hypergradient(mode, steps)
+
+  @pytest.mark.parametrize('field,value', [('meta_step_scale', 'k1'), ('loop_unroll', 0),
+                                           ('loop_unroll', -2)])
+  def test_bad_fields_are_config_errors(self, field, value):
+    with pytest.raises(errors.ConfigError, match=f'hypergrad.{field}'):
+      semimeta.validate(tiny_config(**{f'hypergrad.{field}': value}))

@@ -86,7 +86,7 @@ def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha
 
 
 def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tilde_is_theta,
-                     inner_steps: int = 1):
+                     inner_steps: int = 1, loop_unroll: int = 1):
   """u = grad L_l(theta~) after `inner_steps` virtual steps, skipped where known to be a no-op.
 
   Nothing differentiates through theta~ here, so the steps run in a loop whose
@@ -95,7 +95,8 @@ def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tild
   if theta_tilde_is_theta:
     return jax.grad(outer_loss)(params, apply_fn, x_l, y_l)
   adapted = hypergrad_output_space.gradient_descent_endpoint(
-      lambda p: inner_loss(p, apply_fn, x_u, ytil), params, alpha=alpha, steps=inner_steps)
+      lambda p: inner_loss(p, apply_fn, x_u, ytil), params, alpha=alpha, steps=inner_steps,
+      unroll=loop_unroll)
   return jax.grad(outer_loss)(adapted, apply_fn, x_l, y_l)
 
 
@@ -147,7 +148,7 @@ def finite_difference(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
 
 
 def neumann(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, inner_steps: int = 1,
-            theta_tilde_is_theta: bool = False):
+            theta_tilde_is_theta: bool = False, loop_unroll: int = 1):
   """K-step hypergradient as an output-space Neumann series, memory independent of K.
 
   g_K = c sum_{k<K} (I - c J J^T)^k J v with J the Jacobian of softmax(f(x_u; .))
@@ -161,15 +162,19 @@ def neumann(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, in
   Args:
     inner_steps: static K >= 1.
     theta_tilde_is_theta: static; see `jvp`.
+    loop_unroll: static; loop iterations unrolled into one (same values; faster
+      on XLA:CPU, longer to compile).
   """
   v = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
-                       theta_tilde_is_theta=theta_tilde_is_theta, inner_steps=inner_steps)
+                       theta_tilde_is_theta=theta_tilde_is_theta, inner_steps=inner_steps,
+                       loop_unroll=loop_unroll)
   return hypergrad_output_space.neumann_hypergradient(
-      _unlabeled_probabilities(apply_fn, x_u), params, v, alpha=alpha, num_terms=inner_steps)
+      _unlabeled_probabilities(apply_fn, x_u), params, v, alpha=alpha, num_terms=inner_steps,
+      unroll=loop_unroll)
 
 
 def implicit(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, cg_iterations: int,
-             cg_damping):
+             cg_damping, loop_unroll: int = 1):
   """Implicit-function-theorem hypergradient: (J J^T + damping I)^{-1} J v by conjugate gradient.
 
   The limit of `neumann` (and of unrolled `exact` in evaluation mode) as K grows:
@@ -178,23 +183,25 @@ def implicit(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, cg_itera
   convergence) where theta minimises L_u(., ytil), i.e. the evaluation-mode meta
   forward; a Gauss-Newton approximation elsewhere. It does not depend on alpha,
   so its scale is not that of the K = 1 hypergradient: choose beta
-  (config.hypergrad.meta_lr) for it rather than the official K = 1 value.
+  (config.hypergrad.meta_lr) for it rather than the official K = 1 value, or
+  rescale it (`match_first_step_norm`).
 
   Args:
     cg_iterations: static number of CG steps.
     cg_damping: >= 0, added to the diagonal of J J^T (singular: softmax rows sum to one).
+    loop_unroll: static; CG steps unrolled into one loop iteration (see `neumann`).
   """
   del ytil  # theta itself stands in for theta*(ytil).
   v = jax.grad(outer_loss)(params, apply_fn, x_l, y_l)
   return hypergrad_output_space.implicit_hypergradient(
       _unlabeled_probabilities(apply_fn, x_u), params, v, iterations=cg_iterations,
-      damping=cg_damping)
+      damping=cg_damping, unroll=loop_unroll)
 
 
 def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
                   alpha, inner_steps: int = 1, epsilon: float = 1e-2,
                   theta_tilde_is_theta: bool = False, cg_iterations: int = 20,
-                  cg_damping: float = 1e-4) -> jax.Array:
+                  cg_damping: float = 1e-4, loop_unroll: int = 1) -> jax.Array:
   """g = d L_l(theta~(ytil)) / d ytil by the estimator `mode` (one of MODES).
 
   Args:
@@ -213,6 +220,8 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, y
       and `implicit`.
     cg_iterations: static; conjugate-gradient steps of `implicit`.
     cg_damping: the damping `implicit` adds to J J^T.
+    loop_unroll: static; iterations of the loops of `neumann` and `implicit`
+      unrolled into one (the same values).
 
   Returns:
     g with the shape of `ytil`.
@@ -229,11 +238,34 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, y
                              theta_tilde_is_theta=theta_tilde_is_theta)
   if mode == 'neumann':
     return neumann(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, inner_steps=inner_steps,
-                   theta_tilde_is_theta=theta_tilde_is_theta)
+                   theta_tilde_is_theta=theta_tilde_is_theta, loop_unroll=loop_unroll)
   if mode == 'implicit':
     return implicit(apply_fn, params, x_l, y_l, x_u, ytil, cg_iterations=cg_iterations,
-                    cg_damping=cg_damping)
+                    cg_damping=cg_damping, loop_unroll=loop_unroll)
   raise ValueError(f'Unknown hypergradient mode {mode!r}; expected one of {MODES}.')
+
+
+def is_first_step_hypergradient(mode: str, inner_steps: int) -> bool:
+  """Whether `mode` with K = `inner_steps` computes the exact K = 1 hypergradient itself."""
+  return mode == 'jvp' or (mode in MULTI_STEP_MODES and inner_steps == 1)
+
+
+def match_first_step_norm(grad: jax.Array, first_step_grad: jax.Array) -> jax.Array:
+  """`grad` rescaled to the norm of the K = 1 hypergradient (over the whole batch).
+
+  The official beta = lr * B_u / alpha is the step size of the K = 1
+  hypergradient, whose norm is proportional to alpha. A K-step one is about K
+  times larger for small alpha (each virtual step adds a term of the Neumann
+  series) and the implicit limit does not scale with alpha at all, so with the
+  official beta the horizon ablation would compare step sizes as much as
+  directions. Matching the norm batch-wide keeps the K = 1 step's size and each
+  estimator's direction and per-example proportions: only the direction differs
+  between the rows. A zero `grad` stays zero.
+  """
+  norm = jnp.linalg.norm(grad)
+  # Not norm / max(norm, tiny): a large target norm over `tiny` overflows, and inf * 0 is NaN.
+  ratio = jnp.linalg.norm(first_step_grad) / jnp.where(norm > 0, norm, 1.0)
+  return grad * jnp.where(norm > 0, ratio, 0.0)
 
 
 def official_meta_lr(lr, alpha, unlabeled_batch_size: int):

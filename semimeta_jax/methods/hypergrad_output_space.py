@@ -58,12 +58,15 @@ def gram_matvec(jacobian_times: Callable, transpose_times: Callable) -> Matvec:
   return lambda w: jacobian_times(transpose_times(w))
 
 
-def neumann_series(gram: Matvec, rhs: jax.Array, *, scale, num_terms: int) -> jax.Array:
+def neumann_series(gram: Matvec, rhs: jax.Array, *, scale, num_terms: int,
+                   unroll: int = 1) -> jax.Array:
   """scale * sum_{k < num_terms} (I - scale * gram)^k rhs, by `num_terms - 1` products with `gram`.
 
-  The loop carries two arrays shaped like `rhs`, whatever `num_terms` is. (On
-  XLA:CPU a loop body runs several times slower than the same code unrolled,
-  measured ~10x on a small ConvLarge; the loop is kept for its constant memory.)
+  The loop carries two arrays shaped like `rhs`, whatever `num_terms` is. On
+  XLA:CPU a loop body runs several times slower than the same code unrolled
+  (measured ~10x on a small ConvLarge), so `unroll` (lax.fori_loop's: that many
+  terms per loop iteration) trades compile time for speed there; nothing is
+  differentiated through the loop, so XLA may free each unrolled term's buffers.
   """
 
   def add_term(_, carry):
@@ -71,14 +74,16 @@ def neumann_series(gram: Matvec, rhs: jax.Array, *, scale, num_terms: int) -> ja
     term = term - scale * gram(term)
     return total + term, term
 
-  total, _ = jax.lax.fori_loop(0, num_terms - 1, add_term, (rhs, rhs))
+  total, _ = jax.lax.fori_loop(0, num_terms - 1, add_term, (rhs, rhs), unroll=unroll)
   return scale * total
 
 
-def conjugate_gradient(matvec: Matvec, rhs: jax.Array, *, iterations: int) -> jax.Array:
+def conjugate_gradient(matvec: Matvec, rhs: jax.Array, *, iterations: int,
+                       unroll: int = 1) -> jax.Array:
   """`iterations` steps of conjugate gradient on matvec(x) = rhs from x = 0 (matvec symmetric PSD).
 
-  A fixed count, so it compiles to one loop. Once the residual is exactly zero (or
+  A fixed count, so it compiles to one loop (`unroll` steps per iteration, as in
+  `neumann_series`). Once the residual is exactly zero (or
   a direction has no curvature) the remaining steps change nothing instead of
   dividing by zero.
   """
@@ -99,12 +104,12 @@ def conjugate_gradient(matvec: Matvec, rhs: jax.Array, *, iterations: int) -> ja
     return x, residual, direction, new_residual_sq
 
   init = (jnp.zeros_like(rhs), rhs, rhs, dot(rhs, rhs))
-  x, _, _, _ = jax.lax.fori_loop(0, iterations, step, init)
+  x, _, _, _ = jax.lax.fori_loop(0, iterations, step, init, unroll=unroll)
   return x
 
 
 def neumann_hypergradient(probs_fn: ProbsFn, params: Params, v: Params, *, alpha,
-                          num_terms: int) -> jax.Array:
+                          num_terms: int, unroll: int = 1) -> jax.Array:
   """g_K = c sum_{k<K} (I - c J J^T)^k J v with c = 2 alpha / B_u and K = `num_terms`.
 
   Args:
@@ -113,6 +118,7 @@ def neumann_hypergradient(probs_fn: ProbsFn, params: Params, v: Params, *, alpha
     v: grad L_l (parameter-shaped), at theta~ for the K = 1 term to be exact.
     alpha: the virtual step size.
     num_terms: static K >= 1.
+    unroll: static; terms per loop iteration (see `neumann_series`).
 
   Returns:
     g, [B_u, C]: the K-step unrolled hypergradient where the residual of L_u is zero,
@@ -122,11 +128,11 @@ def neumann_hypergradient(probs_fn: ProbsFn, params: Params, v: Params, *, alpha
   rhs = jacobian_times(v)
   scale = 2.0 * alpha / rhs.shape[0]
   return neumann_series(gram_matvec(jacobian_times, transpose_times), rhs, scale=scale,
-                        num_terms=num_terms)
+                        num_terms=num_terms, unroll=unroll)
 
 
 def implicit_hypergradient(probs_fn: ProbsFn, params: Params, v: Params, *, iterations: int,
-                           damping) -> jax.Array:
+                           damping, unroll: int = 1) -> jax.Array:
   """g* = (J J^T + damping I)^{-1} J v by conjugate gradient: the K -> infinity limit.
 
   Args:
@@ -136,6 +142,7 @@ def implicit_hypergradient(probs_fn: ProbsFn, params: Params, v: Params, *, iter
     iterations: static number of CG steps (each one J and one J^T product).
     damping: >= 0; added to the Gram matrix, whose null space (softmax rows sum
       to one) J v does not enter but rounding does.
+    unroll: static; CG steps per loop iteration (see `neumann_series`).
 
   Returns:
     g*, [B_u, C]; independent of alpha, so not on the scale of the K = 1 g.
@@ -143,14 +150,14 @@ def implicit_hypergradient(probs_fn: ProbsFn, params: Params, v: Params, *, iter
   jacobian_times, transpose_times = output_jacobian_products(probs_fn, params)
   gram = gram_matvec(jacobian_times, transpose_times)
   damped = lambda w: gram(w) + damping * w
-  return conjugate_gradient(damped, jacobian_times(v), iterations=iterations)
+  return conjugate_gradient(damped, jacobian_times(v), iterations=iterations, unroll=unroll)
 
 
 def gradient_descent_endpoint(loss_fn: Callable[[Params], jax.Array], params: Params, *, alpha,
-                              steps: int) -> Params:
+                              steps: int, unroll: int = 1) -> Params:
   """`steps` SGD steps of size alpha on `loss_fn`, in a loop (not differentiated: constant memory)."""
   descend = lambda _, p: jax.tree.map(lambda q, g: q - alpha * g, p, jax.grad(loss_fn)(p))
   if steps == 1:  # The common case needs no loop, and XLA:CPU runs a loop's body several times slower.
     return descend(0, params)
-  return jax.lax.fori_loop(0, steps, descend, params)
+  return jax.lax.fori_loop(0, steps, descend, params, unroll=unroll)
 

@@ -25,6 +25,9 @@ from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import options
 
 FORWARD_MODES = ('eval', 'train')
+# How the hypergradient is scaled before the step beta: as the estimator gives it
+# (the official beta assumes the K = 1 scale), or to the norm of the K = 1 one.
+META_STEP_SCALES = ('none', 'first_step_norm')
 
 
 def config_blocks():
@@ -39,6 +42,10 @@ def config_blocks():
           'epsilon': 1e-2,  # Finite-difference step, relative to ||v||.
           'cg_iterations': 20,  # Conjugate-gradient steps of `implicit`.
           'cg_damping': 1e-4,  # `implicit` solves (J J^T + damping I) g = J v.
+          # Loop iterations of `neumann`/`implicit` unrolled into one: the same values,
+          # faster on XLA:CPU, slower to compile.
+          'loop_unroll': 1,
+          'meta_step_scale': 'none',  # none | first_step_norm (see hypergrad.match_first_step_norm)
           'forward_mode': 'eval',  # eval (official: running BN stats, no dropout) | train
           'projection': 'relu_normalize',  # relu_normalize (official) | simplex
           'diagnostics_every_steps': 0,  # > 0: log cosine(mode, exact) every N steps.
@@ -58,7 +65,8 @@ def validate(config) -> None:
   """
   require, hg = errors.require, config.hypergrad
   for field, choices in (('mode', hypergrad.MODES), ('forward_mode', FORWARD_MODES),
-                         ('projection', hypergrad.PROJECTIONS)):
+                         ('projection', hypergrad.PROJECTIONS),
+                         ('meta_step_scale', META_STEP_SCALES)):
     require(hg[field] in choices, f'hypergrad.{field}', hg[field], f'expected one of {choices}')
   require(isinstance(hg.inner_steps, int) and hg.inner_steps >= 1, 'hypergrad.inner_steps',
           hg.inner_steps, 'must be an integer >= 1')
@@ -67,6 +75,8 @@ def validate(config) -> None:
           f'(mode {hg.mode!r} is not a K-step estimator)')
   require(isinstance(hg.cg_iterations, int) and hg.cg_iterations >= 1, 'hypergrad.cg_iterations',
           hg.cg_iterations, 'must be an integer >= 1 (conjugate-gradient steps of mode "implicit")')
+  require(isinstance(hg.loop_unroll, int) and hg.loop_unroll >= 1, 'hypergrad.loop_unroll',
+          hg.loop_unroll, 'must be an integer >= 1 (1 = a rolled loop)')
   require(hg.cg_damping >= 0, 'hypergrad.cg_damping', hg.cg_damping,
           'must be >= 0 (added to the Gram matrix J J^T of mode "implicit")')
   require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
@@ -74,9 +84,11 @@ def validate(config) -> None:
   require(hg.epsilon > 0, 'hypergrad.epsilon', hg.epsilon, 'must be > 0')
   require(isinstance(hg.diagnostics_every_steps, int) and hg.diagnostics_every_steps >= 0,
           'hypergrad.diagnostics_every_steps', hg.diagnostics_every_steps, 'must be an integer >= 0')
-  require(hg.mode != 'implicit' or hg.meta_lr > 0, 'hypergrad.meta_lr', hg.meta_lr,
+  require(hg.mode != 'implicit' or hg.meta_lr > 0 or hg.meta_step_scale == 'first_step_norm',
+          'hypergrad.meta_lr', hg.meta_lr,
           'must be > 0 with hypergrad.mode="implicit": the official beta (meta_lr = 0) assumes the '
-          'scale of the K = 1 hypergradient, and the implicit one does not depend on alpha')
+          'scale of the K = 1 hypergradient, and the implicit one does not depend on alpha '
+          '(or set hypergrad.meta_step_scale="first_step_norm" to rescale it to that scale)')
   if config.semimeta.mixup:
     require(config.semimeta.mixup_alpha > 0, 'semimeta.mixup_alpha', config.semimeta.mixup_alpha,
             'must be > 0')
@@ -121,7 +133,13 @@ def meta_pseudo_labels(state, labeled, unlabeled, *, lr, key, config):
       hg.mode, apply_fn, state.params, labeled['image'], labeled['label'], x_u, ytil,
       alpha=alpha, inner_steps=hg.inner_steps, epsilon=hg.epsilon,
       theta_tilde_is_theta=theta_tilde_is_theta, cg_iterations=hg.cg_iterations,
-      cg_damping=hg.cg_damping)
+      cg_damping=hg.cg_damping, loop_unroll=hg.loop_unroll)
+  if (hg.meta_step_scale == 'first_step_norm'
+      and not hypergrad.is_first_step_hypergradient(hg.mode, hg.inner_steps)):
+    first_step = hypergrad.hypergradient(
+        'jvp', apply_fn, state.params, labeled['image'], labeled['label'], x_u, ytil,
+        alpha=alpha, theta_tilde_is_theta=theta_tilde_is_theta)
+    grad = hypergrad.match_first_step_norm(grad, first_step)
   yhat = hypergrad.update_pseudo_labels(ytil, grad, beta=beta, projection=hg.projection)
   return ytil, grad, yhat
 
@@ -212,7 +230,9 @@ def hypergradient_fidelity(state, batch, *, config):
 def describe(config) -> str:
   """The meta step's settings, for the run plan."""
   hg = config.hypergrad
-  return f'hypergradient {hg.mode}, K={hg.inner_steps}, meta forward {hg.forward_mode}'
+  horizon = 'K=inf (implicit)' if hg.mode == 'implicit' else f'K={hg.inner_steps}'
+  scale = ', scaled to the K=1 norm' if hg.meta_step_scale == 'first_step_norm' else ''
+  return f'hypergradient {hg.mode}, {horizon}, meta forward {hg.forward_mode}{scale}'
 
 
 # The official recipe is the default config's (configs/default.py, CIFAR-10) and configs/digits.py's.
