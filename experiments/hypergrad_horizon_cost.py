@@ -8,7 +8,10 @@ the compiled program: its temporaries (the working memory that grows with K when
 the steps are unrolled) and temporaries + arguments + outputs. Where the meta forward
 is in evaluation mode the two compute the same g (to rounding); in training mode
 `neumann` is a Gauss-Newton approximation. `implicit` (the K -> infinity limit,
-`--cg_iterations` steps) is measured once for comparison.
+`--cg_iterations` steps) is measured once for comparison. With `--unrolled_loops`,
+`neumann` and `implicit` are also measured with their loops fully unrolled
+(`hypergrad.loop_unroll`: the same values; XLA:CPU runs a loop body several times
+slower than straight-line code).
 
   python -m experiments.hypergrad_horizon_cost --out=results/horizon_cost
 """
@@ -30,7 +33,7 @@ from experiments import benchmark_step
 from semimeta_jax import models
 from semimeta_jax.methods import semimeta
 
-COST_FIELDS = ('forward_mode', 'mode', 'inner_steps', 'compile_s', 'median_ms', 'temp_mib',
+COST_FIELDS = ('forward_mode', 'mode', 'inner_steps', 'loop_unroll', 'compile_s', 'median_ms', 'temp_mib',
                'compiled_mib')
 
 
@@ -68,7 +71,7 @@ def meta_step_cost(config, state, batch, *, lr: float, repeats: int) -> dict:
 
 
 def horizon_cost_rows(config, image_shape, *, num_classes: int, forward_modes, horizons,
-                      repeats: int, lr: float = 0.1):
+                      repeats: int, lr: float = 0.1, unrolled_loops: bool = False):
   """Rows (COST_FIELDS): `exact` and `neumann` at each K of `horizons`, `implicit` once.
 
   Args:
@@ -79,6 +82,7 @@ def horizon_cost_rows(config, image_shape, *, num_classes: int, forward_modes, h
     horizons: the K to measure.
     repeats: timed calls per variant.
     lr: alpha (the inner step size) and the learning rate of the meta step.
+    unrolled_loops: also `neumann` and `implicit` with their loops fully unrolled.
   """
   rows = []
   batch_size = config.unlabeled_batch_size
@@ -86,33 +90,53 @@ def horizon_cost_rows(config, image_shape, *, num_classes: int, forward_modes, h
                                        jax.random.key(0))
   batch = benchmark_step.synthetic_batch(jax.random.key(1), batch_size, image_shape, num_classes)
   for forward_mode in forward_modes:
-    variants = [(mode, k) for k in horizons for mode in ('exact', 'neumann')] + [('implicit', 1)]
-    for mode, k in variants:
+    variants = [(mode, k, 1) for k in horizons for mode in ('exact', 'neumann')]
+    variants.append(('implicit', 1, 1))
+    if unrolled_loops:
+      variants += [('neumann', k, k) for k in horizons]
+      variants.append(('implicit', 1, config.hypergrad.cg_iterations))
+    for mode, k, unroll in variants:
       variant = config.copy_and_resolve_references()
       variant.hypergrad.mode, variant.hypergrad.inner_steps = mode, k
-      variant.hypergrad.forward_mode = forward_mode
+      variant.hypergrad.forward_mode, variant.hypergrad.loop_unroll = forward_mode, unroll
       cost = meta_step_cost(variant, state, batch, lr=lr, repeats=repeats)
-      rows.append({'forward_mode': forward_mode, 'mode': mode, 'inner_steps': k, **cost})
+      rows.append({'forward_mode': forward_mode, 'mode': mode, 'inner_steps': k,
+                   'loop_unroll': unroll, **cost})
   return rows
 
 
 def horizon_cost_table(rows) -> str:
-  """Markdown: for each (forward mode, K), `exact` and `neumann` side by side; `implicit` after."""
-  cells = {(r['forward_mode'], r['mode'], r['inner_steps']): r for r in rows}
+  """Markdown: for each (forward mode, K), `exact` and `neumann` side by side; `implicit` after.
+
+  Rows with unrolled loops (`loop_unroll` > 1) add two columns for `neumann`/`implicit` unrolled.
+  """
+  cells = {(r['forward_mode'], r['mode'], r['inner_steps'], r.get('loop_unroll', 1) > 1): r
+           for r in rows}
+  unrolled = any(r.get('loop_unroll', 1) > 1 for r in rows)
+  extra = ' neumann unrolled ms | neumann unrolled temp MiB |' if unrolled else ''
   lines = ['| meta forward | K | exact ms | neumann ms | exact temp MiB | neumann temp MiB | '
-           'exact compile s | neumann compile s |', '|---|---|---|---|---|---|---|---|']
+           f'exact compile s | neumann compile s |{extra}', '|---' * (8 + 2 * unrolled) + '|']
+
+  def unrolled_cells(forward_mode, mode, k):
+    if not unrolled:
+      return ''
+    row = cells.get((forward_mode, mode, k, True))
+    return ' - | - |' if row is None else f' {row["median_ms"]:.1f} | {row["temp_mib"]:.2f} |'
+
   keys = dict.fromkeys((r['forward_mode'], r['inner_steps']) for r in rows if r['mode'] != 'implicit')
   for forward_mode, k in keys:
-    exact, series = cells.get((forward_mode, 'exact', k)), cells.get((forward_mode, 'neumann', k))
+    exact = cells.get((forward_mode, 'exact', k, False))
+    series = cells.get((forward_mode, 'neumann', k, False))
     if exact is None or series is None:
       continue
     lines.append(f'| {forward_mode} | {k} | {exact["median_ms"]:.1f} | {series["median_ms"]:.1f} | '
                  f'{exact["temp_mib"]:.2f} | {series["temp_mib"]:.2f} | {exact["compile_s"]:.1f} | '
-                 f'{series["compile_s"]:.1f} |')
+                 f'{series["compile_s"]:.1f} |{unrolled_cells(forward_mode, "neumann", k)}')
   for r in rows:
-    if r['mode'] == 'implicit':
+    if r['mode'] == 'implicit' and r.get('loop_unroll', 1) == 1:
       lines.append(f'| {r["forward_mode"]} | implicit | - | {r["median_ms"]:.1f} | - | '
-                   f'{r["temp_mib"]:.2f} | - | {r["compile_s"]:.1f} |')
+                   f'{r["temp_mib"]:.2f} | - | {r["compile_s"]:.1f} |'
+                   f'{unrolled_cells(r["forward_mode"], "implicit", 1)}')
   return '\n'.join(lines)
 
 
@@ -134,6 +158,8 @@ def _define_flags():
   flags.DEFINE_list('forward_modes', ['eval', 'train'], 'Meta forward modes.')
   flags.DEFINE_integer('cg_iterations', 20, 'CG steps of the implicit row.')
   flags.DEFINE_integer('repeats', 10, 'Timed calls per variant (the median is reported).')
+  flags.DEFINE_bool('unrolled_loops', False, 'Also measure `neumann` and `implicit` with their loops '
+                    'fully unrolled (hypergrad.loop_unroll).')
 
 
 def main(argv):
@@ -148,7 +174,8 @@ def main(argv):
                             cg_iterations=FLAGS.cg_iterations)
   image_shape = (8, 8, 1) if FLAGS.model == 'convlarge_digits' else (32, 32, 3)
   rows = horizon_cost_rows(config, image_shape, num_classes=10, forward_modes=FLAGS.forward_modes,
-                           horizons=horizons, repeats=FLAGS.repeats)
+                           horizons=horizons, repeats=FLAGS.repeats,
+                           unrolled_loops=FLAGS.unrolled_loops)
   out = pathlib.Path(FLAGS.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
   header = (f'Meta step (pseudo-labels, hypergradient, update) of {FLAGS.model} width {FLAGS.width}, '

@@ -33,3 +33,15 @@ def test_unrolled_memory_grows_with_k_and_the_series_does_not_more():
   series_growth = cost[('neumann', 4)]['temp_mib'] - cost[('neumann', 1)]['temp_mib']
   assert exact_growth > 0 and series_growth < exact_growth / 2, (exact_growth, series_growth)
   assert all(r['median_ms'] > 0 and r['compiled_mib'] >= r['temp_mib'] for r in rows)
+
+
+def test_unrolled_rows_add_their_own_columns():
+  unrolled = lambda row, unroll: {**row, 'loop_unroll': unroll}
+  rows = [_row('eval', 'exact', 4, 9.0, 1.0), _row('eval', 'neumann', 4, 30.0, 0.26),
+          _row('eval', 'implicit', 1, 70.0, 0.3), unrolled(_row('eval', 'neumann', 4, 3.0, 0.4), 4),
+          unrolled(_row('eval', 'implicit', 1, 6.0, 0.5), 20)]
+  lines = hypergrad_horizon_cost.horizon_cost_table(rows).splitlines()
+  assert lines[0].endswith('| neumann unrolled ms | neumann unrolled temp MiB |')
+  assert lines[1] == '|---' * 10 + '|'
+  assert lines[2:] == ['| eval | 4 | 9.0 | 30.0 | 1.00 | 0.26 | 1.0 | 1.0 | 3.0 | 0.40 |',
+                       '| eval | implicit | - | 70.0 | - | 0.30 | - | 1.0 | 6.0 | 0.50 |']
