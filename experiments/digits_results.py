@@ -34,7 +34,10 @@ The estimator ablation (`semimeta_*_train`, `semimeta_exact_k*`) trains with the
 meta forward in training mode, where theta~ != theta and the estimators differ
 (in evaluation mode each virtual step leaves theta unchanged, but d theta_K / d ytil still
 accumulates: K = 2 gives about 1.9x the K = 1 hypergradient at alpha = 0.1; `neumann`
-computes any K there at the memory of K = 1).
+computes any K there at the memory of K = 1). The horizon ablation (`semimeta_eval_k*`,
+`semimeta_implicit`) stays in the official evaluation mode and rescales each hypergradient
+to the K = 1 one's norm, so that only its direction differs from K = 1's; the
+`*_official_beta` rows keep the official beta, which assumes the K = 1 scale.
 """
 
 import argparse
