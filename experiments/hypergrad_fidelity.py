@@ -33,7 +33,7 @@ def variant_config(config, *, mode=None, forward_mode=None, inner_steps=None, ha
   return config
 
 
-def _compare(estimate, exact):
+def compare(estimate, exact):
   """Cosine similarity and relative error of two flattened hypergradients."""
   estimate, exact = estimate.ravel(), exact.ravel()
   tiny = jnp.finfo(exact.dtype).tiny
@@ -65,8 +65,8 @@ def fidelity(state, batch, lr, *, config):
     _, grads[mode], _ = semimeta.meta_pseudo_labels(
         state, batch['labeled'], batch['unlabeled'], lr=lr, key=key,
         config=variant_config(config, mode=mode))
-  result = {mode: _compare(g, grads['exact']) for mode, g in grads.items()}
-  result['against_implicit'] = {mode: _compare(g, grads['implicit']) for mode, g in grads.items()}
+  result = {mode: compare(g, grads['exact']) for mode, g in grads.items()}
+  result['against_implicit'] = {mode: compare(g, grads['implicit']) for mode, g in grads.items()}
   result['exact_norm'] = jnp.linalg.norm(grads['exact'])
   result['implicit_norm'] = jnp.linalg.norm(grads['implicit'])
   return result
@@ -96,7 +96,7 @@ def half_precision_fidelity(state, batch, lr, *, config, half_apply_fn):
     _, g, _ = semimeta.meta_pseudo_labels(
         half_state, labeled, unlabeled, lr=lr, key=key,
         config=variant_config(config, mode=mode, half_precision=True))
-    result[mode] = _compare(g.astype(exact.dtype), exact)
+    result[mode] = compare(g.astype(exact.dtype), exact)
   return result
 
 

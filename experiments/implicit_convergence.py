@@ -1,0 +1,127 @@
+r"""How many conjugate-gradient steps the `implicit` hypergradient needs, on a real run's states.
+
+`implicit` solves (J J^T + damping I) g = J v by a fixed number of CG steps
+(`hypergrad.cg_iterations`). This restores a finished run's checkpoints, rebuilds the
+batches it trained on at each of `--steps`, and compares g after each count of
+`--iterations` with g after the largest count (cosine and relative error, mean over
+`--num_batches`), in the run's own meta forward mode and damping. Raw hypergradients
+are compared (`meta_step_scale='none'`), so the relative error includes scale.
+
+  python -m experiments.implicit_convergence --run_dir=results/digits/semimeta/seed_0 \
+      --out=results/implicit_convergence
+"""
+
+import datetime
+import functools
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import hypergrad_ablation
+from experiments import hypergrad_fidelity
+from semimeta_jax import checkpoint
+from semimeta_jax import data
+from semimeta_jax import models
+from semimeta_jax import parallel
+from semimeta_jax import train
+from semimeta_jax.methods import common
+from semimeta_jax.methods import semimeta
+
+
+def implicit_hypergradients(state, batch, lr, *, config, iterations):
+  """{n: g} of `implicit` after each CG count n of `iterations`, with the training step's dropout draw."""
+  grads = {}
+  for count in iterations:
+    variant = config.copy_and_resolve_references()
+    variant.hypergrad.update(mode='implicit', cg_iterations=count, meta_step_scale='none',
+                             loop_unroll=min(count, config.hypergrad.loop_unroll))
+    _, grads[count], _ = semimeta.meta_pseudo_labels(
+        state, batch['labeled'], batch['unlabeled'], lr=lr,
+        key=state.step_key(common.DROPOUT_META), config=variant)
+  return grads
+
+
+def convergence_rows(grads_per_batch, *, step: int, iterations):
+  """One row per CG count: cosine and relative error against the largest count, mean over batches."""
+  reference = max(iterations)
+  rows = []
+  for count in iterations:
+    compared = [jax.device_get(hypergrad_fidelity.compare(grads[count], grads[reference]))
+                for grads in grads_per_batch]
+    rows.append({'step': step, 'cg_iterations': count, 'reference_iterations': reference,
+                 'cosine': float(np.mean([c['cosine'] for c in compared])),
+                 'relative_error': float(np.mean([c['relative_error'] for c in compared]))})
+  return rows
+
+
+def convergence_table(rows) -> str:
+  """Markdown: a line per CG count, a 'cosine / relative error' cell per step."""
+  steps = sorted({r['step'] for r in rows})
+  cells = {(r['cg_iterations'], r['step']): r for r in rows}
+  lines = ['| CG steps | ' + ' | '.join(f'step {s}' for s in steps) + ' |', '|---|' + '---|' * len(steps)]
+  for count in sorted({r['cg_iterations'] for r in rows}):
+    text = [f'{cells[count, s]["cosine"]:.5f} / {cells[count, s]["relative_error"]:.2e}'
+            if (count, s) in cells else '-' for s in steps]
+    lines.append(f'| {count} | ' + ' | '.join(text) + ' |')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  flags.DEFINE_string('run_dir', None, 'A finished SemiMeta run to read (read only).', required=True)
+  flags.DEFINE_string('out', 'results/implicit_convergence', 'Directory for the table.')
+  flags.DEFINE_list('steps', ['0', '500', '1000'], 'Training steps to measure at (0: the seed\'s start).')
+  flags.DEFINE_list('iterations', ['5', '10', '20', '40', '160'], 'CG step counts; the largest is the reference.')
+  flags.DEFINE_integer('num_batches', 2, 'Batches averaged per step.')
+
+
+def main(argv):
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run_dir = pathlib.Path(FLAGS.run_dir)
+  config_file = run_dir / 'config.json'
+  if not config_file.exists():
+    raise app.UsageError(f'{config_file} does not exist: --run_dir must be a run directory.')
+  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  if config.method != 'semimeta':
+    raise app.UsageError(f'{run_dir} is a {config.method!r} run; the hypergradient is SemiMeta\'s.')
+  iterations = sorted({int(n) for n in FLAGS.iterations})
+  if iterations[0] < 1:
+    raise app.UsageError(f'--iterations must be >= 1, got {iterations}.')
+  info = data.dataset_info(config.data)
+  mesh = parallel.make_mesh()
+  fresh = train.create_train_state(config, models.get_model(config, info.num_classes),
+                                   info.image_shape, mesh)
+  checkpointer = checkpoint.Checkpointer(str(run_dir), keep=max(config.keep_checkpoints, 1),
+                                         async_save=False, read_only=True)
+  measure = jax.jit(functools.partial(implicit_hypergradients, config=config, iterations=iterations))
+  rows = []
+  for step in sorted({int(s) for s in FLAGS.steps}):
+    if step and step not in set(checkpointer.all_steps()):
+      raise app.UsageError(f'{run_dir} has no checkpoint of step {step} '
+                           f'(it has {sorted(checkpointer.all_steps())}).')
+    state = checkpointer.restore(fresh, step) if step else fresh
+    inp = data.build_input(config, str(run_dir), start_step=step, mesh=mesh)
+    lr = hypergrad_ablation.meta_learning_rate(config, step)
+    grads = [measure(state, inp.train_batch(step + i), lr) for i in range(FLAGS.num_batches)]
+    rows += convergence_rows(grads, step=step, iterations=iterations)
+  checkpointer.close()
+  header = (f'`implicit` after n CG steps against {iterations[-1]} steps, cosine / relative error, mean '
+            f'over {FLAGS.num_batches} batches; run {run_dir} (meta forward '
+            f'{config.hypergrad.forward_mode}, damping {config.hypergrad.cg_damping}); '
+            f'{datetime.datetime.now().isoformat(timespec="seconds")}, jax {jax.__version__}.')
+  markdown = f'{header}\n\n{convergence_table(rows)}\n'
+  out = pathlib.Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'implicit_convergence.md').write_text(markdown)
+  print(markdown)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
