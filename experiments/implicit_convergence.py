@@ -13,19 +13,19 @@ are compared (`meta_step_scale='none'`), so the relative error includes scale.
 
 import datetime
 import functools
-import json
 import pathlib
 
 from absl import app
 from absl import flags
 import jax
-import ml_collections
 import numpy as np
 
+from experiments import feature_embedding
 from experiments import hypergrad_ablation
 from experiments import hypergrad_fidelity
 from semimeta_jax import checkpoint
 from semimeta_jax import data
+from semimeta_jax import errors
 from semimeta_jax import models
 from semimeta_jax import parallel
 from semimeta_jax import train
@@ -33,13 +33,16 @@ from semimeta_jax.methods import common
 from semimeta_jax.methods import semimeta
 
 
-def implicit_hypergradients(state, batch, lr, *, config, iterations):
-  """{n: g} of `implicit` after each CG count n of `iterations`, with the training step's dropout draw."""
+def implicit_hypergradients(state, batch, lr, *, config, iterations, loop_unroll: int = 1):
+  """{n: g} of `implicit` after each CG count n of `iterations`, with the training step's dropout draw.
+
+  `loop_unroll` CG steps run per loop iteration (at most n): the same values, faster on a CPU.
+  """
   grads = {}
   for count in iterations:
     variant = config.copy_and_resolve_references()
     variant.hypergrad.update(mode='implicit', cg_iterations=count, meta_step_scale='none',
-                             loop_unroll=min(count, config.hypergrad.loop_unroll))
+                             loop_unroll=min(count, loop_unroll))
     _, grads[count], _ = semimeta.meta_pseudo_labels(
         state, batch['labeled'], batch['unlabeled'], lr=lr,
         key=state.step_key(common.DROPOUT_META), config=variant)
@@ -77,6 +80,7 @@ def _define_flags():
   flags.DEFINE_list('steps', ['0', '500', '1000'], 'Training steps to measure at (0: the seed\'s start).')
   flags.DEFINE_list('iterations', ['5', '10', '20', '40', '160'], 'CG step counts; the largest is the reference.')
   flags.DEFINE_integer('num_batches', 2, 'Batches averaged per step.')
+  flags.DEFINE_integer('loop_unroll', 20, 'CG steps per loop iteration (hypergrad.loop_unroll).')
 
 
 def main(argv):
@@ -84,10 +88,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   run_dir = pathlib.Path(FLAGS.run_dir)
-  config_file = run_dir / 'config.json'
-  if not config_file.exists():
-    raise app.UsageError(f'{config_file} does not exist: --run_dir must be a run directory.')
-  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  try:  # In today's field names, as a resume reads it.
+    config = feature_embedding.saved_config(str(run_dir))
+  except errors.UserError as e:
+    raise app.UsageError(f'--run_dir: {e}') from e
   if config.method != 'semimeta':
     raise app.UsageError(f'{run_dir} is a {config.method!r} run; the hypergradient is SemiMeta\'s.')
   iterations = sorted({int(n) for n in FLAGS.iterations})
@@ -99,7 +103,8 @@ def main(argv):
                                    info.image_shape, mesh)
   checkpointer = checkpoint.Checkpointer(str(run_dir), keep=max(config.keep_checkpoints, 1),
                                          async_save=False, read_only=True)
-  measure = jax.jit(functools.partial(implicit_hypergradients, config=config, iterations=iterations))
+  measure = jax.jit(functools.partial(implicit_hypergradients, config=config, iterations=iterations,
+                                      loop_unroll=FLAGS.loop_unroll))
   rows = []
   for step in sorted({int(s) for s in FLAGS.steps}):
     if step and step not in set(checkpointer.all_steps()):

@@ -30,11 +30,11 @@ def test_rows_compare_each_count_with_the_largest():
 
 @pytest.mark.slow  # Four implicit solves of a ConvLarge, traced eagerly.
 def test_each_count_is_the_raw_implicit_hypergradient():
-  config = tiny_config(**{'hypergrad.meta_step_scale': 'first_step_norm', 'hypergrad.loop_unroll': 3})
+  config = tiny_config(**{'hypergrad.meta_step_scale': 'first_step_norm'})
   state = state_lib.init_train_state(config, models.get_model(config, 10), (8, 8, 1), jax.random.key(0))
   batch = synthetic_batch(jax.random.key(1), batch_size=4)
   grads = implicit_convergence.implicit_hypergradients(state, batch, 0.1, config=config,
-                                                       iterations=[2, 6])
+                                                       iterations=[2, 6], loop_unroll=4)
   x_u = batch['unlabeled']['image']
   apply_fn = functools.partial(common.eval_forward, state)
   for count in (2, 6):  # Not rescaled to the K = 1 norm: the solver's own output.

@@ -5,7 +5,8 @@ One training step:
   2. g = d L_l(theta~(ytil)) / d ytil by `config.hypergrad.mode`, with the bi-level
      objective evaluated in `config.hypergrad.forward_mode` ('eval' is the official
      setting; 'train' turns dropout and batch statistics on, so theta~ != theta).
-  3. yhat = project(ytil - beta g).
+  3. yhat = project(ytil - beta g), g first rescaled to the K = 1 hypergradient's norm
+     where `config.hypergrad.meta_step_scale='first_step_norm'` (horizon ablations).
   4. theta <- SGD step on KL(mix target || f(x_mix)) + w(t) ||softmax(f(x_u)) - yhat||^2
      (or CE on the labeled batch without mix-up), two training-mode forwards.
 """
