@@ -109,6 +109,16 @@ VARIANTS = {
     'semimeta_implicit': _preset('semimeta', '--config.hypergrad.mode=implicit',
                                  '--config.hypergrad.loop_unroll=20',
                                  '--config.hypergrad.meta_step_scale=first_step_norm'),
+    # The converged limit of a damped system: (G + 0.1 I)^-1 J v is the implicit hypergradient of
+    # the proximal inner problem (lambda = 2 * 0.1 / B_u), within cosine 0.998 after 40 CG steps
+    # (experiments/implicit_spectrum.py); 20 CG steps at damping 1e-4 are far from their limit.
+    'semimeta_implicit_damped': _preset('semimeta', '--config.hypergrad.mode=implicit',
+                                        '--config.hypergrad.cg_iterations=40',
+                                        '--config.hypergrad.cg_damping=0.1',
+                                        # All 40 in one loop iteration: a while loop's body runs
+                                        # several times slower on XLA:CPU.
+                                        '--config.hypergrad.loop_unroll=40',
+                                        '--config.hypergrad.meta_step_scale=first_step_norm'),
     # bfloat16 activations (the GPU/TPU precision question), official mode.
     'semimeta_bf16': _preset('semimeta', '--config.half_precision=True'),
     'semimeta_jvp_bf16': _preset('semimeta', '--config.half_precision=True', '--config.hypergrad.mode=jvp'),
@@ -142,6 +152,8 @@ LABELS = {
     'semimeta_eval_k2_official_beta': 'SemiMeta, K = 2 (neumann), official beta',
     'semimeta_eval_k4_official_beta': 'SemiMeta, K = 4 (neumann), official beta',
     'semimeta_implicit': 'SemiMeta, implicit limit (20 CG steps), scaled to the K = 1 norm',
+    'semimeta_implicit_damped': ('SemiMeta, implicit limit, damping 0.1 (converged: 40 CG steps), '
+                                 'scaled to the K = 1 norm'),
     'semimeta_bf16': 'SemiMeta, finite_difference, bfloat16 activations',
     'semimeta_jvp_bf16': 'SemiMeta, jvp, bfloat16 activations',
 }

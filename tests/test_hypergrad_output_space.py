@@ -133,6 +133,34 @@ class TestImplicit:
                    for k in (1, 10, 100, 1000)]
     assert all(a > b for a, b in zip(errors_by_k, errors_by_k[1:])), errors_by_k
 
+  def test_damping_is_the_proximal_inner_problems_limit(self):
+    # (G + mu I)^-1 J v is the implicit hypergradient of argmin L_u + (mu / B_u) ||theta - theta_t||^2:
+    # checked against that problem's parameter-space IFT formula and its unrolled descent, K -> oo.
+    params, x_l, y_l, x_u, predictions = evaluation_mode_problem(seed=23)
+    jacobian, v = dense_output_jacobian(params, x_u), flat_labeled_gradient(params, x_l, y_l)
+    batch, damping = x_u.shape[0], 0.05
+    hessian = (2 / batch) * jacobian.T @ jacobian + (2 * damping / batch) * np.eye(jacobian.shape[1])
+    ift = (2 / batch) * jacobian @ np.linalg.solve(hessian, v)
+    flat0, unravel = ravel_pytree(params)
+
+    def labeled_loss_after_descent(y, steps, alpha=1.0):
+      def inner(flat):
+        residual = jax.nn.softmax(mlp_apply(unravel(flat), x_u)) - y
+        return (jnp.sum(residual ** 2) + damping * jnp.sum((flat - flat0) ** 2)) / batch
+      flat = jax.lax.fori_loop(0, steps, lambda _, f: f - alpha * jax.grad(inner)(f), flat0)
+      logits = mlp_apply(unravel(flat), x_l)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y_l)), y_l])
+
+    unrolled = jax.grad(labeled_loss_after_descent)(predictions, 3000)
+    g = hypergrad.implicit(mlp_apply, params, x_l, y_l, x_u, predictions,
+                           cg_iterations=2 * len(jacobian), cg_damping=damping)
+    np.testing.assert_allclose(g.ravel(), ift, rtol=1e-9, atol=1e-14)
+    assert relative_error(unrolled.ravel(), ift) < 1e-10  # 300 steps: 2e-3.
+    # Not a coincidence of the damping: without it the limit moves.
+    undamped = hypergrad.implicit(mlp_apply, params, x_l, y_l, x_u, predictions,
+                                  cg_iterations=2 * len(jacobian), cg_damping=1e-10)
+    assert relative_error(undamped.ravel(), ift) > 1e-2
+
   def test_conjugate_gradient_stops_safely_after_convergence(self):
     matrix = jnp.diag(jnp.asarray([3.0, 1.0, 0.0]))  # Singular; rhs in its range.
     rhs = jnp.asarray([6.0, 2.0, 0.0])

@@ -188,7 +188,9 @@ def implicit(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, cg_itera
 
   Args:
     cg_iterations: static number of CG steps.
-    cg_damping: >= 0, added to the diagonal of J J^T (singular: softmax rows sum to one).
+    cg_damping: >= 0, added to the diagonal of J J^T (singular: softmax rows sum to one);
+      mu > 0 gives the exact implicit hypergradient of the proximal inner problem
+      L_u + (mu / B_u) ||theta - theta_t||^2 (see `hypergrad_output_space`).
     loop_unroll: static; CG steps unrolled into one loop iteration (see `neumann`).
   """
   del ytil  # theta itself stands in for theta*(ytil).
