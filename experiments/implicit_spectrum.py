@@ -1,16 +1,15 @@
 r"""The output-space system behind `neumann` and `implicit`, formed densely on a real run's states.
 
 On the digits batch (B_u * C = 640 outputs) the Gram matrix G = J J^T of the
-unlabeled softmax outputs is small enough to build column by column (one J^T and
-one J product each), so the damped implicit hypergradient g_mu = (G + mu I)^{-1} J v
+unlabeled softmax outputs is small enough to build from J itself, so the damped implicit hypergradient g_mu = (G + mu I)^{-1} J v
 can be solved exactly in float64 and everything the matrix-free solvers return
 can be measured against it:
 
 - the spectrum of G (its largest eigenvalue, quantiles, how many are tiny: softmax
   rows sum to one, so at least B_u are zero);
 - for each damping mu of `--dampings`, the condition number of G + mu I and how
-  close the float32 matrix-free CG (`hypergrad_output_space.conjugate_gradient`, as
-  training runs it) is to g_mu after n steps (cosine, relative error);
+  close float32 CG (`hypergrad_output_space.conjugate_gradient`, the solver training
+  runs, here on the dense G) is to g_mu after n steps (cosine, relative error);
 - how close K-step `neumann` (the unrolled horizon K, eigenbasis formula) is to
   each g_mu: which damping is which horizon.
 
@@ -46,23 +45,33 @@ from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import hypergrad_output_space
 
 
-def dense_system(state, labeled, unlabeled, *, columns_per_pass: int = 32):
+def dense_system(state, labeled, unlabeled):
   """(G, b): the Gram matrix J J^T [n, n] and J v [n] of the evaluation-mode meta forward.
 
-  n = B_u * C; v = grad L_l(theta), as `hypergrad.implicit` takes it. G is built a
-  `columns_per_pass` columns at a time (each column one J^T and one J product).
+  n = B_u * C; v = grad L_l(theta), as `hypergrad.implicit` takes it. In evaluation
+  mode (running batch-norm averages, no dropout) each output depends on its own
+  example only, so J is built one example at a time (C reverse passes through a
+  single image each: the cost of C batch backward passes, not B_u * C).
   """
   apply_fn = functools.partial(common.eval_forward, state)
-  probs_fn = hypergrad._unlabeled_probabilities(apply_fn, unlabeled['image'])  # pylint: disable=protected-access
+
+  def example_probabilities(params, image):
+    return hypergrad._unlabeled_probabilities(apply_fn, image[None])(params)[0]  # pylint: disable=protected-access
+
+  per_example = jax.vmap(jax.jacrev(example_probabilities), in_axes=(None, 0))(
+      state.params, unlabeled['image'])
+  size = unlabeled['image'].shape[0] * per_example_classes(per_example)
+  jacobian = jnp.concatenate([leaf.reshape(size, -1) for leaf in jax.tree.leaves(per_example)], 1)
   v = jax.grad(hypergrad.outer_loss)(state.params, apply_fn, labeled['image'], labeled['label'])
-  jacobian_times, transpose_times = hypergrad_output_space.output_jacobian_products(
-      probs_fn, state.params)
-  gram = hypergrad_output_space.gram_matvec(jacobian_times, transpose_times)
-  rhs = jacobian_times(v)
-  size = rhs.size
-  basis = jnp.eye(size, dtype=rhs.dtype).reshape((size,) + rhs.shape)
-  columns = jax.lax.map(gram, basis, batch_size=columns_per_pass)
-  return columns.reshape(size, size), rhs.reshape(size)
+  flat_v = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(v)])
+  highest = jax.lax.Precision.HIGHEST
+  return jnp.matmul(jacobian, jacobian.T, precision=highest), jnp.matmul(jacobian, flat_v,
+                                                                           precision=highest)
+
+
+def per_example_classes(per_example_jacobian):
+  """C, from a per-example Jacobian pytree whose leaves are [B_u, C, *parameter shape]."""
+  return jax.tree.leaves(per_example_jacobian)[0].shape[1]
 
 
 def cg_iterates(gram, rhs, damping, counts):
@@ -139,11 +148,11 @@ def markdown(results, *, header):
 def _define_flags():
   flags.DEFINE_string('run_dir', None, 'A finished SemiMeta run to read (read only).', required=True)
   flags.DEFINE_string('out', 'results/implicit_spectrum', 'Directory for the tables.')
-  flags.DEFINE_list('steps', ['250', '500', '1000'], 'Training steps to measure at (0: the seed\'s start).')
+  flags.DEFINE_list('steps', ['500', '750', '1000'], 'Training steps to measure at (0: the seed\'s start).')
   flags.DEFINE_integer('num_batches', 1, 'Batches per step.')
-  flags.DEFINE_list('dampings', ['1e-4', '1e-3', '1e-2', '0.016', '0.1'], 'Dampings mu of G + mu I.')
+  flags.DEFINE_list('dampings', ['1e-4', '1e-3', '0.016', '0.1', '1'], 'Dampings mu of G + mu I.')
   flags.DEFINE_list('cg_iterations', ['10', '20', '40', '80', '320'], 'CG step counts compared.')
-  flags.DEFINE_list('horizons', ['1', '4', '16', '256', '4096'], 'Neumann horizons K compared.')
+  flags.DEFINE_list('horizons', ['1', '4', '64', '1024', '16384'], 'Neumann horizons K compared.')
 
 
 def main(argv):

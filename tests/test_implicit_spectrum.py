@@ -12,6 +12,7 @@ from semimeta_jax import models
 from semimeta_jax import state as state_lib
 from semimeta_jax.methods import common
 from semimeta_jax.methods import hypergrad
+from semimeta_jax.methods import hypergrad_output_space
 from tests.conftest import synthetic_batch
 from tests.conftest import tiny_config
 
@@ -57,17 +58,22 @@ def test_analysis_measures_against_the_dense_solution():
       [{'step': 3, 'batch': 0, 'alpha': 0.1, 'analysis': result}], header='h')
 
 
-@pytest.mark.slow  # A ConvLarge's dense Gram matrix, column by column.
+@pytest.mark.slow  # A ConvLarge's dense Jacobian, and 80 CG steps.
 def test_dense_system_is_the_matrix_free_one():
   config = tiny_config()
   state = state_lib.init_train_state(config, models.get_model(config, 10), (8, 8, 1), jax.random.key(0))
   batch = synthetic_batch(jax.random.key(1), batch_size=4)
-  gram, rhs = implicit_spectrum.dense_system(state, batch['labeled'], batch['unlabeled'],
-                                             columns_per_pass=8)
+  gram, rhs = implicit_spectrum.dense_system(state, batch['labeled'], batch['unlabeled'])
   assert gram.shape == (40, 40) and rhs.shape == (40,)
   np.testing.assert_allclose(gram, gram.T, rtol=1e-4, atol=1e-6)
-  # Its damped solve is what `hypergrad.implicit` converges to, matrix-free.
+  # Built per example; the matrix-free products are of the whole batch.
   apply_fn = functools.partial(common.eval_forward, state)
+  probs_fn = lambda p: jax.nn.softmax(apply_fn(p, batch['unlabeled']['image']))
+  jacobian_times, transpose_times = hypergrad_output_space.output_jacobian_products(probs_fn, state.params)
+  w = jax.random.normal(jax.random.key(2), (4, 10))
+  np.testing.assert_allclose(gram @ w.ravel(), jacobian_times(transpose_times(w)).ravel(),
+                             rtol=1e-4, atol=1e-6)
+  # Its damped solve is what `hypergrad.implicit` converges to, matrix-free.
   implicit = hypergrad.implicit(apply_fn, state.params, batch['labeled']['image'],
                                 batch['labeled']['label'], batch['unlabeled']['image'], None,
                                 cg_iterations=80, cg_damping=0.5)
