@@ -24,6 +24,7 @@ from semimeta_jax import preemption
 from semimeta_jax import progress as progress_lib
 from semimeta_jax import result_protocol
 from semimeta_jax import run_dir
+from semimeta_jax import run_environment
 from semimeta_jax import state as state_lib
 from semimeta_jax import validation
 from semimeta_jax import workdir_lock
@@ -308,6 +309,8 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
       'num_labeled': int(len(inp.labeled_indices)),
       'num_validation_examples': inp.num_validation_examples,
       'num_eval_examples': inp.num_eval_examples,
+      # Of this run (a resumed one may have moved): CPU results depend on the core count.
+      'environment': run_environment.describe(),
       'config': config.to_dict(),
   }
   metrics_lib.write_summary(workdir, summary)

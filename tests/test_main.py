@@ -21,6 +21,9 @@ def test_main_trains_digits_from_the_command_line(tmp_path):
   assert summary['completed'] and summary['steps'] == 4
   assert summary['num_eval_examples'] == 300  # The digits test split, every example counted.
   assert summary['num_labeled'] == 50
+  environment = summary['environment']  # Where it ran: CPU results depend on the core count.
+  assert environment['backend'] == 'cpu' and environment['global_devices'] == 1
+  assert environment['cpu_cores'] >= 1 and environment['jax']
   assert 'test error' in result.stderr
 
 
