@@ -20,15 +20,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from experiments import feature_embedding
-from experiments import hypergrad_ablation
 from experiments import hypergrad_fidelity
-from semimeta_jax import checkpoint
-from semimeta_jax import data
-from semimeta_jax import errors
-from semimeta_jax import models
-from semimeta_jax import parallel
-from semimeta_jax import train
+from experiments import semimeta_run_states
 from semimeta_jax.methods import common
 from semimeta_jax.methods import semimeta
 
@@ -74,6 +67,18 @@ def convergence_table(rows) -> str:
   return '\n'.join(lines)
 
 
+def convergence_results(run_dir, config, steps, *, num_batches, iterations, loop_unroll):
+  """`convergence_rows` of each step of `steps` of the run, over its first `num_batches` batches there."""
+  measure = jax.jit(functools.partial(implicit_hypergradients, config=config, iterations=iterations,
+                                      loop_unroll=loop_unroll))
+  rows = []
+  for run in semimeta_run_states.run_states(run_dir, config, steps):
+    grads = [measure(run.state, run.input.train_batch(run.step + i), run.learning_rate)
+             for i in range(num_batches)]
+    rows += convergence_rows(grads, step=run.step, iterations=iterations)
+  return rows
+
+
 def _define_flags():
   flags.DEFINE_string('run_dir', None, 'A finished SemiMeta run to read (read only).', required=True)
   flags.DEFINE_string('out', 'results/implicit_convergence', 'Directory for the table.')
@@ -88,34 +93,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   run_dir = pathlib.Path(FLAGS.run_dir)
-  try:  # In today's field names, as a resume reads it.
-    config = feature_embedding.saved_config(str(run_dir))
-  except errors.UserError as e:
-    raise app.UsageError(f'--run_dir: {e}') from e
-  if config.method != 'semimeta':
-    raise app.UsageError(f'{run_dir} is a {config.method!r} run; the hypergradient is SemiMeta\'s.')
+  config = semimeta_run_states.saved_semimeta_config(run_dir)
   iterations = sorted({int(n) for n in FLAGS.iterations})
   if iterations[0] < 1:
     raise app.UsageError(f'--iterations must be >= 1, got {iterations}.')
-  info = data.dataset_info(config.data)
-  mesh = parallel.make_mesh()
-  fresh = train.create_train_state(config, models.get_model(config, info.num_classes),
-                                   info.image_shape, mesh)
-  checkpointer = checkpoint.Checkpointer(str(run_dir), keep=max(config.keep_checkpoints, 1),
-                                         async_save=False, read_only=True)
-  measure = jax.jit(functools.partial(implicit_hypergradients, config=config, iterations=iterations,
-                                      loop_unroll=FLAGS.loop_unroll))
-  rows = []
-  for step in sorted({int(s) for s in FLAGS.steps}):
-    if step and step not in set(checkpointer.all_steps()):
-      raise app.UsageError(f'{run_dir} has no checkpoint of step {step} '
-                           f'(it has {sorted(checkpointer.all_steps())}).')
-    state = checkpointer.restore(fresh, step) if step else fresh
-    inp = data.build_input(config, str(run_dir), start_step=step, mesh=mesh)
-    lr = hypergrad_ablation.meta_learning_rate(config, step)
-    grads = [measure(state, inp.train_batch(step + i), lr) for i in range(FLAGS.num_batches)]
-    rows += convergence_rows(grads, step=step, iterations=iterations)
-  checkpointer.close()
+  rows = convergence_results(run_dir, config, [int(s) for s in FLAGS.steps],
+                             num_batches=FLAGS.num_batches, iterations=iterations,
+                             loop_unroll=FLAGS.loop_unroll)
   header = (f'`implicit` after n CG steps against {iterations[-1]} steps, cosine / relative error, mean '
             f'over {FLAGS.num_batches} batches; run {run_dir} (meta forward '
             f'{config.hypergrad.forward_mode}, damping {config.hypergrad.cg_damping}); '

@@ -32,14 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import feature_embedding
-from experiments import hypergrad_ablation
-from semimeta_jax import checkpoint
-from semimeta_jax import data
-from semimeta_jax import errors
-from semimeta_jax import models
-from semimeta_jax import parallel
-from semimeta_jax import train
+from experiments import semimeta_run_states
 from semimeta_jax.methods import common
 from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import hypergrad_output_space
@@ -145,6 +138,25 @@ def markdown(results, *, header):
   return '\n'.join(lines)
 
 
+def spectrum_results(run_dir, config, steps, *, num_batches, dampings, cg_counts, horizons,
+                     verbose=False):
+  """[{'step', 'batch', 'alpha', 'analysis'}] of `analyse` on the run's states and training batches."""
+  build = jax.jit(dense_system)
+  results = []
+  for run in semimeta_run_states.run_states(run_dir, config, steps):
+    lr = float(run.learning_rate)
+    alpha = config.hypergrad.inner_lr if config.hypergrad.inner_lr > 0 else lr
+    for i in range(num_batches):
+      batch = run.input.train_batch(run.step + i)
+      gram, rhs = jax.device_get(build(run.state, batch['labeled'], batch['unlabeled']))
+      scale = 2.0 * alpha / config.unlabeled_batch_size
+      results.append({'step': run.step, 'batch': i, 'alpha': alpha, 'analysis': analyse(
+          gram, rhs, scale=scale, dampings=dampings, cg_counts=cg_counts, horizons=horizons)})
+      if verbose:
+        print(markdown(results[-1:], header=''), flush=True)
+  return results
+
+
 def _define_flags():
   flags.DEFINE_string('run_dir', None, 'A finished SemiMeta run to read (read only).', required=True)
   flags.DEFINE_string('out', 'results/implicit_spectrum', 'Directory for the tables.')
@@ -160,41 +172,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   run_dir = pathlib.Path(FLAGS.run_dir)
+  config = semimeta_run_states.saved_semimeta_config(run_dir)
   try:
-    config = feature_embedding.saved_config(str(run_dir))
     dampings = [float(d) for d in FLAGS.dampings]
     counts = [int(n) for n in FLAGS.cg_iterations]
     horizons = [int(k) for k in FLAGS.horizons]
-  except (errors.UserError, ValueError) as e:
+  except ValueError as e:
     raise app.UsageError(f'{e}') from e
   if min(dampings) <= 0 or min(counts) < 1 or min(horizons) < 1:
     raise app.UsageError('--dampings must be > 0, --cg_iterations and --horizons >= 1.')
-  if config.method != 'semimeta':
-    raise app.UsageError(f'{run_dir} is a {config.method!r} run; the hypergradient is SemiMeta\'s.')
-  info = data.dataset_info(config.data)
-  mesh = parallel.make_mesh()
-  fresh = train.create_train_state(config, models.get_model(config, info.num_classes),
-                                   info.image_shape, mesh)
-  checkpointer = checkpoint.Checkpointer(str(run_dir), keep=max(config.keep_checkpoints, 1),
-                                         async_save=False, read_only=True)
-  build = jax.jit(dense_system)
-  results = []
-  for step in sorted({int(s) for s in FLAGS.steps}):
-    if step and step not in set(checkpointer.all_steps()):
-      raise app.UsageError(f'{run_dir} has no checkpoint of step {step} '
-                           f'(it has {sorted(checkpointer.all_steps())}).')
-    state = checkpointer.restore(fresh, step) if step else fresh
-    inp = data.build_input(config, str(run_dir), start_step=step, mesh=mesh)
-    lr = float(hypergrad_ablation.meta_learning_rate(config, step))
-    alpha = config.hypergrad.inner_lr if config.hypergrad.inner_lr > 0 else lr
-    for i in range(FLAGS.num_batches):
-      batch = inp.train_batch(step + i)
-      gram, rhs = jax.device_get(build(state, batch['labeled'], batch['unlabeled']))
-      scale = 2.0 * alpha / config.unlabeled_batch_size
-      results.append({'step': step, 'batch': i, 'alpha': alpha, 'analysis': analyse(
-          gram, rhs, scale=scale, dampings=dampings, cg_counts=counts, horizons=horizons)})
-      print(markdown(results[-1:], header=''), flush=True)
-  checkpointer.close()
+  results = spectrum_results(run_dir, config, [int(s) for s in FLAGS.steps],
+                             num_batches=FLAGS.num_batches, dampings=dampings, cg_counts=counts,
+                             horizons=horizons, verbose=True)
   header = (f'Dense output-space system of run {run_dir} (evaluation-mode meta forward). Cells: '
             f'cosine / relative error of float32 CG after n steps against the float64 solution '
             f'g_mu = (G + mu I)^-1 J v, then the cosine of K-step neumann with g_mu; '

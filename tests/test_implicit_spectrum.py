@@ -2,12 +2,16 @@
 
 import functools
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from experiments import implicit_convergence
 from experiments import implicit_spectrum
+from experiments import semimeta_run_states
 from semimeta_jax import models
 from semimeta_jax import state as state_lib
 from semimeta_jax.methods import common
@@ -15,6 +19,8 @@ from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import hypergrad_output_space
 from tests.conftest import synthetic_batch
 from tests.conftest import tiny_config
+from tests.test_train import mock_config
+from tests.test_train import run
 
 
 def spread_system(seed=0, size=12):
@@ -80,3 +86,35 @@ def test_dense_system_is_the_matrix_free_one():
   dense = np.linalg.solve(np.asarray(gram, np.float64) + 0.5 * np.eye(40), np.asarray(rhs, np.float64))
   assert implicit_spectrum.compare(np.asarray(implicit, np.float64).ravel(), dense)['relative_error'] < 1e-3
   assert jnp.all(jnp.isfinite(gram))
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A tiny SemiMeta run on mock CIFAR-10 with checkpoints at steps 3 and 6."""
+  tmp_path = tmp_path_factory.mktemp('implicit_run')
+  config = mock_config(tmp_path)
+  run(config, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+@pytest.mark.slow  # Trains the run; both experiments read it back.
+def test_both_experiments_read_a_finished_runs_states(finished_run):
+  config = semimeta_run_states.saved_semimeta_config(finished_run)
+  with tfds.testing.mock_data(num_examples=40):
+    results = implicit_spectrum.spectrum_results(finished_run, config, [6, 0, 3], num_batches=1,
+                                                 dampings=[1.0], cg_counts=[2, 80], horizons=[1])
+    rows = implicit_convergence.convergence_results(finished_run, config, [3], num_batches=2,
+                                                    iterations=[1, 4], loop_unroll=4)
+    with pytest.raises(app.UsageError, match='no checkpoint of step'):
+      implicit_spectrum.spectrum_results(finished_run, config, [4], num_batches=1, dampings=[1.0],
+                                         cg_counts=[2], horizons=[1])
+  assert [r['step'] for r in results] == [0, 3, 6]
+  batch, classes = config.unlabeled_batch_size, 10
+  for r in results:
+    analysis = r['analysis']
+    assert analysis['size'] == batch * classes
+    # Softmax rows sum to one: at least one null direction per unlabeled example.
+    assert analysis['eigenvalues_below']['1e-06'] >= batch
+    assert analysis['dampings'][0]['cg'][80]['relative_error'] < 1e-3
+  assert [(r['step'], r['cg_iterations']) for r in rows] == [(3, 1), (3, 4)]
+  assert rows[1]['cosine'] == pytest.approx(1.0) and rows[0]['cosine'] < 1.0
