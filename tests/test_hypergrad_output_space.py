@@ -276,8 +276,8 @@ class TestLoopUnroll:
                                  predictions, alpha=0.3, inner_steps=5 if mode == 'neumann' else 1,
                                  theta_tilde_is_theta=True, cg_iterations=7)
     rolled = estimate(loop_unroll=1)
-    # 3 does not divide 4 terms or 7 CG steps: the remainder iterations run too.
-    for unroll in (3, 8):
+    # 3 does not divide 4 terms or 7 CG steps: the remainder iterations run too; 0 is all.
+    for unroll in (3, 8, 0):
       chex.assert_trees_all_close(estimate(loop_unroll=unroll), rolled, rtol=1e-12, atol=1e-16)
 
   def test_unrolled_virtual_steps_give_the_rolled_endpoint(self):
@@ -286,6 +286,12 @@ class TestLoopUnroll:
     rolled, unrolled = (hypergrad_output_space.gradient_descent_endpoint(
         loss, params, alpha=0.2, steps=3, unroll=unroll) for unroll in (1, 3))
     chex.assert_trees_all_close(unrolled, rolled, rtol=1e-12, atol=1e-16)
+    fully = hypergrad_output_space.gradient_descent_endpoint(loss, params, alpha=0.2, steps=3, unroll=0)
+    chex.assert_trees_all_close(fully, rolled, rtol=1e-12, atol=1e-16)
+
+  def test_zero_means_every_iteration(self):
+    assert [hypergrad_output_space.loop_unroll(0, trips) for trips in (0, 1, 40)] == [1, 1, 40]
+    assert hypergrad_output_space.loop_unroll(20, 40) == 20
 
 
 class TestFirstStepNorm:
@@ -331,7 +337,7 @@ class TestFirstStepNorm:
     for mode, steps in (('exact', 2), ('neumann', 4), ('implicit', 1), ('finite_difference', 1)):
       assert not hypergrad.is_first_step_hypergradient(mode, steps)
 
-  @pytest.mark.parametrize('field,value', [('meta_step_scale', 'k1'), ('loop_unroll', 0),
+  @pytest.mark.parametrize('field,value', [('meta_step_scale', 'k1'), ('loop_unroll', -1),
                                            ('loop_unroll', -2)])
   def test_bad_fields_are_config_errors(self, field, value):
     with pytest.raises(errors.ConfigError, match=f'hypergrad.{field}'):

@@ -43,8 +43,8 @@ def config_blocks():
           'epsilon': 1e-2,  # Finite-difference step, relative to ||v||.
           'cg_iterations': 20,  # Conjugate-gradient steps of `implicit`.
           'cg_damping': 1e-4,  # `implicit` solves (J J^T + damping I) g = J v.
-          # Loop iterations of `neumann`/`implicit` unrolled into one: the same values,
-          # faster on XLA:CPU, slower to compile.
+          # Loop iterations of `neumann`/`implicit` unrolled into one (0 = all): the same
+          # values, faster on XLA:CPU, slower to compile.
           'loop_unroll': 1,
           'meta_step_scale': 'none',  # none | first_step_norm (see hypergrad.match_first_step_norm)
           'forward_mode': 'eval',  # eval (official: running BN stats, no dropout) | train
@@ -76,8 +76,8 @@ def validate(config) -> None:
           f'(mode {hg.mode!r} is not a K-step estimator)')
   require(isinstance(hg.cg_iterations, int) and hg.cg_iterations >= 1, 'hypergrad.cg_iterations',
           hg.cg_iterations, 'must be an integer >= 1 (conjugate-gradient steps of mode "implicit")')
-  require(isinstance(hg.loop_unroll, int) and hg.loop_unroll >= 1, 'hypergrad.loop_unroll',
-          hg.loop_unroll, 'must be an integer >= 1 (1 = a rolled loop)')
+  require(isinstance(hg.loop_unroll, int) and hg.loop_unroll >= 0, 'hypergrad.loop_unroll',
+          hg.loop_unroll, 'must be an integer >= 0 (1 = a rolled loop, 0 = fully unrolled)')
   require(hg.cg_damping >= 0, 'hypergrad.cg_damping', hg.cg_damping,
           'must be >= 0 (added to the Gram matrix J J^T of mode "implicit")')
   require(hg.inner_lr >= 0, 'hypergrad.inner_lr', hg.inner_lr, 'must be >= 0 (0 = the learning rate)')
