@@ -109,6 +109,12 @@ VARIANTS = {
     'semimeta_implicit': _preset('semimeta', '--config.hypergrad.mode=implicit',
                                  '--config.hypergrad.loop_unroll=20',
                                  '--config.hypergrad.meta_step_scale=first_step_norm'),
+    # K = 1 with a longer pseudo-label step: the official beta is lr * B_u / alpha = B_u = 64 with
+    # alpha = lr; K = 2 and 4 with the official beta step about 2 and 4 times as far.
+    'semimeta_exact_beta2x': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                     '--config.hypergrad.meta_lr=128'),
+    'semimeta_exact_beta4x': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                     '--config.hypergrad.meta_lr=256'),
     # The converged limit of a damped system: (G + 0.1 I)^-1 J v is the implicit hypergradient of
     # the proximal inner problem (lambda = 2 * 0.1 / B_u), within cosine 0.998 after 40 CG steps
     # (experiments/implicit_spectrum.py); 20 CG steps at damping 1e-4 are far from their limit.
@@ -152,6 +158,8 @@ LABELS = {
     'semimeta_eval_k2_official_beta': 'SemiMeta, K = 2 (neumann), official beta',
     'semimeta_eval_k4_official_beta': 'SemiMeta, K = 4 (neumann), official beta',
     'semimeta_implicit': 'SemiMeta, implicit limit (20 CG steps), scaled to the K = 1 norm',
+    'semimeta_exact_beta2x': 'SemiMeta, K = 1 (exact), beta 2x official',
+    'semimeta_exact_beta4x': 'SemiMeta, K = 1 (exact), beta 4x official',
     'semimeta_implicit_damped': ('SemiMeta, implicit limit, damping 0.1 (converged: 40 CG steps), '
                                  'scaled to the K = 1 norm'),
     'semimeta_bf16': 'SemiMeta, finite_difference, bfloat16 activations',
