@@ -1,9 +1,9 @@
 r"""The output-space system behind `neumann` and `implicit`, formed densely on a real run's states.
 
 On the digits batch (B_u * C = 640 outputs) the Gram matrix G = J J^T of the
-unlabeled softmax outputs is small enough to build from J itself, so the damped implicit hypergradient g_mu = (G + mu I)^{-1} J v
-can be solved exactly in float64 and everything the matrix-free solvers return
-can be measured against it:
+unlabeled softmax outputs is small enough to build from J itself, so the damped
+implicit hypergradient g_mu = (G + mu I)^{-1} J v can be solved exactly in float64
+and everything the matrix-free solvers return can be measured against it:
 
 - the spectrum of G (its largest eigenvalue, quantiles, how many are tiny: softmax
   rows sum to one, so at least B_u are zero);
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import semimeta_run_states
+from semimeta_jax import losses
 from semimeta_jax.methods import common
 from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import hypergrad_output_space
@@ -48,23 +49,19 @@ def dense_system(state, labeled, unlabeled):
   """
   apply_fn = functools.partial(common.eval_forward, state)
 
-  def example_probabilities(params, image):
-    return hypergrad._unlabeled_probabilities(apply_fn, image[None])(params)[0]  # pylint: disable=protected-access
+  def example_probabilities(params, image):  # The forward inside L_u, for one example.
+    return jax.nn.softmax(losses.at_least_float32(apply_fn(params, image[None])))[0]
 
   per_example = jax.vmap(jax.jacrev(example_probabilities), in_axes=(None, 0))(
       state.params, unlabeled['image'])
-  size = unlabeled['image'].shape[0] * per_example_classes(per_example)
-  jacobian = jnp.concatenate([leaf.reshape(size, -1) for leaf in jax.tree.leaves(per_example)], 1)
+  leaves = jax.tree.leaves(per_example)  # Each [B_u, C, *parameter shape].
+  size = leaves[0].shape[0] * leaves[0].shape[1]
+  jacobian = jnp.concatenate([leaf.reshape(size, -1) for leaf in leaves], axis=1)
   v = jax.grad(hypergrad.outer_loss)(state.params, apply_fn, labeled['image'], labeled['label'])
   flat_v = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(v)])
   highest = jax.lax.Precision.HIGHEST
   return jnp.matmul(jacobian, jacobian.T, precision=highest), jnp.matmul(jacobian, flat_v,
                                                                            precision=highest)
-
-
-def per_example_classes(per_example_jacobian):
-  """C, from a per-example Jacobian pytree whose leaves are [B_u, C, *parameter shape]."""
-  return jax.tree.leaves(per_example_jacobian)[0].shape[1]
 
 
 def cg_iterates(gram, rhs, damping, counts):
