@@ -157,7 +157,7 @@ LABELS = {
     'semimeta_eval_k4': 'SemiMeta, K = 4 (neumann), scaled to the K = 1 norm',
     'semimeta_eval_k2_official_beta': 'SemiMeta, K = 2 (neumann), official beta',
     'semimeta_eval_k4_official_beta': 'SemiMeta, K = 4 (neumann), official beta',
-    'semimeta_implicit': 'SemiMeta, implicit limit (20 CG steps), scaled to the K = 1 norm',
+    'semimeta_implicit': 'SemiMeta, implicit, 20 CG steps at damping 1e-4 (truncated), scaled to the K = 1 norm',
     'semimeta_exact_beta2x': 'SemiMeta, K = 1 (exact), beta 2x official',
     'semimeta_exact_beta4x': 'SemiMeta, K = 1 (exact), beta 4x official',
     'semimeta_implicit_damped': ('SemiMeta, implicit limit, damping 0.1 (converged: 40 CG steps), '
