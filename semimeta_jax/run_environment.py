@@ -1,8 +1,8 @@
 """What a run ran on, recorded in its summary: results can depend on it.
 
 On a CPU, XLA splits reductions over as many threads as the process may use, so
-the same seed can end a few tenths of a point apart on 1 and 2 cores (measured on
-digits: labeled-only seed 0 16.33 % on 2 cores, 13.00 % pinned to one). A results
+the same seed can end points apart on 1 and 2 cores (measured on digits:
+labeled-only seed 0 16.33 % on 2 cores, 13.00 % pinned to one). A results
 table should say which machine each figure came from.
 """
 

@@ -26,7 +26,7 @@ implicit hypergradient of the proximal inner problem argmin_theta L_u(theta, y) 
 (mu / B_u) ||theta - theta_t||^2 (iMAML's regulariser, lambda = 2 mu / B_u; push J
 through ((2/B_u) J^T J + lambda I)^{-1}), and the K -> infinity limit of unrolled
 descent on it. On a real network most eigenvalues of J J^T are tiny (on digits,
-3/4 of them below 1e-4 of the largest), so the undamped limit is dominated by
+two thirds to three quarters below 1e-4 of the largest), so the undamped limit is dominated by
 directions no finite horizon reaches and CG needs hundreds of steps for it, while a
 damping that cuts them off converges in tens (experiments/implicit_spectrum.py).
 
@@ -84,8 +84,9 @@ def neumann_series(gram: Matvec, rhs: jax.Array, *, scale, num_terms: int,
   The loop carries two arrays shaped like `rhs`, whatever `num_terms` is. On
   XLA:CPU a loop body runs several times slower than the same code unrolled
   (measured ~10x on a small ConvLarge), so `unroll` (lax.fori_loop's: that many
-  terms per loop iteration; 0 = all, see `loop_unroll`) trades compile time for speed there; nothing is
-  differentiated through the loop, so XLA may free each unrolled term's buffers.
+  terms per loop iteration; 0 = all, see `loop_unroll`) trades compile time for
+  speed there; nothing is differentiated through the loop, so XLA may free each
+  unrolled term's buffers.
   """
 
   def add_term(_, carry):
