@@ -1,5 +1,5 @@
 """The planted bugs of `mutation_check.py` in the methods' loss terms and timing, the
-checkpoint checksums and the datasets' loading.
+checkpoint checksums, the datasets' loading, the workdir's links and the dispatch queue.
 
 Same form as `mutants.py` (file, exact snippet, replacement, the bug, the tests that
 catch it). Each subset is only the tests that pin the exact value (a loss against a
@@ -19,6 +19,9 @@ FAST_SWA_TIMING = 'tests/test_fast_swa_timing.py'
 INTEGRITY = 'tests/test_integrity.py'
 FOLDER = 'tests/test_folder_labels.py'
 TFDS_MEMORY = 'tests/test_tfds_memory_decision.py'
+RELATIVE_LINKS = ('tests/test_faults_workdir.py::test_a_relative_link_out_is_resolved_and_refused',)
+FOLDER_LOOPS = ('tests/test_faults_inputs.py::test_a_folder_linking_to_itself_or_a_folder_above_is_a_loop',)
+RUN_AHEAD = ('tests/test_dispatch.py::test_the_host_runs_ahead_by_exactly_max_in_flight_steps',)
 
 MUTANTS = [
     *group('semimeta_jax/methods/semimeta.py', (MIXUP_TARGET,), (
@@ -133,5 +136,23 @@ MUTANTS = [
         'rows += split_size(builder, spec.unlabeled_split)',
         'pass',
         'the unlabeled split left out of the training bytes',
+    )),
+    *group('semimeta_jax/workdir_files.py', RELATIVE_LINKS, (
+        'workdir-relative-link-unresolved',
+        '        target = os.path.realpath(path)\n',
+        '        target = os.path.join(dirpath, os.readlink(path))\n',
+        "a relative link's target joined to its folder without resolving '..' (a link out accepted)",
+    )),
+    *group('semimeta_jax/data/folder.py', FOLDER_LOOPS, (
+        'folder-self-not-an-ancestor',
+        '      _check_link(entry, root, ancestors)',
+        '      _check_link(entry, root, ancestors[:-1])',
+        'a folder not counted among its own ancestors (a link to itself walked endlessly)',
+    )),
+    *group('semimeta_jax/dispatch.py', RUN_AHEAD, (
+        'dispatch-one-step-fewer-in-flight',
+        'while len(self._pending) > self.max_in_flight:',
+        'while len(self._pending) >= self.max_in_flight:',
+        'one step fewer runs ahead than max_steps_in_flight (depth 1 is synchronous)',
     )),
 ]

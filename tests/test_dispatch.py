@@ -47,6 +47,34 @@ def test_after_each_push_at_most_max_in_flight_steps_are_unfinished(max_in_fligh
   assert all(out['loss'].is_ready() for out in outputs)
 
 
+class _HeldStep:
+  """A step's output that finishes only when waited on: a device far slower than the host."""
+
+  def __init__(self):
+    self.waited = False
+
+  def is_ready(self):
+    return self.waited
+
+  def block_until_ready(self):
+    self.waited = True
+    return self
+
+
+@pytest.mark.parametrize('max_in_flight', [1, 2, 3])
+def test_the_host_runs_ahead_by_exactly_max_in_flight_steps(max_in_flight, monkeypatch):
+  # The lower bound: a queue that waits one step early (depth 1 = synchronous) is caught here.
+  monkeypatch.setattr(dispatch, '_smallest_leaf', lambda outputs: outputs)
+  queue = dispatch.DispatchQueue(max_in_flight)
+  steps = [_HeldStep() for _ in range(max_in_flight + 4)]
+  for step, output in enumerate(steps, start=1):
+    queue.push(step, output)
+    running = sum(not s.waited for s in steps[:step])
+    assert running == queue.num_pending == min(step, max_in_flight), (step, running)
+    assert queue.finished_step == max(0, step - max_in_flight)
+  assert queue.drain() == len(steps)
+
+
 def test_the_queue_waits_on_the_smallest_output_and_mark_finished_forgets_waited_steps():
   queue = dispatch.DispatchQueue(4, start_step=10)
   assert queue.finished_step == 10

@@ -56,6 +56,23 @@ def test_a_class_folder_linking_back_to_its_split_is_a_loop_not_a_class(tmp_path
   assert 'train/loop is a symbolic link' in message and 'loop' in message and '\n' not in message
 
 
+@pytest.mark.parametrize('link, target', [
+    ('train/a/again', '.'),  # A class folder holding a link to itself.
+    ('train/a/sub/again', '.'),
+    ('train/a/sub/up', '..'),
+    ('unlabeled/again', '.'),
+], ids=['class-to-itself', 'subfolder-to-itself', 'subfolder-to-parent', 'unlabeled-to-itself'])
+def test_a_folder_linking_to_itself_or_a_folder_above_is_a_loop(tmp_path, link, target):
+  root = _small_folder(tmp_path / 'data')
+  _image(root / 'unlabeled' / 'u.png', 5)
+  (root / link).parent.mkdir(parents=True, exist_ok=True)
+  os.symlink(target, root / link)
+  with pytest.raises(folder.FolderDataError) as error:
+    _load(root)
+  message = str(error.value)
+  assert f'{link} is a symbolic link' in message and 'loop' in message and '\n' not in message
+
+
 @pytest.mark.parametrize('where', ['train/a/deeper', 'train/a/x.png', 'unlabeled'])
 def test_a_link_out_of_the_dataset_is_refused_naming_it(tmp_path, where):
   root = _small_folder(tmp_path / 'data')

@@ -58,6 +58,31 @@ def test_a_link_deep_in_the_checkpoints_is_found_too(tmp_path, elsewhere):
   assert_one_line(error, 'checkpoints/3/state/manifest.ocdbt')
 
 
+@pytest.mark.parametrize('link, target', [
+    ('checkpoints', '../elsewhere'),
+    ('checkpoints/3/manifest.ocdbt', '../../../elsewhere/precious.txt'),
+    ('checkpoints/3/x', '../../checkpoints/../../elsewhere'),
+], ids=['folder', 'deep-file', 'dotdot-chain'])
+def test_a_relative_link_out_is_resolved_and_refused(tmp_path, elsewhere, link, target):
+  # A relative target is read from the link's folder: joined without resolving '..', it
+  # would look like a path inside the workdir.
+  workdir = tmp_path / 'run'
+  (workdir / link).parent.mkdir(parents=True, exist_ok=True)
+  os.symlink(target, workdir / link)
+  before = tree_fingerprint(workdir)
+  with pytest.raises(workdir_files.WorkdirFileError) as error:
+    workdir_lock.WorkdirLock(workdir, enabled=True).acquire()
+  assert_one_line(error, str(workdir / link), 'symbolic link', target)
+  assert tree_fingerprint(workdir) == before
+
+
+def test_a_relative_link_inside_the_workdir_is_accepted(tmp_path):
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '3').mkdir(parents=True)
+  os.symlink('../checkpoints/./3', workdir / 'checkpoints' / 'latest')
+  workdir_files.check_workdir(workdir)
+
+
 def test_records_replaced_through_links_inside_replace_the_link_not_its_target(tmp_path, elsewhere):
   workdir = tmp_path / 'run'
   workdir.mkdir()
