@@ -122,6 +122,13 @@ class WorkdirLock:
         same = os.path.samestat(os.fstat(fd), os.stat(self.path))
       except FileNotFoundError:
         same = False
+      if same and os.fstat(fd).st_nlink > 1:
+        # A hard link shares its content with a file elsewhere: writing the record would
+        # overwrite that file. Only the workdir's name is removed; the lock is taken on a new file.
+        logging.warning('%s was a hard link to a file elsewhere; left that file as it was and '
+                        'took the lock on a new file.', self.path)
+        os.unlink(self.path)
+        same = False
       if same:
         break
       os.close(fd)

@@ -83,6 +83,22 @@ def test_a_relative_link_inside_the_workdir_is_accepted(tmp_path):
   workdir_files.check_workdir(workdir)
 
 
+def test_a_lock_hard_linked_to_a_file_elsewhere_leaves_that_file_as_it_was(tmp_path, elsewhere,
+                                                                           caplog):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  os.link(elsewhere / 'LOCK', workdir / 'LOCK')
+  lock = workdir_lock.WorkdirLock(workdir, enabled=True).acquire()
+  try:
+    assert os.stat(workdir / 'LOCK').st_nlink == 1
+    assert json.loads((workdir / 'LOCK').read_text())['pid'] == os.getpid()
+  finally:
+    lock.release()
+  assert 'hard link' in caplog.text
+  assert "not the run's to write" not in caplog.text  # The other file's content is not shown.
+  assert not (workdir / 'LOCK').exists()
+
+
 def test_records_replaced_through_links_inside_replace_the_link_not_its_target(tmp_path, elsewhere):
   workdir = tmp_path / 'run'
   workdir.mkdir()
