@@ -85,11 +85,16 @@ def _load_config_file(path: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
+    config = module.get_config() if arg is None else module.get_config(arg)
   except errors.UserError as e:
     fail(f'{path}:{arg}: {e}')
   except Exception as e:  # pylint: disable=broad-except
     fail(f'could not load the config file {path}: {type(e).__name__}: {e}')
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(f'the config file {path}: get_config() returned a {type(config).__name__}, not an '
+         'ml_collections.ConfigDict; build it on configs/default.py (default.get_config()).')
+  return config
 
 
 def _field_names(config, prefix: str = '') -> list[str]:
@@ -150,6 +155,12 @@ def check_workdir(workdir: str | None) -> str:
   """The workdir as an absolute path (local) or URL, or a one-line error if unusable."""
   if workdir is None or not workdir.strip():
     fail('--workdir is required and must not be empty, e.g. --workdir=runs/digits.')
+  try:
+    # TensorBoard, orbax and the JSON records all need a name that is text.
+    workdir.encode('utf-8')
+  except UnicodeEncodeError:
+    fail(f'--workdir={os.fsencode(workdir)!r} holds bytes that are not UTF-8 text: give a '
+         'workdir whose name is UTF-8.')
   if '://' in workdir:
     return workdir  # gs://... : checked when first written.
   path = os.path.abspath(os.path.expanduser(workdir))

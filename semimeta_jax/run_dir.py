@@ -72,9 +72,14 @@ class WorkdirError(errors.UserError, ValueError):
 
 def check_workdir_path(workdir) -> str:
   """`workdir` as a string; an empty one is refused (it would train into the current directory)."""
-  workdir = '' if workdir is None else os.fspath(workdir)
+  workdir = '' if workdir is None else os.fsdecode(workdir)
   if not workdir.strip():
     raise WorkdirError('--workdir is empty: give the directory for this run, e.g. --workdir=runs/digits.')
+  try:
+    workdir.encode('utf-8')
+  except UnicodeEncodeError:
+    raise WorkdirError(f'--workdir={os.fsencode(workdir)!r} holds bytes that are not UTF-8 text: '
+                       'give a workdir whose name is UTF-8.') from None
   return workdir
 
 

@@ -46,8 +46,14 @@ def validate_config(config: ml_collections.ConfigDict) -> methods.Configured:
   names, data presence) are made by `semimeta_jax.data`; device-dependent ones
   (batch sizes against the mesh) by `parallel.check_batch_sizes`.
   """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'the config is a {type(config).__name__}, not an ml_collections.ConfigDict: '
+                      'make get_config() return one (see configs/default.py).')
   _check_finite(config)
   _one_of(config, 'method', methods.METHOD_NAMES)
+  # Seeds equal modulo 2**32 would share their data streams (train_pools.stream_seeds).
+  _require(isinstance(config.seed, int) and not isinstance(config.seed, bool)
+           and 0 <= config.seed < 2**32, 'seed', config.seed, 'must be an integer in [0, 2**32 - 1]')
   _one_of(config, 'model', models.MODEL_NAMES)
   _one_of(config, 'remat', models.REMAT_POLICIES)
   _one_of(config, 'lr_schedule', schedules.SCHEDULES)
