@@ -34,6 +34,7 @@ SNTG_LOOP = (_SNTG + 'test_graph_loss_equals_a_loop_over_the_pairs',)
 SNTG_GRAD = (_SNTG + 'test_the_gradient_reaches_both_halves_as_the_loop_says',)
 SNTG_LABELS = (_SNTG + 'test_the_labels_are_constants_of_the_teacher_target',)
 SNTG_STEP = (_SNTG + 'test_the_step_adds_the_ramped_weight_times_the_loop_loss[mean_teacher]',)
+SNTG_PAIRS = (_SNTG + 'test_the_pairs_are_two_rows_of_the_batch_drawn_without_replacement',)
 
 _VADD = 'tests/test_vadd.py::'
 VADD_MASK = (_VADD + 'test_the_mask_is_the_brute_force_maximiser_of_the_linearised_divergence',)
@@ -110,9 +111,20 @@ MUTANTS = [
     )),
     *group('semimeta_jax/methods/sntg.py', SNTG_STEP, (
         'sntg-no-rampup',
-        'weight = config.sntg.weight * rampup(config, step)',
-        'weight = config.sntg.weight',
+        'weight = config.sntg.weight * consistency_weight',
+        'weight = config.sntg.weight * config.consistency_weight',
         'SNTG weight without the consistency ramp-up',
+    ), (
+        'sntg-weight-without-wmax',
+        'weight = config.sntg.weight * consistency_weight',
+        'weight = config.sntg.weight * consistency_weight / config.consistency_weight',
+        "SNTG weight times the ramp only, without the host's w_max",
+    )),
+    *group('semimeta_jax/methods/sntg.py', SNTG_PAIRS, (
+        'sntg-pairs-unshuffled',
+        'return jax.random.permutation(state.step_key(common.NOISE, PAIRS_TAG), batch_size)',
+        'return jnp.arange(batch_size)',
+        'rows paired in the batch order: every pair labeled-unlabeled',
     )),
     *group('semimeta_jax/methods/vadd.py', VADD_MASK, (
         'vadd-flip-smallest',

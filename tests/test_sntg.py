@@ -1,5 +1,7 @@
 """SNTG: the graph loss against a loop over the pairs, and its term in each consistency method."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,20 +74,71 @@ def test_identical_features_of_non_neighbours_have_a_finite_gradient():
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
+def keyed_state(seed):
+  """The one thing `regularize` reads of a TrainState: the step's keys."""
+  base = jax.random.key(seed)
+
+  def step_key(*tags):
+    key = base
+    for tag in tags:
+      key = jax.random.fold_in(key, tag)
+    return key
+
+  return types.SimpleNamespace(step_key=step_key)
+
+
 def test_the_labels_are_constants_of_the_teacher_target():
   config = tiny_config(method='mean_teacher', **{'sntg.weight': 0.4})
-  features = jax.random.normal(jax.random.key(2), (8, 4))
+  features = 0.3 * jax.random.normal(jax.random.key(2), (8, 4))
   target = jax.random.normal(jax.random.key(3), (8, 10))
   labels = jnp.array([3, 7])
 
   def loss(target_logits):
-    return sntg.regularize(0.0, config, 0, features, target_logits, labels)[0]
+    return sntg.regularize(0.0, config, keyed_state(0), 1.0, features, target_logits, labels)[0]
 
   assert float(loss(target)) > 0
   assert np.all(np.asarray(jax.grad(loss)(target)) == 0)
   expected = np.argmax(np.asarray(target), -1)
   expected[:2] = [3, 7]
   np.testing.assert_array_equal(sntg.hard_labels(target, labels), expected)
+
+
+def test_the_term_is_the_weight_times_the_hosts_consistency_weight_times_the_loop_loss():
+  config = tiny_config(method='pi_model', **{'sntg.weight': 0.4, 'sntg.margin': 0.8})
+  with jax.enable_x64(True):
+    features = spread_features(jax.random.key(6), 10, 5)
+    target = jax.random.normal(jax.random.key(7), (10, 10))
+    labels = jnp.array([1, 4, 4])
+    state = keyed_state(3)
+    loss, (aux,) = sntg.regularize(1.5, config, state, 7.25, features, target, labels)
+    order = np.asarray(sntg.pair_order(state, 10))
+    hard = np.argmax(np.asarray(target), -1)
+    hard[:3] = [1, 4, 4]
+    expected = loop_loss(np.asarray(features)[order], hard[order], 0.8)
+    np.testing.assert_allclose(float(aux['sntg_loss']), expected, rtol=1e-10)
+    np.testing.assert_allclose(float(aux['sntg_weight']), 0.4 * 7.25, rtol=1e-12)
+    np.testing.assert_allclose(float(loss), 1.5 + 0.4 * 7.25 * expected, rtol=1e-10)
+
+
+def test_the_pairs_are_two_rows_of_the_batch_drawn_without_replacement():
+  # [labeled; unlabeled] rows as the hosts join them: 4 labeled of 12. Over many steps' keys the
+  # pairs (order[i], order[i + 6]) are labeled-labeled, mixed and unlabeled-unlabeled in the
+  # proportions of two rows drawn without replacement, not all mixed as rows (i, i + 6) would be.
+  num_labeled, batch = 4, 12
+  counts = np.zeros(3)
+  for seed in range(400):
+    order = np.asarray(sntg.pair_order(keyed_state(seed), batch))
+    assert sorted(order.tolist()) == list(range(batch))  # A permutation: every row once.
+    labeled = order < num_labeled
+    counts += np.bincount(labeled[:batch // 2].astype(int) + labeled[batch // 2:].astype(int), minlength=3)
+  pairs = batch * (batch - 1)
+  num_unlabeled = batch - num_labeled
+  expected = np.array([num_unlabeled * (num_unlabeled - 1), 2 * num_labeled * num_unlabeled,
+                       num_labeled * (num_labeled - 1)]) / pairs
+  observed = counts / counts.sum()
+  # 2400 pairs: the binomial standard error of each share is below 0.011.
+  np.testing.assert_allclose(observed, expected, atol=0.04)
+  assert observed[2] > 0.05 and observed[0] > 0.3
 
 
 # Each method's SNTG features and teacher target, rebuilt here from the step's keys.
@@ -141,7 +194,9 @@ METHOD_FIELDS = {'mean_teacher': {'ema.decay': 0.9}, 'vat': {'vat.xi': 0.0, 'vat
 @pytest.mark.slow
 @pytest.mark.parametrize('method', list(PARTS))
 def test_the_step_adds_the_ramped_weight_times_the_loop_loss(method):
-  fields = {'consistency_rampup': 'linear', 'consistency_rampup_steps': 2, **METHOD_FIELDS[method]}
+  # w_max = 10: the term is 0.4 * w(t) = 0.4 * 10 * ramp(t), the host's whole consistency weight.
+  fields = {'consistency_rampup': 'linear', 'consistency_rampup_steps': 2, 'consistency_weight': 10.0,
+            **METHOD_FIELDS[method]}
   with_sntg = tiny_config(method=method, **fields, **{'sntg.weight': 0.4, 'sntg.margin': 0.5})
   without = tiny_config(method=method, **fields)
   model = models.get_model(with_sntg, 10)
@@ -159,11 +214,14 @@ def test_the_step_adds_the_ramped_weight_times_the_loop_loss(method):
   assert all(np.all(np.asarray(v) > 0) for v in visits)  # Temporal Ensembling: every target exists.
   labels = np.argmax(np.asarray(target), -1)
   labels[:len(batch['labeled']['label'])] = batch['labeled']['label']
-  expected = loop_loss(features, labels, 0.5)
+  order = np.asarray(sntg.pair_order(state, len(labels)))
+  expected = loop_loss(np.asarray(features)[order], labels[order], 0.5)
   assert expected > 0.01
-  np.testing.assert_allclose(float(metrics['sntg_weight']), 0.2, rtol=1e-6)
+  # Step 1 of a linear ramp over 2: w(t) = 10 / 2, the graph term's weight 0.4 * 5.
+  np.testing.assert_allclose(float(metrics['consistency_weight']), 5.0, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics['sntg_weight']), 2.0, rtol=1e-6)
   np.testing.assert_allclose(float(metrics['sntg_loss']), expected, rtol=1e-4)
-  np.testing.assert_allclose(float(metrics['loss']), float(plain['loss']) + 0.2 * expected, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['loss']), float(plain['loss']) + 2.0 * expected, rtol=1e-5)
   for name in ('supervised_loss', 'consistency_loss'):
     np.testing.assert_allclose(float(metrics[name]), float(plain[name]), rtol=1e-6)
 

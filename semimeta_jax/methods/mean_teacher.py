@@ -96,7 +96,7 @@ def objective(params, teacher_params, state, batch, *, weight, config):
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   supervised = losses.cross_entropy(logits[:num_labeled], labeled['label'])
   consistency = pi_model.softmax_mse(logits, teacher_logits)
-  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state.step, features,
+  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state, weight, features,
                                    teacher_logits, labeled['label'])
   return loss, (stats, supervised, consistency, logits, teacher_logits, *sntg_aux)
 

@@ -80,7 +80,7 @@ def objective(params, state, batch, *, weight, config):
     features.append(view_features)
   supervised = losses.cross_entropy(logits[0][:num_labeled], labeled['label'])
   consistency = softmax_mse(logits[0], logits[1])
-  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state.step, features[0],
+  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state, weight, features[0],
                                    logits[1], labeled['label'])
   return loss, (stats, supervised, consistency, logits[0], *sntg_aux)
 

@@ -5,12 +5,23 @@ neighbours when their labels agree (W = 1), and the student's pooled features of
 neighbours are pulled together while those of non-neighbours are pushed at least a
 margin apart. As the authors' code (xinmei9322/SNTG, `train_emb.py`):
   * labels: argmax of the teacher's target; the true label on labeled examples;
-  * pairs: the first half of the batch against the second half (example i with
-    example i + B // 2; an odd batch leaves its last example out);
+  * pairs: the first half of a batch against its second half (example i with
+    example i + B // 2; an odd batch leaves one example out). The authors' batch is
+    drawn from the whole shuffled training set, so its pairs are labeled or
+    unlabeled in the data's proportions; here the batch is [labeled; unlabeled], and
+    its rows are first put in a random order drawn from the step's key
+    (`pair_order`), so that each pair's two members are two rows of the batch drawn
+    without replacement: labeled-labeled, labeled-unlabeled and unlabeled-unlabeled
+    pairs in the batch's own proportions (with L labeled of B rows, L (L - 1) /
+    (B (B - 1)) of the pairs are labeled-labeled), not every pair labeled-unlabeled;
   * d^2 = mean over feature dimensions of (h_i - h_j)^2, d = sqrt(d^2);
   * loss = mean over pairs of W d^2 + (1 - W) max(0, m - d)^2, m = `sntg.margin`;
-  * added to the method's loss with weight `sntg.weight` times the consistency
-    ramp-up r(t) = w(t) / w_max (the paper's 0.4).
+  * added to the method's loss with weight `sntg.weight` (the authors' coeff_embed,
+    0.4) times the host method's full consistency weight w(t) = ramp(t) * w_max
+    (`train_emb.py`: `train_loss += unsup_weight * emb_loss * coeff_embed`, with
+    `unsup_weight = rampup_value * scaled_unsup_weight_max`). Each host passes the
+    weight it puts on its own consistency term: on the digits presets of Pi, TE and
+    MT (w_max = 10) the graph term is 4 * ramp(t) * loss; VAT's w_max is 1.
 Gradients reach the features of both halves; the labels are constants.
 
 The features are the globally pooled ones of the student's forward
@@ -31,6 +42,9 @@ from semimeta_jax import errors
 from semimeta_jax import schedules
 from semimeta_jax.methods import common
 
+# Sub-tag of the step's NOISE key from which the pairs' order is drawn (no method uses it otherwise).
+PAIRS_TAG = 0x5A7
+
 # The methods whose objective calls `regularize`: each has a teacher target.
 METHODS_WITH_TEACHER = ('pi_model', 'temporal_ensembling', 'mean_teacher', 'vat')
 
@@ -40,7 +54,7 @@ renamed_fields = {}
 def config_blocks():
   """The `sntg` block, read by the methods of `METHODS_WITH_TEACHER`."""
   return {'sntg': ml_collections.ConfigDict({
-      'weight': 0.0,  # 0 = off; the paper's 0.4, times the consistency ramp-up.
+      'weight': 0.0,  # 0 = off; the authors' 0.4, times the host's consistency weight w(t).
       'margin': 1.0,  # Smallest feature distance between non-neighbours.
   })}
 
@@ -95,6 +109,11 @@ def graph_loss(features: jax.Array, labels: jax.Array, margin: float) -> jax.Arr
   return jnp.mean(neighbours * distance2 + (1.0 - neighbours) * pushed)
 
 
+def pair_order(state, batch_size: int) -> jax.Array:
+  """The random order of the batch's rows before pairing, drawn from the step's key."""
+  return jax.random.permutation(state.step_key(common.NOISE, PAIRS_TAG), batch_size)
+
+
 def rampup(config, step) -> jax.Array:
   """r(t) in [0, 1]: the consistency ramp-up of `config` without its maximum weight."""
   unit = ml_collections.ConfigDict({'consistency_weight': 1.0,
@@ -115,13 +134,18 @@ def student_forward(config, state, params, x, batch_stats, dropout_key):
   return common.train_forward_with_features(state, params, x, batch_stats, dropout_key)
 
 
-def regularize(loss, config, step, features, target_logits, labels):
+def regularize(loss, config, state, consistency_weight, features, target_logits, labels):
   """`loss` plus the weighted SNTG term when `config.sntg.weight > 0`.
+
+  The term is `sntg.weight` * `consistency_weight` * the graph loss over the pairs of
+  the batch's rows in the random order `pair_order`.
 
   Args:
     loss: the method's loss.
-    config: the run configuration (the `sntg` block, the ramp-up fields).
-    step: the optimizer step (traced), for the ramp-up.
+    config: the run configuration (the `sntg` block).
+    state: the TrainState (the step's key orders the pairs).
+    consistency_weight: the host's weight on its consistency term at this step, w(t) =
+      ramp(t) * w_max (traced).
     features: [B, D] pooled features of the student's forward (`student_forward`).
     target_logits: [B, K] the teacher's target (logits or probabilities: only the argmax is read).
     labels: [L] true labels of the first L rows.
@@ -133,8 +157,9 @@ def regularize(loss, config, step, features, target_logits, labels):
   """
   if not enabled(config):
     return loss, ()
-  term = graph_loss(features, hard_labels(target_logits, labels), config.sntg.margin)
-  weight = config.sntg.weight * rampup(config, step)
+  order = pair_order(state, features.shape[0])
+  term = graph_loss(features[order], hard_labels(target_logits, labels)[order], config.sntg.margin)
+  weight = config.sntg.weight * consistency_weight
   return loss + weight * term, ({'sntg_loss': term, 'sntg_weight': weight},)
 
 
@@ -169,4 +194,4 @@ def describe(config) -> str:
   """The SNTG term in the run plan ('' when off)."""
   if not enabled(config):
     return ''
-  return f'SNTG weight {config.sntg.weight} x ramp-up, margin {config.sntg.margin}'
+  return f'SNTG weight {config.sntg.weight} x consistency weight, margin {config.sntg.margin}'

@@ -115,7 +115,7 @@ def objective(params, state, images, labels, ensemble_targets, has_target, *, we
   # weight in the loss does not depend on how many others have been seen.
   consistency = jnp.mean(jnp.where(has_target, per_example, 0.0))
   # SNTG's graph: the ensemble's argmax, the network's own where there is no ensemble yet.
-  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state.step, features,
+  loss, sntg_aux = sntg.regularize(supervised + weight * consistency, config, state, weight, features,
                                    jnp.where(has_target[:, None], ensemble_targets, probs), labels)
   return loss, (stats, supervised, consistency, logits, *sntg_aux)
 

@@ -123,7 +123,7 @@ def objective(params, state, batch, *, weight, config):
   vat_loss = kl_to_clean(clean, logits_fn(params, x_u + config.vat.epsilon * d))
   entropy = losses.entropy(jax.nn.softmax(losses.at_least_float32(clean)))
   loss, sntg_aux = sntg.regularize(
-      supervised + weight * vat_loss + config.vat.entropy_weight * entropy, config, state.step,
+      supervised + weight * vat_loss + config.vat.entropy_weight * entropy, config, state, weight,
       sntg.joined(features_l, features_u), jnp.concatenate([logits_l, clean]), labeled['label'])
   return loss, (stats, supervised, vat_loss, entropy, clean, *sntg_aux)
 
