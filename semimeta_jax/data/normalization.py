@@ -7,6 +7,7 @@ run started even if the data on disk changed. Shared by both input paths.
 
 import dataclasses
 import json
+import math
 
 from etils import epath
 import numpy as np
@@ -15,6 +16,34 @@ from semimeta_jax import workdir_files
 
 NORMALIZATION_FILENAME = 'normalization.json'
 _CHUNK = 1024
+
+
+_FIX = "delete it (the labeled pool's are computed again) or restore it"
+
+
+def _read_saved(path, channels: int) -> tuple[list[float], list[float]]:
+  """The saved (mean, std), each `channels` finite numbers, the stds > 0.
+
+  Raises:
+    WorkdirFileError: naming the file and the first unusable value; a NaN mean
+      or a zero std would otherwise train on NaN inputs (or divide by zero).
+  """
+  saved = workdir_files.read_json_object(path)
+  mean, std = saved.get('mean'), saved.get('std')
+  if not (isinstance(mean, list) and isinstance(std, list)):
+    raise workdir_files.WorkdirFileError(f'{path} has no per-channel mean and std lists; {_FIX}.')
+  for name, values in (('mean', mean), ('std', std)):
+    if len(values) != channels:
+      raise workdir_files.WorkdirFileError(
+          f'{path}: "{name}" has {len(values)} value(s) {values!r}, but the images have '
+          f'{channels} channel(s); {_FIX}.')
+    for value in values:
+      number = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if not number or not math.isfinite(value) or (name == 'std' and value <= 0):
+        expected = 'a number > 0' if name == 'std' else 'a finite number'
+        raise workdir_files.WorkdirFileError(
+            f'{path}: "{name}" holds {value!r}, not {expected}; {_FIX}.')
+  return mean, std
 
 
 def with_statistics(workdir, spec, images, labeled, write):
@@ -36,11 +65,7 @@ def with_statistics(workdir, spec, images, labeled, write):
     return spec
   path = epath.Path(workdir) / NORMALIZATION_FILENAME if workdir else None
   if path and path.exists():
-    saved = workdir_files.read_json_object(path)
-    mean, std = saved.get('mean'), saved.get('std')
-    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std)):
-      raise workdir_files.WorkdirFileError(f'{path} has no per-channel mean and std; delete it (the '
-                                           'labeled pool\'s are computed again) or restore it.')
+    mean, std = _read_saved(path, channels=spec.image_shape[-1])
   else:
     # Per-channel sums in chunks: a large labeled pool never exists whole in float64.
     total, total_sq, count = 0.0, 0.0, 0
