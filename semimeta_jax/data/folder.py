@@ -7,9 +7,10 @@ Layout::
     ROOT/unlabeled/*       optional: images that never had labels (any depth)
 
 The class list is the sorted names of the folders in `ROOT/train`. Images are
-read with PIL, converted to grayscale when every image is grayscale (else RGB)
-and resized to `config.data.image_size` x `config.data.image_size` when it is
-> 0 (otherwise every image must have the same size). Everything is checked
+read with PIL (16-bit grayscale scaled to 8 bits, `value >> 8`), converted to
+grayscale when every image is grayscale (else RGB) and resized to
+`config.data.image_size` x `config.data.image_size` when it is > 0 (otherwise
+every image must have the same size). Everything is checked
 before any training; a mistake is one `FolderDataError` naming the files.
 
 The arrays are registered through `specs.register_in_memory` under the name
@@ -33,7 +34,9 @@ from semimeta_jax import errors
 from semimeta_jax.data import specs
 
 NAME = 'folder'
-_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+# After `_eight_bit`: 16-bit images are 'L' by then, 32-bit ones refused.
+_GRAY_MODES = ('1', 'L', 'LA')
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 _MAX_NAMED = 5
 # (root, image size) -> loaded arrays: `get_spec` is called several times per run.
 _CACHE: dict = {}
@@ -117,21 +120,49 @@ def _class_folders(split_dir: pathlib.Path, root: pathlib.Path) -> dict[str, lis
   return {name: files for name, files in folders.items() if files}
 
 
-def _open_all(paths, root):
-  """PIL images of `paths`; one error naming every file PIL cannot read."""
+def _eight_bit(image):
+  """`image` with 8-bit pixels, or None when its pixels have no known range.
+
+  A 16-bit grayscale image (PIL modes I;16*, and mode I from a PNG, which holds
+  at most 16 bits) keeps its high byte, `value >> 8`: 65535 -> 255 and an 8-bit
+  image stored as 16 bits (`v * 257`) comes back as `v`. PIL's own conversion
+  clips every value above 255 instead. 32-bit integer and float images (modes I
+  and F from other formats) could hold any range: None.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  images, bad = [], []
+  if image.mode in _SIXTEEN_BIT_MODES or (image.mode == 'I' and image.format == 'PNG'):
+    pixels = np.asarray(image).astype(np.uint32) >> 8
+    return Image.fromarray(np.minimum(pixels, 255).astype(np.uint8), mode='L')
+  if image.mode in ('I', 'F'):
+    return None
+  return image.copy()
+
+
+def _open_all(paths, root):
+  """PIL images of `paths`, 8 bits per channel; one error naming every file that cannot be used."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images, bad, no_range = [], [], []
   for path in paths:
     try:
       with Image.open(path) as image:
         image.load()
-        images.append(image.copy())
+        converted = _eight_bit(image)
     except Exception:  # pylint: disable=broad-except
       bad.append(path)
+      continue
+    if converted is None:
+      no_range.append(path)
+    else:
+      images.append(converted)
   if bad:
     raise FolderDataError(
         f'config.data.folder={str(root)!r}: {len(bad)} file(s) are not readable images: '
         f'{_named(bad, root)}. Remove or convert them.')
+  if no_range:
+    raise FolderDataError(
+        f'config.data.folder={str(root)!r}: {len(no_range)} image(s) hold 32-bit integer or '
+        f'float pixels, whose range is unknown: {_named(no_range, root)}. Convert them to 8- or '
+        '16-bit images.')
   return images
 
 
