@@ -68,6 +68,8 @@ _COT = 'tests/test_co_training.py::'
 COT_JSD = (_COT + 'test_jensen_shannon_is_the_mean_of_the_two_kls_to_the_mixture',)
 COT_FGSM = (_COT + 'test_each_fgsm_example_is_its_own_gradient_sign_step',)
 COT_STEP = (_COT + 'test_the_terms_and_statistics_equal_the_forward_chain_rebuilt',)
+COT_DIF = (_COT + 'test_the_view_difference_is_the_references_sum_over_s_and_u_divided_by_their_size',)
+COT_RADIUS = (_COT + 'test_the_fgsm_step_has_the_radius_in_its_units[pixels]',)
 
 _DS = 'tests/test_dual_student.py::'
 DS_LOOP = (_DS + 'test_stability_and_who_learns_equal_the_authors_loop',)
@@ -332,8 +334,8 @@ MUTANTS = [
     )),
     *group('semimeta_jax/methods/co_training.py', COT_STEP, (
         'cot-dif-own-target',
-        'dif = sum(soft_cross_entropy(clean[other[net]], adv[net])',
-        'dif = sum(soft_cross_entropy(clean[net], adv[net])',
+        'total = sum(jnp.sum(soft_cross_entropy_per_example(clean[other[net]], adv[net]))',
+        'total = sum(jnp.sum(soft_cross_entropy_per_example(clean[net], adv[net]))',
         "view difference against the network's own clean prediction, not the other's",
     ), (
         'cot-adversarial-against-self',
@@ -345,6 +347,18 @@ MUTANTS = [
         'pseudo = jnp.argmax(clean_u[net], axis=-1)',
         'pseudo = jnp.argmax(clean_u[FIRST], axis=-1)',
         "FGSM on U against the first network's argmax for both networks",
+    )),
+    *group('semimeta_jax/methods/co_training.py', COT_DIF, (
+        'cot-dif-mean-per-part',
+        'total = sum(jnp.sum(soft_cross_entropy_per_example',
+        'total = (clean_s[FIRST].shape[0] + clean_u[FIRST].shape[0]) * sum(jnp.mean(soft_cross_entropy_per_example',
+        'view difference averaged over S and over U apart and added (twice the reference weight)',
+    )),
+    *group('semimeta_jax/methods/co_training.py', COT_RADIUS, (
+        'cot-radius-in-standardised-units',
+        'return block.fgsm_epsilon / std',
+        'return block.fgsm_epsilon',
+        'FGSM radius applied to the standardised inputs, not in [0, 1] pixel units',
     )),
     *group('semimeta_jax/methods/second_network.py', COT_STEP, (
         'second-batch-stats-not-kept',

@@ -83,6 +83,55 @@ def test_each_fgsm_example_is_its_own_gradient_sign_step():
   np.testing.assert_allclose(np.abs(np.asarray(got) - np.asarray(x)), epsilon, rtol=1e-5)
 
 
+def numpy_loss_diff(logit_s1, logit_s2, perturbed_s1, perturbed_s2, logit_u1, logit_u2, perturbed_u1,
+                    perturbed_u2):
+  """The reference's `loss_diff` (main.py, commit 1b56dc1) in float64: -(a + b + c + d) / batch_size."""
+  term = lambda target, logits: np.sum(numpy_reference.softmax(target) * numpy_reference.log_softmax(logits))
+  batch_size = len(logit_s1) + len(logit_u1)
+  return -(term(logit_s2, perturbed_s1) + term(logit_s1, perturbed_s2) + term(logit_u2, perturbed_u1)
+           + term(logit_u1, perturbed_u2)) / batch_size
+
+
+def test_the_view_difference_is_the_references_sum_over_s_and_u_divided_by_their_size():
+  # |S| = 3 and |U| = 9, as unequal as the reference's 8 of 100: a mean over each part would weigh
+  # an S row three times a U row.
+  shapes = {'clean_s': 3, 'adv_s': 3, 'clean_u': 9, 'adv_u': 9}
+  keys = iter(jax.random.split(jax.random.key(9), 8))
+  logits = {name: {net: 2.0 * jax.random.normal(next(keys), (rows, 6)) for net in (0, 1)}
+            for name, rows in shapes.items()}
+  got = jax.jit(co_training.view_difference)(logits['clean_s'], logits['adv_s'], logits['clean_u'],
+                                             logits['adv_u'])
+  clean_s, adv_s, clean_u, adv_u = (logits[name] for name in shapes)
+  expected = numpy_loss_diff(clean_s[0], clean_s[1], adv_s[0], adv_s[1], clean_u[0], clean_u[1], adv_u[0],
+                             adv_u[1])
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('units', ['pixels', 'standardised'])
+def test_the_fgsm_step_has_the_radius_in_its_units(units):
+  # CIFAR-10's three channels: the radius in [0, 1] pixels is eps / std in the standardised inputs.
+  config = tiny_config(method='co_training', **{'data.name': 'cifar10', 'co_training.fgsm_epsilon': 0.02,
+                                                'co_training.fgsm_units': units})
+  x = jax.random.normal(jax.random.key(4), (5, 4, 4, 3))
+  weights = jax.random.normal(jax.random.key(5), (48, 10))
+  logits_fn = lambda images: jnp.tanh(images.reshape(images.shape[0], -1)) @ weights
+  labels = jnp.arange(5)
+  radius = co_training.fgsm_radius(config, 3)
+  step = np.asarray(co_training.fgsm(logits_fn, x, labels, radius)) - np.asarray(x)
+  std = np.array([0.24703223, 0.24348513, 0.26158784]) if units == 'pixels' else np.ones(3)
+  # Every pixel moves by exactly eps in these units, so the L-infinity norm per example is eps.
+  np.testing.assert_allclose(np.abs(step) * std, 0.02, rtol=1e-5)
+  np.testing.assert_allclose(np.max(np.abs(step * std), axis=(1, 2, 3)), 0.02, rtol=1e-5)
+
+
+def test_pixel_units_on_a_dataset_without_a_registered_std_are_one_config_error():
+  config = tiny_config(method='co_training', **{'data.name': 'mnist'})
+  with pytest.raises(validation.ConfigError, match=r"config\.co_training\.fgsm_epsilon=0\.02: .*pixel units"):
+    validation.validate_config(config)
+  validation.validate_config(tiny_config(method='co_training', **{'data.name': 'mnist',
+                                                                   'co_training.fgsm_units': 'standardised'}))
+
+
 def numpy_free_cross_entropy(logits, labels):
   """-log softmax(logits)[label], written out (not the library's loss)."""
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1).sum()
@@ -130,7 +179,8 @@ def test_the_second_network_is_evaluated_as_its_own_weight_set():
 
 
 @pytest.mark.parametrize('field,value', [('co_training.lambda_cot', -1.0), ('co_training.lambda_dif', -0.1),
-                                         ('co_training.fgsm_epsilon', 0.0)])
+                                         ('co_training.fgsm_epsilon', 0.0),
+                                         ('co_training.fgsm_units', 'normalised')])
 def test_bad_fields_are_one_config_error(field, value):
   with pytest.raises(errors.ConfigError, match=field.replace('.', r'\.')):
     validation.validate_config(tiny_config(method='co_training', **{field: value}))
@@ -140,7 +190,8 @@ def test_bad_fields_are_one_config_error(field, value):
 def test_the_terms_and_statistics_equal_the_forward_chain_rebuilt():
   # No dropout: each training-mode forward is a function of its images and its running averages.
   config = tiny_config(method='co_training', dropout_rate=0.0, **{
-      'co_training.lambda_cot': 3.0, 'co_training.lambda_dif': 0.7, 'co_training.fgsm_epsilon': 0.05})
+      'data.name': 'digits', 'co_training.lambda_cot': 3.0, 'co_training.lambda_dif': 0.7,
+      'co_training.fgsm_epsilon': 0.05})
   state = initial_state(config)
   batch = synthetic_batch(jax.random.key(5))
   new_state, metrics = jax.jit(methods.make_train_step(config, 10))(state, batch)
@@ -160,7 +211,7 @@ def test_the_terms_and_statistics_equal_the_forward_chain_rebuilt():
     own_loss = lambda image, label: -jax.nn.log_softmax(state.apply_fn(variables, image[None], train=False))[
         0, label]
     grads = jax.jit(jax.vmap(jax.grad(own_loss)))(images, labels)
-    return images + 0.05 * jnp.sign(grads)
+    return images + (0.05 / 0.37633) * jnp.sign(grads)  # 0.05 in [0, 1] pixels over digits' std.
 
   first = {'params': state.params, 'batch_stats': state.batch_stats}
   params2, stats2 = second_network.weights(state)
@@ -175,10 +226,8 @@ def test_the_terms_and_statistics_equal_the_forward_chain_rebuilt():
   p1, p2 = (numpy_reference.softmax(logits) for logits in clean_u)
   mixture = (p1 + p2) / 2
   want_cot = 0.5 * numpy_reference.kl(p1, mixture) + 0.5 * numpy_reference.kl(p2, mixture)
-  soft_ce = lambda target, logits: -np.mean(np.sum(numpy_reference.softmax(target)
-                                                   * numpy_reference.log_softmax(logits), -1))
-  want_dif = sum(soft_ce(clean[1 - net], adv[net]) for clean, adv in ((clean_s, adv_s), (clean_u, adv_u))
-                 for net in (0, 1))
+  want_dif = numpy_loss_diff(clean_s[0], clean_s[1], adv_s[0], adv_s[1], clean_u[0], clean_u[1], adv_u[0],
+                             adv_u[1])
   want_supervised = sum(numpy_reference.cross_entropy(logits, y_s) for logits in clean_s)
   assert want_cot > 1e-4 and want_dif > 0
   np.testing.assert_allclose([metrics['supervised_loss'], metrics['cot_loss'], metrics['dif_loss']],

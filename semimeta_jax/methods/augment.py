@@ -18,8 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from semimeta_jax import errors
+from semimeta_jax.data import specs
 
 # Earlier flat names of the `perturb` block's fields.
 renamed_fields = {'input_noise_std': 'perturb.noise_std', 'max_translation': 'perturb.max_translation',
@@ -107,3 +109,31 @@ def from_config(config):
       max_translation=int(config.perturb.max_translation),
       flip=bool(config.perturb.flip),
       noise_std=float(config.perturb.noise_std))
+
+
+def pixel_std(config, channels: int):
+  """The dataset's per-channel std of its [0, 1] pixels, [channels] float32; None if it registers none.
+
+  A radius r in [0, 1] pixel units is r / std in the standardised units the network
+  sees ((x - mean) / std). Only a built-in or registered dataset has fixed
+  statistics (a folder or a TFDS dataset by name has its labeled pool's, computed
+  when the run starts). Inputs whose channel count differs from the dataset's (the
+  tests' one-channel synthetic batches under a three-channel name) take the mean
+  of its stds for every channel.
+  """
+  spec = None if config.data.folder else specs.builtin_spec(config.data)
+  if spec is None or spec.std is None:
+    return None
+  std = np.asarray(spec.std, np.float32)
+  return std if std.shape[0] == channels else np.full((channels,), std.mean(), np.float32)
+
+
+def require_pixel_std(config, field: str, value) -> None:
+  """One clear error when `field` is in [0, 1] pixel units and the dataset registers no std.
+
+  Raises:
+    errors.ConfigError: naming `field`.
+  """
+  errors.require(pixel_std(config, 1) is not None, field, value,
+                 f'is in [0, 1] pixel units, and dataset {config.data.folder or config.data.name!r} '
+                 'registers no normalisation std to convert it with')

@@ -28,11 +28,20 @@ Recognition, whose step this follows):
 lambda_cot = `co_training.lambda_cot` (10) and lambda_dif = `co_training.lambda_dif`
 (0.5) are both multiplied by the run's consistency weight w(t)
 (`consistency_weight`, 1 in the presets) and its ramp: 'sigmoid' is the paper's
-Gaussian ramp-up exp(-5 (1 - t/T)^2). The S terms are averaged over S and the U
-terms over U (the reference divides both by its batch size, equal for S and U).
-The paper states eps = 0.02 (`co_training.fgsm_epsilon`, the default here). An
-eps of 0.1 is sometimes quoted for the reference code; the version read (commit
-1b56dc1 of its main.py) defaults to 0.02 as well.
+Gaussian ramp-up exp(-5 (1 - t/T)^2). The supervised terms are averaged over S and
+the JSD over U; the view-difference term is the sum of its four cross-entropies
+over the rows of S and of U divided by |S| + |U|, as the reference's `loss_diff`
+(`-(a + b + c + d) / batch_size`), so each S row weighs as much as each U row.
+
+FGSM radius: the reference's latest version (commit 1b56dc1 of its main.py) has
+`--epsilon 0.02` on images in [0, 1] (its Normalize transform commented out) and no
+clipping, so `co_training.fgsm_epsilon` (0.02) is an L-infinity radius in [0, 1]
+pixel units, applied to the standardised inputs as eps / std per channel (the
+dataset's normalisation std: 0.02 is 0.053 on digits, about 0.08 on CIFAR-10).
+Earlier versions of its main.py used 0.1 on normalised inputs (clipped to [-1, 1]):
+`co_training.fgsm_units='standardised'` applies the radius to the standardised
+inputs as they are (without the clipping). The paper gives no eps; the
+reference's README says 0.02 came from the authors.
 
 Departures: both networks see the same labeled batch (the reference draws S1 and
 S2 from two loaders of the same labeled set, shuffled apart), and the CIFAR
@@ -58,6 +67,7 @@ import ml_collections
 from semimeta_jax import errors
 from semimeta_jax import losses
 from semimeta_jax import schedules
+from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import options
@@ -73,12 +83,16 @@ def config_blocks():
   return {'co_training': ml_collections.ConfigDict({
       'lambda_cot': 10.0,  # Weight of the Jensen-Shannon co-training term (paper).
       'lambda_dif': 0.5,  # Weight of the view-difference term (paper).
-      'fgsm_epsilon': 0.02,  # L-infinity radius of the FGSM examples (paper and reference code).
+      'fgsm_epsilon': 0.02,  # L-infinity radius of the FGSM examples (reference code, 1b56dc1).
+      'fgsm_units': 'pixels',  # Of the radius: 'pixels' ([0, 1] images) or 'standardised' (inputs as seen).
   })}
 
 
+FGSM_UNITS = ('pixels', 'standardised')
+
+
 def validate(config) -> None:
-  """lambda_cot >= 0, lambda_dif >= 0, fgsm_epsilon > 0.
+  """lambda_cot >= 0, lambda_dif >= 0, fgsm_epsilon > 0, and its units (pixels need the dataset's std).
 
   Raises:
     errors.ConfigError: naming the field.
@@ -87,6 +101,26 @@ def validate(config) -> None:
   errors.require(block.lambda_cot >= 0, 'co_training.lambda_cot', block.lambda_cot, 'must be >= 0')
   errors.require(block.lambda_dif >= 0, 'co_training.lambda_dif', block.lambda_dif, 'must be >= 0')
   errors.require(block.fgsm_epsilon > 0, 'co_training.fgsm_epsilon', block.fgsm_epsilon, 'must be > 0')
+  errors.require(block.fgsm_units in FGSM_UNITS, 'co_training.fgsm_units', block.fgsm_units,
+                 f'must be one of {FGSM_UNITS}')
+  if block.fgsm_units == 'pixels':
+    augment.require_pixel_std(config, 'co_training.fgsm_epsilon', block.fgsm_epsilon)
+
+
+def fgsm_radius(config, channels: int):
+  """The FGSM radius in the standardised units of the inputs: eps / std per channel, or eps as it is.
+
+  Returns:
+    A float, or a [channels] array that broadcasts over the images' last axis.
+  """
+  block = config.co_training
+  if block.fgsm_units == 'standardised':
+    return block.fgsm_epsilon
+  std = augment.pixel_std(config, channels)
+  if std is None:
+    raise ValueError(f'co_training.fgsm_units=pixels needs the dataset\'s normalisation std '
+                     f'({config.data.name!r} registers none); see co_training.validate.')
+  return block.fgsm_epsilon / std
 
 
 def jensen_shannon(logits1: jax.Array, logits2: jax.Array) -> jax.Array:
@@ -102,8 +136,32 @@ def soft_cross_entropy(target_logits: jax.Array, logits: jax.Array) -> jax.Array
   return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(losses.at_least_float32(logits)), axis=-1))
 
 
-def fgsm(logits_fn, x: jax.Array, labels: jax.Array, epsilon: float) -> jax.Array:
+def soft_cross_entropy_per_example(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Per example, H(softmax(target_logits), softmax(logits)); gradients reach both."""
+  targets = jax.nn.softmax(losses.at_least_float32(target_logits))
+  return -jnp.sum(targets * jax.nn.log_softmax(losses.at_least_float32(logits)), axis=-1)
+
+
+def view_difference(clean_s, adv_s, clean_u, adv_u) -> jax.Array:
+  """The reference's `loss_diff`: the summed cross-entropies over S and U, divided by |S| + |U|.
+
+  Args:
+    clean_s, clean_u: {net: logits of network net on S, on U}.
+    adv_s, adv_u: {net: logits of network net on the other network's FGSM examples of S, of U}.
+
+  Returns:
+    [sum over x in S and U of H(p2(x), p1(g2(x))) + H(p1(x), p2(g1(x)))] / (|S| + |U|).
+  """
+  other = {FIRST: SECOND, SECOND: FIRST}
+  total = sum(jnp.sum(soft_cross_entropy_per_example(clean[other[net]], adv[net]))
+              for clean, adv in ((clean_s, adv_s), (clean_u, adv_u)) for net in (FIRST, SECOND))
+  return total / (clean_s[FIRST].shape[0] + clean_u[FIRST].shape[0])
+
+
+def fgsm(logits_fn, x: jax.Array, labels: jax.Array, epsilon) -> jax.Array:
   """x + eps sign(grad_x sum CE(logits_fn(x), labels)), held constant (no gradient flows through it).
+
+  `epsilon` is a float or a per-channel array (broadcast over the last axis).
 
   `logits_fn` must treat examples independently (evaluation mode), so the summed
   loss gives each example the gradient of its own loss.
@@ -121,7 +179,7 @@ def objective(pair, state, batch, *, lambda_cot, lambda_dif, epsilon):
     batch: {'labeled': {'image', 'label'}, 'unlabeled': {'image'}}.
     lambda_cot: weight of the JSD term at this step.
     lambda_dif: weight of the view-difference term at this step.
-    epsilon: FGSM radius.
+    epsilon: FGSM radius in the inputs' units (a float or per channel, `fgsm_radius`).
 
   Returns:
     (loss, aux) with aux = (batch statistics of f1, of f2, {term: value},
@@ -158,9 +216,7 @@ def objective(pair, state, batch, *, lambda_cot, lambda_dif, epsilon):
 
   supervised = losses.cross_entropy(clean_s[FIRST], y_s) + losses.cross_entropy(clean_s[SECOND], y_s)
   cot = jensen_shannon(clean_u[FIRST], clean_u[SECOND])
-  # H(p2(x), p1(g2(x))) + H(p1(x), p2(g1(x))) over S, and over U.
-  dif = sum(soft_cross_entropy(clean[other[net]], adv[net])
-            for clean, adv in ((clean_s, adv_s), (clean_u, adv_u)) for net in (FIRST, SECOND))
+  dif = view_difference(clean_s, adv_s, clean_u, adv_u)
   loss = supervised + lambda_cot * cot + lambda_dif * dif
   terms = {'supervised_loss': supervised, 'cot_loss': cot, 'dif_loss': dif}
   logits = {'labeled': clean_s[FIRST], 'unlabeled': clean_u[FIRST],
@@ -182,7 +238,8 @@ def train_step(state, batch, *, config, num_classes):
   lr = options.learning_rate_schedule(config)(state.step)
   ramp = schedules.consistency_weight_schedule(config)(state.step)
   loss_fn = functools.partial(objective, state=state, batch=batch, lambda_cot=block.lambda_cot * ramp,
-                              lambda_dif=block.lambda_dif * ramp, epsilon=block.fgsm_epsilon)
+                              lambda_dif=block.lambda_dif * ramp,
+                              epsilon=fgsm_radius(config, batch['labeled']['image'].shape[-1]))
   pair = {'first': state.params, 'second': second_network.weights(state)[0]}
   (loss, (stats1, stats2, terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(pair)
   labeled, unlabeled = batch['labeled'], batch['unlabeled']
@@ -205,7 +262,7 @@ def train_step(state, batch, *, config, num_classes):
   return new_state.replace(extra=extra), metrics
 
 
-# Qiao et al.: lambda_cot 10, lambda_dif 0.5, eps 0.02, Gaussian ramp-up over the first 80 of 600
+# Qiao et al.: lambda_cot 10, lambda_dif 0.5, eps 0.02 on [0, 1] images (reference 1b56dc1), Gaussian ramp-up over the first 80 of 600
 # epochs (about 13%). Digits: the same weights, the ramp over the digits run's first 200 steps.
 _RAMP = {'consistency_rampup': 'sigmoid', 'consistency_weight': 1.0}
 PRESETS = {
@@ -223,5 +280,6 @@ METHOD = base.Method(
     weight_sets=lambda config: [second_network.weight_set()],
     describe=lambda config: (f'lambda_cot={config.co_training.lambda_cot}, '
                              f'lambda_dif={config.co_training.lambda_dif}, '
-                             f'fgsm_epsilon={config.co_training.fgsm_epsilon}'),
+                             f'fgsm_epsilon={config.co_training.fgsm_epsilon} '
+                             f'({config.co_training.fgsm_units})'),
     presets=PRESETS)
