@@ -48,6 +48,8 @@ TNAR_NORMAL = (_TNAR + 'test_the_normal_perturbation_is_orthogonal_to_the_tangen
                       'and_vats_projected_direction',)
 TNAR_PROBE = (_TNAR + 'test_the_finite_difference_probe_approximates_the_exact_directions',)
 TNAR_LOSS = (_TNAR + 'test_the_loss_weighs_the_two_kls_and_the_entropy_at_the_vae_code',)
+TNAR_RADII = (_TNAR + 'test_the_radii_in_the_references_units_are_the_presets[digits]',)
+TNAR_MASKS = (_TNAR + 'test_the_clean_and_the_two_adversarial_forwards_draw_their_own_dropout_masks',)
 VAE_ELBO = ('tests/test_vae.py::test_the_elbo_equals_a_numpy_computation',)
 
 _MEMORY = 'tests/test_memory.py::'
@@ -178,7 +180,7 @@ MUTANTS = [
     )),
     *group('semimeta_jax/methods/tnar.py', TNAR_TANGENT, (
         'tnar-tangent-without-gram-solve',
-        'r = vat.normalize(jax.lax.stop_gradient(conjugate_gradient(gram, h_r, cg_iterations)))',
+        'r = normalize(jax.lax.stop_gradient(conjugate_gradient(gram, h_r, cg_iterations)))',
         'r = h_r',
         'tangent: ordinary power iteration on H_z, without the solve against J^T J',
     ), (
@@ -189,8 +191,8 @@ MUTANTS = [
     )),
     *group('semimeta_jax/methods/tnar.py', TNAR_NORMAL, (
         'tnar-normal-unprojected-iterates',
-        'd = vat.normalize(project(jax.lax.stop_gradient(_curvature_product(kl, d, xi))))',
-        'd = vat.normalize(jax.lax.stop_gradient(_curvature_product(kl, d, xi)))',
+        'd = normalize(project(jax.lax.stop_gradient(_curvature_product(kl, d, xi))))',
+        'd = normalize(jax.lax.stop_gradient(_curvature_product(kl, d, xi)))',
         "normal: VAT's iterates without the tangent projection (only the last one projected)",
     )),
     *group('semimeta_jax/methods/tnar.py', TNAR_PROBE, (
@@ -211,9 +213,26 @@ MUTANTS = [
         "the code z taken as the encoder's log-variance, not its mean",
     ), (
         'tnar-normal-kl-at-tangent',
-        'normal_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + normal))',
-        'normal_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + tangent))',
+        'normal_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + normal, NORMAL_PASS))',
+        'normal_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + tangent, NORMAL_PASS))',
         'the normal KL evaluated at the tangent perturbation',
+    )),
+    *group('semimeta_jax/methods/tnar.py', TNAR_RADII, (
+        'tnar-l2-normalisation',
+        "return {'max': max_normalize, 'l2': vat.normalize}[normalization]",
+        'return vat.normalize',
+        "unit L2 directions under the 'max' setting, not the authors' max-norm ones",
+    ), (
+        'tnar-normal-radius-standardised',
+        'return jax.lax.stop_gradient(epsilon * normalize(project(d)) / std)',
+        'return jax.lax.stop_gradient(epsilon * normalize(project(d)))',
+        'normal radius applied to the standardised inputs, not in [0, 1] pixel units',
+    )),
+    *group('semimeta_jax/methods/tnar.py', TNAR_MASKS, (
+        'tnar-one-dropout-mask',
+        'state, p, x, stats, state.step_key(common.DROPOUT_UNLABELED, *tags))[0]',
+        'state, p, x, stats, state.step_key(common.DROPOUT_UNLABELED))[0]',
+        'the adversarial forwards share the clean forward\'s dropout mask',
     )),
     *group('semimeta_jax/models/vae.py', VAE_ELBO, (
         'vae-kl-logvar-sign',

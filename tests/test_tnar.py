@@ -18,6 +18,7 @@ from tests import numpy_reference
 from tests.conftest import synthetic_batch, tiny_config
 
 LATENT, IMAGE, CLASSES, BATCH = 3, (2, 3, 1), 4, 2
+DIGITS_STD = 0.37633  # Digits' std of its [0, 1] pixels (data/specs.py).
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +135,37 @@ def test_the_normal_perturbation_is_orthogonal_to_the_tangent_one_and_vats_proje
     assert abs(free[:, -1] @ n) / np.linalg.norm(n) < 1 - 1e-3
 
 
+@pytest.mark.parametrize('preset', ['digits', 'cifar10'])
+def test_the_radii_in_the_references_units_are_the_presets(preset):
+  # The preset's eps1 is the largest entry of the latent step, eps2 the largest change of a [0, 1]
+  # pixel (the authors' max-norm normalisation); a linear decoder makes the latent step readable.
+  fields = methods.presets(preset)['tnar_vae']
+  assert fields['tnar.normalization'] == 'max'
+  eps_tangent, eps_normal = fields['tnar.eps_tangent'], fields['tnar.eps_normal']
+  _, logits_fn, z, x = inputs()
+  weights = jax.random.normal(jax.random.key(8), (LATENT, 6), jnp.float64)
+  decode = lambda codes: (codes @ weights).reshape(codes.shape[0], *IMAGE)
+  clean = logits_fn(x)
+  tangent = tnar.tangent_perturbation(logits_fn, clean, x, decode, z, jax.random.key(5), epsilon=eps_tangent,
+                                      xi=0.0, power_iterations=2, cg_iterations=LATENT, normalization='max')
+  config = tiny_config(method='tnar_vae', **{'data.name': preset})
+  std = tnar.augment.pixel_std(config, 1)
+  normal = tnar.normal_perturbation(logits_fn, clean, x, tangent, jax.random.key(6), epsilon=eps_normal,
+                                    xi=0.0, power_iterations=2, normalization='max', pixel_std=std)
+  latent = np.linalg.lstsq(np.asarray(weights).T, np.asarray(tangent).reshape(BATCH, -1).T, rcond=None)[0].T
+  np.testing.assert_allclose(np.max(np.abs(latent), axis=1), eps_tangent, rtol=1e-8)
+  pixels = np.asarray(normal) * np.asarray(std, np.float64)
+  np.testing.assert_allclose(np.max(np.abs(pixels), axis=(1, 2, 3)), eps_normal, rtol=1e-8)
+  # Orthogonal to the tangent step in [0, 1] pixel units, where the search runs.
+  flat_t = (np.asarray(tangent) * np.asarray(std, np.float64)).reshape(BATCH, -1)
+  assert np.all(np.abs(np.sum(pixels.reshape(BATCH, -1) * flat_t, 1)) < 1e-10 * np.linalg.norm(flat_t, axis=1))
+  # The paper's form keeps the same radius numbers as L2 norms.
+  l2 = tnar.normal_perturbation(logits_fn, clean, x, tangent, jax.random.key(6), epsilon=eps_normal, xi=0.0,
+                                power_iterations=2, normalization='l2', pixel_std=std)
+  np.testing.assert_allclose(np.linalg.norm((np.asarray(l2) * np.asarray(std)).reshape(BATCH, -1), axis=1),
+                             eps_normal, rtol=1e-8)
+
+
 def test_the_finite_difference_probe_approximates_the_exact_directions():
   decode, logits_fn, z, x = inputs()
   clean = logits_fn(x)
@@ -146,10 +178,49 @@ def test_the_finite_difference_probe_approximates_the_exact_directions():
 @pytest.mark.parametrize('field,value', [('tnar.eps_tangent', 0.0), ('tnar.eps_normal', -1.0),
                                          ('tnar.xi', -1e-6), ('tnar.cg_iterations', 0),
                                          ('tnar.power_iterations', 0), ('tnar.weight_normal', -1.0),
+                                         ('tnar.normalization', 'linf'),
                                          ('vae.latent_dim', 0)])
 def test_bad_fields_are_named(field, value):
   with pytest.raises(errors.ConfigError, match=f'config.{field}='):
     tnar.validate(tiny_config(method='tnar_vae', **{field: value}))
+
+
+def test_a_dataset_without_a_registered_std_is_one_error():
+  with pytest.raises(errors.ConfigError, match=r'config\.tnar\.eps_normal=1\.0: .*pixel units.*mnist'):
+    tnar.validate(tiny_config(method='tnar_vae', **{'data.name': 'mnist'}))
+
+
+def tnar_state(config, image_shape=(8, 8, 1)):
+  """A classifier's step-0 state holding a freshly initialised VAE of `config.vae`."""
+  classifier_config = tiny_config(method='supervised', dropout_rate=config.dropout_rate)
+  state = methods.init_train_state(classifier_config, models.get_model(classifier_config, 10), image_shape,
+                                   jax.random.key(0), num_classes=10)
+  vae = vae_lib.from_fields(config.vae, image_shape)
+  vae_params = vae.init(jax.random.key(1), jnp.zeros((1, *image_shape)), jnp.zeros((1, LATENT)))['params']
+  return state.replace(extra={'vae': vae_params})
+
+
+@pytest.mark.slow
+def test_the_clean_and_the_two_adversarial_forwards_draw_their_own_dropout_masks():
+  # Radii far below any effect (1e-12): each KL then measures only how the adversarial forward's
+  # dropout mask differs from the clean one's. One shared mask would make both KLs vanish.
+  config = tiny_config(method='tnar_vae', dropout_rate=0.5, **{
+      'data.name': 'digits', 'vae.architecture': 'mlp', 'vae.latent_dim': LATENT, 'vae.width': 5,
+      'tnar.eps_tangent': 1e-12, 'tnar.eps_normal': 1e-12, 'tnar.xi': 0.0, 'tnar.cg_iterations': 1})
+  state = tnar_state(config)
+  batch = synthetic_batch(jax.random.key(2))
+  _, (_, _, tangent_loss, normal_loss, _, _) = jax.jit(
+      lambda s: tnar.objective(s.params, s, batch, weight=1.0, config=config))(state)
+  assert float(tangent_loss) > 1e-4 and float(normal_loss) > 1e-4
+  # And the two adversarial forwards' masks differ from each other.
+  assert abs(float(tangent_loss) - float(normal_loss)) > 1e-6 * float(tangent_loss)
+  without = tiny_config(method='tnar_vae', dropout_rate=0.0, **{
+      'data.name': 'digits', 'vae.architecture': 'mlp', 'vae.latent_dim': LATENT, 'vae.width': 5,
+      'tnar.eps_tangent': 1e-12, 'tnar.eps_normal': 1e-12, 'tnar.xi': 0.0, 'tnar.cg_iterations': 1})
+  _, (_, _, tangent_loss, normal_loss, _, _) = jax.jit(
+      lambda s: tnar.objective(s.params, s, batch, weight=1.0, config=without))(tnar_state(without))
+  # Without dropout the KLs are float32 rounding only.
+  assert float(tangent_loss) < 1e-6 and float(normal_loss) < 1e-6
 
 
 def test_a_missing_vae_is_one_error_naming_the_command(tmp_path):
@@ -165,16 +236,12 @@ def test_the_loss_weighs_the_two_kls_and_the_entropy_at_the_vae_code():
   # Distinct weights, so that a swapped or dropped one changes the total; no dropout, so that the
   # training-mode forwards are functions of their images only.
   config = tiny_config(method='tnar_vae', dropout_rate=0.0, **{
-      'vae.architecture': 'mlp', 'vae.latent_dim': LATENT, 'vae.width': 5, 'tnar.eps_tangent': 0.7,
+      'data.name': 'digits', 'vae.architecture': 'mlp', 'vae.latent_dim': LATENT, 'vae.width': 5, 'tnar.eps_tangent': 0.7,
       'tnar.eps_normal': 1.3, 'tnar.xi': 0.0, 'tnar.cg_iterations': 2, 'tnar.weight_tangent': 0.3,
       'tnar.weight_normal': 1.7, 'tnar.entropy_weight': 0.45})
-  image_shape = (8, 8, 1)
-  classifier_config = tiny_config(method='supervised', dropout_rate=0.0)
-  state = methods.init_train_state(classifier_config, models.get_model(classifier_config, 10), image_shape,
-                                   jax.random.key(0), num_classes=10)
-  vae = vae_lib.from_fields(config.vae, image_shape)
-  vae_params = vae.init(jax.random.key(1), jnp.zeros((1, *image_shape)), jnp.zeros((1, LATENT)))['params']
-  state = state.replace(extra={'vae': vae_params})
+  state = tnar_state(config)
+  vae_params = state.extra['vae']
+  vae = vae_lib.from_fields(config.vae, (8, 8, 1))
   batch = synthetic_batch(jax.random.key(2))
   loss, (_, supervised, tangent_loss, normal_loss, entropy, _) = jax.jit(
       lambda s: tnar.objective(s.params, s, batch, weight=0.6, config=config))(state)
@@ -192,9 +259,10 @@ def test_the_loss_weighs_the_two_kls_and_the_entropy_at_the_vae_code():
   clean = logits_fn(x_u)
   tangent_key, normal_key = jax.random.split(state.step_key(common.NOISE))
   tangent = tnar.tangent_perturbation(logits_fn, clean, x_u, decode, jnp.asarray(code), tangent_key,
-                                      epsilon=0.7, xi=0.0, power_iterations=1, cg_iterations=2)
+                                      epsilon=0.7, xi=0.0, power_iterations=1, cg_iterations=2,
+                                      normalization='max')
   normal = tnar.normal_perturbation(logits_fn, clean, x_u, tangent, normal_key, epsilon=1.3, xi=0.0,
-                                    power_iterations=1)
+                                    power_iterations=1, normalization='max', pixel_std=[DIGITS_STD])
   p_clean = numpy_reference.softmax(clean)
   want_tangent = numpy_reference.kl(p_clean, numpy_reference.softmax(logits_fn(x_u + np.asarray(tangent))))
   want_normal = numpy_reference.kl(p_clean, numpy_reference.softmax(logits_fn(x_u + np.asarray(normal))))

@@ -26,14 +26,22 @@ and so divides float32 rounding by the smallest eigenvalues.
 
 Loss = CE + w(t) * (w_tan KL(sg p(x) || p(x_tan)) + w_norm KL(sg p(x) || p(x_norm)))
        + `tnar.entropy_weight` * entropy of p(x_u),
-the unlabeled forwards in training mode without updating the running averages and
-sharing one dropout mask, as VAT's (methods/vat.py).
+the unlabeled forwards in training mode without updating the running averages. The
+clean forward and the two adversarial forwards each draw their own dropout mask, as
+the authors' separate `net.classifier` calls do; the power iterations use the clean
+forward's mask (the authors draw a fresh one there too), so that the search follows
+the curvature of the KL at the clean prediction and xi = 0 stays its exact limit.
 
-Normalisation: every "normalise" is the per-example L2 unit vector, the paper's. The
-authors' `normalizevector` divides by the largest absolute entry and computes the L2
-division without assigning it, so their directions have max-norm 1 and an L2 norm
-between 1 and sqrt(dim): their eps1 = 5, eps2 = 1 are larger radii than the same
-numbers here.
+Normalisation (`tnar.normalization`): 'max', the default, is the authors' code: their
+`normalizevector` divides by the largest absolute entry and computes the L2 division
+without assigning it (train_tnar.py), so every direction has max-norm 1 (its L2 norm
+between 1 and sqrt(dim)), in the power iterations, after CG and for the radii: eps1
+is the largest entry of the latent step, eps2 the largest pixel change. 'l2' is the
+paper's unit L2 vectors. The authors' images are in [0, 1]: the normal search and its
+radius work in [0, 1] pixel units (the gradient with respect to the pixels, the
+projection and the radius there), converted to the standardised inputs through the
+dataset's std per channel (`augment.pixel_std`); the latent radius is in the VAE's
+code units under either normalisation.
 
 The VAE is checked against the run before anything is written: `validate` reads
 `<tnar.vae_dir>/vae.json` (present, same architecture fields as `config.vae`, same
@@ -54,6 +62,7 @@ from semimeta_jax import checkpoint
 from semimeta_jax import errors
 from semimeta_jax import losses
 from semimeta_jax import schedules
+from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import options
@@ -69,8 +78,9 @@ def config_blocks():
   """The `tnar` block (the perturbations) and the `vae` block (the VAE it loads)."""
   return {'tnar': ml_collections.ConfigDict({
       'vae_dir': '',  # The directory `vae_main` trained the VAE in.
-      'eps_tangent': 5.0,  # L2 radius in latent space (authors' code: epsilon1).
-      'eps_normal': 1.0,  # L2 radius in input space (authors' code: epsilon2).
+      'eps_tangent': 5.0,  # Radius in latent space (authors' code: epsilon1), in `normalization`'s norm.
+      'eps_normal': 1.0,  # Radius in [0, 1] pixel units (authors' code: epsilon2), in that norm.
+      'normalization': 'max',  # 'max': the authors' code (max-norm 1); 'l2': the paper's unit vectors.
       'xi': 1e-6,  # Finite-difference probe of both power iterations; 0 = exact Hessian products.
       'power_iterations': 1,
       'cg_iterations': 4,
@@ -78,6 +88,23 @@ def config_blocks():
       'weight_normal': 1.0,
       'entropy_weight': 1.0,
   }), 'vae': vae_lib.config_block()}
+
+
+NORMALIZATIONS = ('max', 'l2')
+
+# Sub-tags of the unlabeled dropout key: each adversarial forward draws its own mask.
+TANGENT_PASS, NORMAL_PASS = 1, 2
+
+
+def max_normalize(d: jax.Array) -> jax.Array:
+  """Each example divided by its largest absolute entry (the authors' `normalizevector`)."""
+  largest = jnp.max(jnp.abs(d), axis=tuple(range(1, d.ndim)), keepdims=True)
+  return d / jnp.maximum(largest, jnp.finfo(d.dtype).tiny)
+
+
+def normalizer(normalization: str):
+  """The per-example normalisation named by `tnar.normalization`."""
+  return {'max': max_normalize, 'l2': vat.normalize}[normalization]
 
 
 def _saved_vae(config) -> dict:
@@ -106,6 +133,9 @@ def validate(config) -> None:
   for name in ('eps_tangent', 'eps_normal'):
     require(block[name] > 0, f'tnar.{name}', block[name], 'must be > 0')
   require(block.xi >= 0, 'tnar.xi', block.xi, 'must be >= 0 (0 = exact Hessian-vector product)')
+  require(block.normalization in NORMALIZATIONS, 'tnar.normalization', block.normalization,
+          f'must be one of {NORMALIZATIONS}')
+  augment.require_pixel_std(config, 'tnar.eps_normal', block.eps_normal)
   for name in ('power_iterations', 'cg_iterations'):
     require(isinstance(block[name], int) and block[name] >= 1, f'tnar.{name}', block[name],
             'must be an integer >= 1')
@@ -193,7 +223,7 @@ def _curvature_product(kl, d, xi: float):
 
 
 def tangent_perturbation(logits_fn, clean_logits, x, decode, z, key, *, epsilon: float, xi: float,
-                         power_iterations: int, cg_iterations: int):
+                         power_iterations: int, cg_iterations: int, normalization: str = 'l2'):
   """g(z + eps r) - g(z) with r the adversarial direction along the manifold.
 
   Args:
@@ -202,35 +232,50 @@ def tangent_perturbation(logits_fn, clean_logits, x, decode, z, key, *, epsilon:
     x: [B, ...] inputs; z: [B, latent] their codes; decode: `z -> images`, per example.
     key: PRNG key of the random start.
     epsilon, xi, power_iterations, cg_iterations: static; see the module docstring.
+    normalization: static; 'max' (the authors' code) or 'l2' (the paper): the latent step
+      eps r has that norm eps.
 
   Returns:
     [B, ...] the tangent perturbation of x (no gradient flows through it).
   """
+  normalize = normalizer(normalization)
   reconstruction = decode(z)
   kl = lambda r: vat.kl_to_clean(clean_logits, logits_fn(x + decode(z + r) - reconstruction))
   gram = gram_product(decode, z)
-  r = vat.normalize(jax.random.normal(key, z.shape, z.dtype))
+  r = normalize(jax.random.normal(key, z.shape, z.dtype))
   for _ in range(power_iterations):
-    h_r = vat.normalize(jax.lax.stop_gradient(_curvature_product(kl, r, xi)))
-    r = vat.normalize(jax.lax.stop_gradient(conjugate_gradient(gram, h_r, cg_iterations)))
+    h_r = normalize(jax.lax.stop_gradient(_curvature_product(kl, r, xi)))
+    r = normalize(jax.lax.stop_gradient(conjugate_gradient(gram, h_r, cg_iterations)))
   return jax.lax.stop_gradient(decode(z + epsilon * r) - reconstruction)
 
 
 def normal_perturbation(logits_fn, clean_logits, x, tangent, key, *, epsilon: float, xi: float,
-                        power_iterations: int):
-  """eps d with d VAT's adversarial direction orthogonal to `tangent` (per example).
+                        power_iterations: int, normalization: str = 'l2', pixel_std=None):
+  """eps d with d VAT's adversarial direction orthogonal to `tangent` (per example), in pixel units.
+
+  Args:
+    logits_fn, clean_logits, x, tangent: as `tangent_perturbation`'s, and its result.
+    key: PRNG key of the random start.
+    epsilon, xi, power_iterations: static; see the module docstring.
+    normalization: static; 'max' (the authors' code: the largest pixel change is eps) or
+      'l2' (the paper: the L2 norm is eps).
+    pixel_std: None (the search and eps in the inputs' own units) or the per-channel std
+      of the [0, 1] pixels: the search, the projection and eps in [0, 1] pixel units.
 
   Returns:
-    [B, ...] the normal perturbation of x (no gradient flows through it).
+    [B, ...] the normal perturbation of x in the inputs' units (no gradient flows through it).
   """
-  unit_tangent = vat.normalize(tangent)
+  normalize = normalizer(normalization)
+  std = 1.0 if pixel_std is None else jnp.asarray(pixel_std, x.dtype)
+  # In pixel units: a pixel step r is r / std in the inputs.
+  unit_tangent = vat.normalize(tangent * std)
   project = lambda v: v - _dot(v, unit_tangent) * unit_tangent
-  kl = lambda r: vat.kl_to_clean(clean_logits, logits_fn(x + r))
-  d = vat.normalize(project(jax.random.normal(key, x.shape, x.dtype)))
+  kl = lambda r: vat.kl_to_clean(clean_logits, logits_fn(x + r / std))
+  d = normalize(project(jax.random.normal(key, x.shape, x.dtype)))
   for _ in range(power_iterations):
-    d = vat.normalize(project(jax.lax.stop_gradient(_curvature_product(kl, d, xi))))
+    d = normalize(project(jax.lax.stop_gradient(_curvature_product(kl, d, xi))))
   # A last projection: normalising rescales, and the float error of one projection is relative.
-  return jax.lax.stop_gradient(epsilon * vat.normalize(project(d)))
+  return jax.lax.stop_gradient(epsilon * normalize(project(d)) / std)
 
 
 def frozen_vae(state, config, image_shape):
@@ -249,8 +294,10 @@ def objective(params, state, batch, *, weight, config):
   logits_l, stats = common.train_forward(state, params, labeled['image'], state.batch_stats,
                                          state.step_key(common.DROPOUT_LABELED))
   supervised = losses.cross_entropy(logits_l, labeled['label'])
-  dropout_key = state.step_key(common.DROPOUT_UNLABELED)
-  logits_fn = lambda p, x: common.train_forward(state, p, x, stats, dropout_key)[0]
+  # Each forward's own dropout mask: the clean one (shared by the power iterations), the tangent
+  # pass's and the normal pass's.
+  logits_fn = lambda p, x, *tags: common.train_forward(
+      state, p, x, stats, state.step_key(common.DROPOUT_UNLABELED, *tags))[0]
   clean = logits_fn(params, x_u)
   encode, decode = frozen_vae(state, config, x_u.shape[1:])
   decode_like_x = lambda z: decode(z).astype(x_u.dtype)
@@ -258,11 +305,14 @@ def objective(params, state, batch, *, weight, config):
   fixed = functools.partial(logits_fn, jax.lax.stop_gradient(params))
   tangent = tangent_perturbation(
       fixed, clean, x_u, decode_like_x, encode(x_u), tangent_key, epsilon=block.eps_tangent,
-      xi=block.xi, power_iterations=block.power_iterations, cg_iterations=block.cg_iterations)
+      xi=block.xi, power_iterations=block.power_iterations, cg_iterations=block.cg_iterations,
+      normalization=block.normalization)
   normal = normal_perturbation(fixed, clean, x_u, tangent, normal_key, epsilon=block.eps_normal,
-                               xi=block.xi, power_iterations=block.power_iterations)
-  tangent_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + tangent))
-  normal_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + normal))
+                               xi=block.xi, power_iterations=block.power_iterations,
+                               normalization=block.normalization,
+                               pixel_std=augment.pixel_std(config, x_u.shape[-1]))
+  tangent_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + tangent, TANGENT_PASS))
+  normal_loss = vat.kl_to_clean(clean, logits_fn(params, x_u + normal, NORMAL_PASS))
   entropy = losses.entropy(jax.nn.softmax(losses.at_least_float32(clean)))
   loss = (supervised + weight * (block.weight_tangent * tangent_loss + block.weight_normal * normal_loss)
           + block.entropy_weight * entropy)
@@ -287,22 +337,12 @@ def train_step(state, batch, *, config, num_classes):
 def describe(config) -> str:
   """The perturbations and the VAE, in the run plan."""
   block = config.tnar
-  return (f'eps tangent {block.eps_tangent} (latent), normal {block.eps_normal}, '
+  return (f'eps tangent {block.eps_tangent} (latent), normal {block.eps_normal} ([0, 1] pixels), '
+          f'{block.normalization} normalisation, '
           f'{block.power_iterations} power / {block.cg_iterations} CG iterations, VAE '
           f'{block.vae_dir or "(tnar.vae_dir not set)"}')
 
 
-# Two commands, one config (the preset sets the `vae` block both read):
-#   python -m semimeta_jax.vae_main --config=configs/digits.py:tnar_vae --workdir=runs/vae_digits
-#   python -m semimeta_jax.main --config=configs/digits.py:tnar_vae --workdir=runs/tnar_digits \
-#       --config.tnar.vae_dir=runs/vae_digits
-# CIFAR-10: the authors' train_tnar.py (weights 1, entropy 1, one power iteration, 4 CG steps,
-# xi 1e-6) and train_vae.py (conv VAE, latent 512, Adam 1e-3, batch 128, 121 x 400 steps; its
-# KL weight 0.5 on a Bernoulli likelihood has no counterpart here), eps1 = 5, eps2 = 1 with the
-# paper's L2 normalisation. Digits, scaled and not tuned: an MLP VAE with a 16-dimensional code,
-# eps1 = 1 (a quarter of the typical code norm sqrt(16)), eps2 = 1 (half of VAT's digits radius),
-# and the exact Hessian products (xi = 0), as VAT's digits preset.
-_COMMON = {'consistency_weight': 1.0, 'consistency_rampup_steps': 0}
 def vae_input_config(config):
   """The run's config as the VAE's trainer (`vae_main`) reads its input: `vae.batch_size` images a step.
 
@@ -316,13 +356,31 @@ def vae_input_config(config):
   return vae_config
 
 
+# Two commands, one config (the preset sets the `vae` block both read):
+#   python -m semimeta_jax.vae_main --config=configs/digits.py:tnar_vae --workdir=runs/vae_digits
+#   python -m semimeta_jax.main --config=configs/digits.py:tnar_vae --workdir=runs/tnar_digits \
+#       --config.tnar.vae_dir=runs/vae_digits
+# CIFAR-10: the authors' train_tnar.py (weights 1, entropy 1, one power iteration, 4 CG steps,
+# xi 1e-6, eps1 = 5 and eps2 = 1 with their max-norm normalisation, eps2 in [0, 1] pixels) and
+# train_vae.py (conv VAE, latent 512, Adam 1e-3, batch 128, 121 x 400 steps; its KL weight 0.5
+# on a Bernoulli likelihood has no counterpart here). Digits, not tuned: an MLP VAE with a
+# 16-dimensional code, the authors' eps1 = 5 and eps2 = 1 under their normalisation (relative
+# to the data, about the same sizes: a max-normalised direction of 64 pixels has an L2 norm
+# about 3 times its largest entry, near a digit's own L2 norm of about 4 in [0, 1] pixels, as
+# 3072 CIFAR-10 pixels give about 16 against an image's 28; a latent step of max-norm 5 is
+# 1.5 to 2.5 times a unit Gaussian code's norm in 512 as in 16 dimensions), and the exact
+# Hessian products (xi = 0), as VAT's digits preset.
+_COMMON = {'consistency_weight': 1.0, 'consistency_rampup_steps': 0}
+
 PRESETS = {
-    'digits': {'tnar_vae': {**_COMMON, 'tnar.eps_tangent': 1.0, 'tnar.eps_normal': 1.0, 'tnar.xi': 0.0,
+    'digits': {'tnar_vae': {**_COMMON, 'tnar.eps_tangent': 5.0, 'tnar.eps_normal': 1.0,
+                            'tnar.normalization': 'max', 'tnar.xi': 0.0,
                             'vae.architecture': 'mlp', 'vae.latent_dim': 16, 'vae.width': 128,
                             'vae.batch_size': 64, 'vae.num_train_steps': 2000}},
     'cifar10': {'tnar_vae': {**_COMMON, 'tnar.eps_tangent': 5.0, 'tnar.eps_normal': 1.0,
-                             'tnar.xi': 1e-6, 'vae.architecture': 'conv', 'vae.latent_dim': 512,
-                             'vae.width': 128, 'vae.batch_size': 128, 'vae.num_train_steps': 48_400}},
+                             'tnar.normalization': 'max', 'tnar.xi': 1e-6, 'vae.architecture': 'conv',
+                             'vae.latent_dim': 512, 'vae.width': 128, 'vae.batch_size': 128,
+                             'vae.num_train_steps': 48_400}},
 }
 
 METHOD = base.Method(
