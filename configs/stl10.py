@@ -8,7 +8,7 @@ images' are computed when the run starts and saved in the workdir. At 2.9 GB
 Random 12-pixel translations and flips (an eighth of the side, as usual for
 STL-10), the official SemiMeta optimizer and meta step, 200k steps.
 
-  tfds build stl10 --data_dir=~/tensorflow_datasets     # on a machine with internet
+  python -m semimeta_jax.prepare stl10 --data_dir=~/tensorflow_datasets   # downloads it, once
   python -m semimeta_jax.main --config=configs/stl10.py --workdir=runs/stl10
 """
 

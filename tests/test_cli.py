@@ -103,7 +103,8 @@ def test_a_missing_dataset_names_it_where_it_looked_and_the_fix(tmp_path):
   data_dir = tmp_path / 'tfds'
   result = run_main('--config=configs/cifar10.py', f'--workdir={workdir}',
                     f'--config.data.data_dir={data_dir}')
-  assert_one_clear_error(result, "'cifar10'", str(data_dir), 'tfds build cifar10', workdir=workdir)
+  assert_one_clear_error(result, "'cifar10'", str(data_dir), 'python -m semimeta_jax.prepare cifar10',
+                         workdir=workdir)
 
 
 @pytest.mark.slow

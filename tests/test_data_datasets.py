@@ -22,8 +22,9 @@ def test_missing_dataset_names_it_and_the_fix(tmp_path, name):
   message = str(error.value)
   assert repr(name) in message
   assert str(tmp_path / name) in message  # Where it looked.
-  assert f'tfds build {name} --data_dir={tmp_path}' in message
+  assert f'python -m semimeta_jax.prepare {name} --data_dir={tmp_path}' in message
   assert 'config.data.download=True' in message
+  assert 'tfds build' not in message  # Needs apache_beam, which is not installed.
 
 
 def test_missing_imagenet_explains_the_manual_download(tmp_path):
@@ -34,7 +35,7 @@ def test_missing_imagenet_explains_the_manual_download(tmp_path):
   assert 'ILSVRC2012_img_train.tar' in message
   assert 'ILSVRC2012_img_val.tar' in message
   assert f'{tmp_path}/downloads/manual' in message
-  assert f'tfds build imagenet2012 --data_dir={tmp_path}' in message
+  assert f'python -m semimeta_jax.prepare imagenet2012 --data_dir={tmp_path}' in message
 
 
 def test_imagenet_download_without_the_archives_fails_clearly(tmp_path):

@@ -15,7 +15,6 @@ Images are stored as uint8 8x8x1, scaled from 0..16 to 0..255
 (round(v * 255 / 16)).
 """
 
-from etils import epath
 import numpy as np
 from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
@@ -55,10 +54,6 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Stratified 1497 train / 300 test split.'}
-  # TFDS derives this from the module's package through a lookup that imports
-  # `importlib_resources`, a backport not installed on Python >= 3.9. Stating it
-  # avoids that import; it only serves to find a (absent) checksums file.
-  code_path = epath.Path(__file__)
 
   def _info(self):
     return self.dataset_info_from_configs(

@@ -6,7 +6,8 @@ choice, made before anything here is called. Every TFDS dataset is read from
 `config.data.data_dir`. Nothing is
 downloaded unless `config.data.download=True`; when the prepared files are not
 there, `get_builder` raises `DatasetNotFoundError` before any compute, naming
-the dataset, where it looked and the commands that prepare it. `digits` is the
+the dataset, where it looked and the command that prepares it
+(`python -m semimeta_jax.prepare`, which calls `prepare` here). `digits` is the
 exception: it ships with scikit-learn and is built offline on first use.
 """
 
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 from semimeta_jax import errors
 from semimeta_jax.data import digits
 from semimeta_jax.data import specs
+from semimeta_jax.data import tfds_prepare
 
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
@@ -51,14 +53,14 @@ def is_prepared(builder, split):
 
 def _instructions(spec, builder):
   root = builder.data_dir_root
+  command = f'python -m semimeta_jax.prepare {spec.name} --data_dir={root}'
   if spec.name == 'imagenet2012':
     manual = os.path.join(root, 'downloads', 'manual')
     return ('TFDS cannot download ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
-            f'(image-net.org, needs an account) in {manual}/ and run '
-            f'`tfds build imagenet2012 --data_dir={root}`.')
-  return (f'Prepare it with `tfds build {spec.name} --data_dir={root}` on a machine with internet '
-          f'access (then copy {os.path.join(root, spec.name)} here), or rerun with '
-          '--config.data.download=True.')
+            f'(image-net.org, needs an account) in {manual}/ (or a folder given as --manual_dir) and '
+            f'run `{command}`.')
+  return (f'Prepare it with `{command}` (downloads it; --manual_dir=DIR takes its files from DIR '
+          f'instead), or rerun with --config.data.download=True.')
 
 
 def not_found_error(spec, builder, reason):
@@ -69,25 +71,50 @@ def not_found_error(spec, builder, reason):
       + _instructions(spec, builder))
 
 
-def _prepare(spec, builder):
-  """Runs TFDS's download-and-prepare (ImageNet: its manual files first)."""
+def _prepare(spec, builder, manual_dir=None):
+  """Prepares the dataset in the builder's data_dir (ImageNet: its manual files checked first)."""
   if spec.name == 'digits':
     logging.info('Preparing the digits dataset from the copy bundled with scikit-learn (no '
                  'download) into %s.', builder.data_dir)
     # TFDS announces a "download" and draws progress bars on stdout; nothing is
     # downloaded and the build takes a second.
     tfds.disable_progress_bar()
+    tfds_prepare.require_builder_packages()
     with contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare()
     return
   if spec.name == 'imagenet2012':
-    manual = epath.Path(builder.data_dir_root) / 'downloads' / 'manual'
+    manual = epath.Path(manual_dir or epath.Path(builder.data_dir_root) / 'downloads' / 'manual')
     missing = [f for f in IMAGENET_MANUAL_FILES if not (manual / f).exists()]
     if missing:
-      raise not_found_error(
-          spec, builder, f'it is not prepared and {", ".join(missing)} '
-          f'missing from {manual}.')
-  builder.download_and_prepare()
+      raise specs.DatasetNotFoundError(
+          f'imagenet2012 is not prepared in {builder.data_dir_root} and TFDS cannot download it: '
+          f'{" and ".join(missing)} missing from {manual}/ (image-net.org, needs an account); put '
+          f'them there (or in a folder given as --manual_dir) and run `python -m '
+          f'semimeta_jax.prepare imagenet2012 --data_dir={builder.data_dir_root}`.')
+  tfds_prepare.download_and_prepare(builder, manual_dir=manual_dir)
+
+
+def prepare(spec, data_config, manual_dir=None):
+  """Prepares a TFDS dataset into `data_config.data_dir` (nothing is done if it is there).
+
+  Args:
+    spec: the dataset's `DatasetSpec` (`catalog.get_spec`).
+    data_config: `config.data` (`data_dir`).
+    manual_dir: a folder of the dataset's files, downloaded by hand; None
+      downloads what is missing.
+
+  Returns:
+    The prepared builder.
+
+  Raises:
+    DatasetNotFoundError: ImageNet's archives are missing.
+    tfds_prepare.PreparationError: no network, or missing or wrong files.
+  """
+  builder = _builder(spec, data_config)
+  if not is_prepared(builder, spec.test_split):
+    _prepare(spec, builder, manual_dir)
+  return builder
 
 
 def get_builder(spec, data_config):

@@ -33,7 +33,10 @@ def builder(data_config):
   try:
     return tfds.builder(data_config.name, data_dir=tfds_builders.data_dir(data_config))
   except tfds.core.registered.DatasetNotFoundError:
-    close = difflib.get_close_matches(data_config.name, tfds.list_builders(), n=3)
+    # TFDS's own builders: listing the community ones reads a registry on Google Cloud Storage
+    # (a network round trip, and a credentials warning on the terminal where there is none).
+    close = difflib.get_close_matches(
+        data_config.name, tfds.list_builders(with_community_datasets=False), n=3)
     hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
     raise specs.UnknownDatasetError(
         f'Unknown dataset config.data.name={data_config.name!r}: neither one of this '
