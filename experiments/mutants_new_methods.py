@@ -166,6 +166,11 @@ MUTANTS = [
         'lam = config.vadd.weight * sntg.rampup(config, state.step)',
         'lam = config.vadd.weight',
         'lambda without the ramp-up',
+    ), (
+        'vadd-vat-term-ramped',
+        'weight = jnp.asarray(config.consistency_weight, jnp.float32)',
+        'weight = config.consistency_weight * sntg.rampup(config, state.step)',
+        "the VAT term ramped up with lambda (the authors' combined loss has it at full weight)",
     )),
     *group('semimeta_jax/methods/tnar.py', TNAR_CG, (
         'tnar-cg-beta-inverted',

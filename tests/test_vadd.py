@@ -95,7 +95,8 @@ def test_the_vadd_term_is_differentiated_through_both_predictions():
 def _config(**overrides):
   return tiny_config(method='vat_vadd', **{'vat.xi': 0.0, 'vat.entropy_weight': 1.0, 'vadd.delta': 0.5,
                                            'vadd.weight': 0.7, 'consistency_rampup': 'linear',
-                                           'consistency_rampup_steps': 2, **overrides})
+                                           'consistency_rampup_steps': 2, 'consistency_weight': 1.6,
+                                           **overrides})
 
 
 @pytest.mark.slow
@@ -107,13 +108,16 @@ def test_the_step_traces_once_and_adds_lambda_times_the_masked_kl():
   chex.clear_trace_counter()
   step = jax.jit(chex.assert_max_traces(lambda s, b: methods.make_train_step(config, 10)(s, b), n=1))
   state, first = step(state, batch)
+  # Step 0: lambda is 0 and the VAT term already at its full weight 1.6 (the authors' combined
+  # loss ramps lambda only).
   assert float(first['vadd_weight']) == 0.0
-  next_state, metrics = step(state, batch)  # Step 1: lambda = 0.7 / 2.
+  np.testing.assert_allclose(float(first['consistency_weight']), 1.6, rtol=1e-7)
+  next_state, metrics = step(state, batch)  # Step 1: lambda = 0.7 / 2, the VAT weight still 1.6.
+  np.testing.assert_allclose(float(metrics['consistency_weight']), 1.6, rtol=1e-7)
   step(next_state, batch)
 
   # The same step's VAT part, and the VAdD term rebuilt from its pieces.
-  vat_loss = jax.jit(lambda s: vat.objective(s.params, s, batch, weight=metrics['consistency_weight'],
-                                             config=config)[0])(state)
+  vat_loss = jax.jit(lambda s: vat.objective(s.params, s, batch, weight=1.6, config=config)[0])(state)
 
   @jax.jit
   def rebuilt(s):
@@ -158,4 +162,7 @@ def test_the_presets_are_the_papers(dataset):
   assert preset['method'] == 'vat_vadd'
   assert preset['vadd.weight'] == 1.0 and preset['vadd.delta'] == 0.05
   assert preset['vat.entropy_weight'] == 1.0
-  assert preset['vat.epsilon'] == methods.presets(dataset)['vat']['vat.epsilon']
+  # The authors' combined run: the VAT term unramped at weight 1, eps 8 on CIFAR-10.
+  assert preset['consistency_weight'] == 1.0
+  assert preset['vat.epsilon'] == {'digits': methods.presets('digits')['vat']['vat.epsilon'],
+                                    'cifar10': 8.0}[dataset]
