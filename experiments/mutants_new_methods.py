@@ -77,6 +77,7 @@ _DS = 'tests/test_dual_student.py::'
 DS_LOOP = (_DS + 'test_stability_and_who_learns_equal_the_authors_loop',)
 DS_STABLE = (_DS + 'test_stability_needs_the_same_argmax_and_one_confident_view',)
 DS_TERMS = (_DS + 'test_each_students_terms_are_rebuilt_from_its_own_and_the_other_view',)
+DS_VIEWS = (_DS + 'test_the_two_views_translate_and_flip_each_example_independently[cifar10]',)
 
 MUTANTS = [
     *group('semimeta_jax/methods/sntg.py', SNTG_LOOP, (
@@ -421,6 +422,12 @@ MUTANTS = [
         'confident = (jnp.max(own, axis=-1) > threshold) | (jnp.max(other, axis=-1) > threshold)',
         'confident = (jnp.max(own, axis=-1) > threshold) & (jnp.max(other, axis=-1) > threshold)',
         'stability needs both views confident, not either',
+    )),
+    *group('semimeta_jax/methods/augment.py', DS_VIEWS, (
+        'dual-one-flip-per-view',
+        'mirrored = jax.random.bernoulli(flip_key, 0.5, (batch,))',
+        'mirrored = jnp.broadcast_to(jax.random.bernoulli(flip_key, 0.5), (batch,))',
+        'one flip drawn per view for the whole batch, not one per example',
     )),
     *group('semimeta_jax/methods/dual_student.py', DS_TERMS, (
         'dual-consistency-same-view',

@@ -211,3 +211,44 @@ def test_each_students_terms_are_rebuilt_from_its_own_and_the_other_view():
     want_total += (want['supervised_loss'] + 0.3 * want['logit_distance'] + 2.0 * want['consistency_loss']
                    + 5.0 * want['stabilization_loss'])
   np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
+
+
+def identify_view(image, view, max_translation):
+  """(dy, dx, flipped) of the one translation-then-flip of `image` that gives `view` (float64)."""
+  padded = np.pad(image, ((max_translation,) * 2, (max_translation,) * 2, (0, 0)), mode='reflect')
+  height, width = image.shape[:2]
+  found = [(dy - max_translation, dx - max_translation, flipped)
+           for dy in range(2 * max_translation + 1) for dx in range(2 * max_translation + 1)
+           for flipped in (False, True)
+           if np.allclose((lambda c: c[:, ::-1] if flipped else c)(padded[dy:dy + height, dx:dx + width]),
+                          view, atol=1e-6)]
+  assert len(found) == 1, found  # Random pixels: exactly one transform explains each view.
+  return found[0]
+
+
+@pytest.mark.parametrize('dataset', ['cifar10', 'digits'])
+def test_the_two_views_translate_and_flip_each_example_independently(dataset):
+  fields = methods.presets(dataset)['dual_student']
+  config = tiny_config(**fields)
+  max_translation = {'cifar10': 4, 'digits': 1}[dataset]
+  assert config.perturb.max_translation == max_translation and not config.data.augment
+  assert config.perturb.noise_std == 0.0
+  images = jax.random.uniform(jax.random.key(0), (48, 12, 12, 1))
+  state = initial_state(tiny_config(method='dual_student'))
+  views = jax.jit(lambda s, x: dual_student.student_views(config, s, x))(state, images)
+  draws = {s: [identify_view(np.asarray(images[i]), np.asarray(views[s][i]), max_translation)
+               for i in range(len(images))] for s in views}
+  first, second = (np.array(draws[s], dtype=float) for s in (dual_student.FIRST, dual_student.SECOND))
+  # Per example, the two views' translations differ in most examples (equal with probability
+  # 1 / (2 t + 1)^2), and every shift up to t is drawn.
+  differs = np.any(first[:, :2] != second[:, :2], axis=1)
+  assert differs.mean() > 0.6, differs.mean()
+  assert np.abs(first[:, :2]).max() == max_translation and np.abs(second[:, :2]).max() == max_translation
+  if dataset == 'cifar10':
+    # Flipped independently: each view flips about half of the examples, and the two views'
+    # flips disagree on about half of them.
+    for flips in (first[:, 2], second[:, 2]):
+      assert 0.25 < flips.mean() < 0.75
+    assert 0.25 < np.mean(first[:, 2] != second[:, 2]) < 0.75
+  else:
+    assert not first[:, 2].any() and not second[:, 2].any()  # Digits are never mirrored.

@@ -8,9 +8,13 @@ in `extra['consistency_heads']` with its own optimizer state. One step, on the
 joined labeled + unlabeled batch, as the authors' code (ZHKKKe/DualStudent,
 dual_student.py):
 
-  1. Two views of the batch (`perturb.*`, drawn per step): student 1's own view
-     v1 and student 2's own view v2. Each student runs in training mode on its
-     own view (gradients) and on the other view (held constant), the two
+  1. Two views of the batch (`perturb.*`, drawn per step, `student_views`): student
+     1's own view v1 and student 2's own view v2, each example translated and
+     flipped independently in each view, as the authors' TransformTwice of
+     RandomTranslateWithReflect(4) and RandomHorizontalFlip (no input noise). The
+     presets turn the pipeline's own augmentation off (`data.augment`), which
+     would otherwise be shared by both views. Each student runs in training mode on
+     its own view (gradients) and on the other view (held constant), the two
      forwards updating its batch-norm running averages in turn.
   2. Per student s: CE of its class head on the labeled rows; a logit distance
      `logit_distance_weight` * mean (class logits - consistency logits)^2; the
@@ -175,6 +179,12 @@ def stabilization_losses(class_own, cons_own, class_other, *, num_labeled, thres
   return result, masks
 
 
+def student_views(config, state, images):
+  """{student: its own view of `images`}: each drawn from the step's key under its own sub-tag."""
+  perturb = augment.from_config(config)
+  return {s: perturb(state.step_key(common.NOISE, _STUDENT_TAG[s]), images) for s in (FIRST, SECOND)}
+
+
 def objective(trainable, state, batch, *, consistency_weight, stabilization_weight, config):
   """The two students' losses, summed (their parameters are disjoint).
 
@@ -193,8 +203,7 @@ def objective(trainable, state, batch, *, consistency_weight, stabilization_weig
   labeled = batch['labeled']
   num_labeled = labeled['image'].shape[0]
   images = jnp.concatenate([labeled['image'], batch['unlabeled']['image']])
-  perturb = augment.from_config(config)
-  views = {s: perturb(state.step_key(common.NOISE, _STUDENT_TAG[s]), images) for s in (FIRST, SECOND)}
+  views = student_views(config, state, images)
   stats = {FIRST: state.batch_stats, SECOND: second_network.weights(state)[1]}
   other = {FIRST: SECOND, SECOND: FIRST}
 
@@ -271,16 +280,19 @@ def train_step(state, batch, *, config, num_classes):
 
 
 # Ke et al. (CIFAR, CNN-13): consistency 10, stabilisation 100, threshold 0.8, logit distance 0.01,
-# sigmoid ramp-ups of 5 epochs. Digits: the same weights, the ramp over the run's first 200 steps
-# and 1-pixel shifts (the Pi-model's digits views).
+# sigmoid ramp-ups of 5 epochs; each view translated by up to 4 pixels (reflection padding) and
+# flipped, independently, without input noise, and no augmentation shared by the two views.
+# Digits: the same weights, the ramp over the run's first 200 steps, and views translated by up
+# to 1 pixel (the authors' 4 of 32 pixels is an eighth of the image; an eighth of 8 pixels is 1)
+# and never flipped (digits are not mirror-symmetric, which is why their pipeline has no flip).
 _DIGITS = {'consistency_rampup': 'sigmoid', 'consistency_weight': 1.0, 'consistency_rampup_steps': 200,
-           'perturb.max_translation': 1}
-# CIFAR-10: the ramps over 5 epochs of the 46000 unlabeled images at batch 128 (360 steps each), and
-# 2-pixel shifts as the authors' translations (their flip is the pipeline's here).
+           'data.augment': False, 'perturb.max_translation': 1, 'perturb.flip': False,
+           'perturb.noise_std': 0.0}
+# CIFAR-10: the ramps over 5 epochs of the 46000 unlabeled images at batch 128 (360 steps each).
 PRESETS = {
     'digits': {'dual_student': _DIGITS},
-    'cifar10': {'dual_student': {**_DIGITS, 'consistency_rampup_steps': 5 * 360, 'perturb.max_translation': 2,
-                                 'perturb.noise_std': 0.0}},
+    'cifar10': {'dual_student': {**_DIGITS, 'consistency_rampup_steps': 5 * 360, 'perturb.max_translation': 4,
+                                 'perturb.flip': True}},
 }
 
 METHOD = base.Method(
