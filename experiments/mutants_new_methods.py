@@ -1,12 +1,12 @@
 """The planted bugs of `mutation_check.py` in SNTG, VAT + VAdD, TNAR-VAE (and its VAE), MA-DNN,
-ADA-Net, Deep Co-Training, Dual Student and their shared second network.
+ADA-Net, Deep Co-Training, Dual Student, their shared second network, and Pseudo-Label's ramp.
 
 Same form as `mutants.py` (file, exact snippet, replacement, the bug, the tests that
 catch it). Each subset is only the tests that pin the exact value (a loss, a mask or
 a direction against a NumPy, brute-force or dense linear-algebra reference). Names
 start with the method's prefix (`sntg-`, `vadd-`, `tnar-`, `vae-`, `madnn-`,
-`adanet-`, `cot-`, `dual-`, `second-`), for `--only`:
-  python -m experiments.mutation_check --only=sntg-,vadd-,tnar-,vae-,madnn-,adanet-,cot-,dual-,second-
+`adanet-`, `cot-`, `dual-`, `second-`, `pseudo-`), for `--only`:
+  python -m experiments.mutation_check --only=sntg-,vadd-,tnar-,vae-,madnn-,adanet-,cot-,dual-,second-,pseudo-
 (57 of 57 killed in 9.7 min on 2 shared CPU cores). Fourteen of them change only how
 a step composes parts that are checked on their own (a weight, an operand, a gradient
 path, the running averages kept); their tests rebuild the step's loss, gradient or
@@ -78,6 +78,8 @@ DS_LOOP = (_DS + 'test_stability_and_who_learns_equal_the_authors_loop',)
 DS_STABLE = (_DS + 'test_stability_needs_the_same_argmax_and_one_confident_view',)
 DS_TERMS = (_DS + 'test_each_students_terms_are_rebuilt_from_its_own_and_the_other_view',)
 DS_VIEWS = (_DS + 'test_the_two_views_translate_and_flip_each_example_independently[cifar10]',)
+
+PSEUDO_ALPHA = ('tests/test_pseudo_label.py::test_alpha_is_lees_delayed_ramp_read_at_the_step_being_taken',)
 
 MUTANTS = [
     *group('semimeta_jax/methods/sntg.py', SNTG_LOOP, (
@@ -445,5 +447,16 @@ MUTANTS = [
         ' for s in (FIRST, SECOND)}',
         'views = {s: perturb(state.step_key(common.NOISE), images) for s in (FIRST, SECOND)}',
         'both students perturbed by one key: one view, not one each',
+    )),
+    *group('semimeta_jax/methods/pseudo_label.py', PSEUDO_ALPHA, (
+        'pseudo-weight-one-step-ahead',
+        'weight = alpha_schedule(config)(state.step)',
+        'weight = alpha_schedule(config)(state.step + 1)',
+        'alpha read one step ahead of the step being taken',
+    ), (
+        'pseudo-ramp-without-delay',
+        'return alpha_f * jnp.clip((count - start) / (end - start), 0.0, 1.0)',
+        'return alpha_f * jnp.clip(count / end, 0.0, 1.0)',
+        "alpha ramped from step 0, without Lee's delay T1",
     )),
 ]

@@ -71,3 +71,55 @@ def test_a_bad_threshold_is_named():
   config = tiny_config(method='pseudo_label', **{'pseudo_label.threshold': 1.5})
   with pytest.raises(validation.ConfigError, match='config.pseudo_label.threshold=1.5'):
     validation.validate_config(config)
+
+
+def lee_alpha(step, alpha_f, t1, t2):
+  """Lee (2013), equation 16, written out."""
+  if step < t1:
+    return 0.0
+  if step < t2:
+    return alpha_f * (step - t1) / (t2 - t1)
+  return alpha_f
+
+
+def test_alpha_is_lees_delayed_ramp_read_at_the_step_being_taken():
+  # T1 = 2, T2 = 6, alpha_f = 3: the weight of step t's loss is alpha(t), not alpha(t + 1).
+  config = tiny_config(method='pseudo_label', consistency_weight=3.0, consistency_rampup_steps=6,
+                       **{'pseudo_label.rampup_start_steps': 2})
+  state = tiny_state(config)
+  batch = synthetic_batch(jax.random.key(6))
+  step = jax.jit(methods.make_train_step(config, 10))
+  for t in range(8):
+    assert int(state.step) == t
+    state, metrics = step(state, batch)
+    want = lee_alpha(t, 3.0, 2, 6)
+    np.testing.assert_allclose(float(metrics['consistency_weight']), want, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(float(metrics['loss']),
+                               float(metrics['supervised_loss']) + want * float(metrics['consistency_loss']),
+                               rtol=1e-5)
+  assert float(metrics['consistency_loss']) > 0  # The unlabeled term is there to be weighted.
+  # T1 = T2: a step from 0 to alpha_f at T1.
+  jump = pseudo_label.alpha_schedule(tiny_config(method='pseudo_label', consistency_weight=3.0,
+                                                 consistency_rampup_steps=4,
+                                                 **{'pseudo_label.rampup_start_steps': 4}))
+  assert [float(jump(t)) for t in (3, 4, 5)] == [0.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize('dataset', ['digits', 'cifar10'])
+def test_the_presets_are_lees(dataset):
+  fields = methods.presets(dataset)['pseudo_label']
+  config = tiny_config(**fields)
+  validation.validate_config(config)
+  assert config.pseudo_label.threshold == 0.0 and config.consistency_weight == 3.0  # No threshold, alpha_f 3.
+  t1, t2 = config.pseudo_label.rampup_start_steps, config.consistency_rampup_steps
+  assert 0 < t1 < t2
+  alpha = pseudo_label.alpha_schedule(config)
+  assert float(alpha(t1 - 1)) == 0.0 and float(alpha(t1)) == 0.0
+  np.testing.assert_allclose(float(alpha((t1 + t2) // 2)), 1.5, rtol=1e-3)
+  assert float(alpha(t2)) == 3.0
+
+
+def test_a_ramp_start_after_its_end_is_named():
+  config = tiny_config(method='pseudo_label', consistency_rampup_steps=5, **{'pseudo_label.rampup_start_steps': 6})
+  with pytest.raises(validation.ConfigError, match='config.pseudo_label.rampup_start_steps=6'):
+    validation.validate_config(config)
