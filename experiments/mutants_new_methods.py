@@ -443,9 +443,8 @@ MUTANTS = [
         'logit distance without its weight',
     ), (
         'dual-students-share-a-view',
-        'views = {s: perturb(state.step_key(common.NOISE, _STUDENT_TAG[s]), images)'
-        ' for s in (FIRST, SECOND)}',
-        'views = {s: perturb(state.step_key(common.NOISE), images) for s in (FIRST, SECOND)}',
+        'return {s: perturb(state.step_key(common.NOISE, _STUDENT_TAG[s]), images) for s in (FIRST, SECOND)}',
+        'return {s: perturb(state.step_key(common.NOISE), images) for s in (FIRST, SECOND)}',
         'both students perturbed by one key: one view, not one each',
     )),
     *group('semimeta_jax/methods/pseudo_label.py', PSEUDO_ALPHA, (

@@ -280,6 +280,5 @@ METHOD = base.Method(
     weight_sets=lambda config: [second_network.weight_set()],
     describe=lambda config: (f'lambda_cot={config.co_training.lambda_cot}, '
                              f'lambda_dif={config.co_training.lambda_dif}, '
-                             f'fgsm_epsilon={config.co_training.fgsm_epsilon} '
-                             f'({config.co_training.fgsm_units})'),
+                             f'fgsm_epsilon={config.co_training.fgsm_epsilon}'),
     presets=PRESETS)
