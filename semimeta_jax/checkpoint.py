@@ -114,7 +114,11 @@ class Checkpointer:
         cleanup_tmp_directories=False,
         read_only=read_only,
         # The first save creates it: a run that fails its checks writes nothing.
-        create=False)
+        create=False,
+        # Created in `save` itself: created in a background thread, a directory that cannot be
+        # made (e.g. a link planted in its place) leaves orbax's writer threads waiting for its
+        # signal for the coordination timeout (300 s), and the process cannot exit meanwhile.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     # Named items: otherwise orbax infers the layout from the checkpoints it finds.
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=integrity.ITEM_NAMES)

@@ -8,6 +8,8 @@ FAULT is one of:
   no_space                 every checkpoint commit fails as on a full disk (ENOSPC).
   sigterm_in_final_save    SIGTERM arrives while the last checkpoint is being written.
   sigterm_before_training  SIGTERM arrives while the checkpoints are being read, before step 1.
+  tmp_link_out             before the save of step 4, its temporary directory is planted as a
+                           link to $SEMIMETA_OUTSIDE_DIR (a folder outside the workdir).
 """
 
 import errno
@@ -51,11 +53,26 @@ def _inject_sigterm_before_training():
   checkpoint.Checkpointer.restore_newest_intact = restore_after_sigterm
 
 
+def _inject_tmp_link_out():
+  from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  save = checkpoint.Checkpointer.save
+
+  def save_into_a_planted_link(self, step, state, **kwargs):
+    if int(step) == 4:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      os.symlink(os.environ['SEMIMETA_OUTSIDE_DIR'],
+                 os.fspath(self.directory / f'{int(step)}.orbax-checkpoint-tmp'))
+    return save(self, step, state, **kwargs)
+
+  checkpoint.Checkpointer.save = save_into_a_planted_link
+
+
 _FAULTS = {
     'none': lambda: None,
     'no_space': _inject_no_space,
     'sigterm_in_final_save': _inject_sigterm_in_final_save,
     'sigterm_before_training': _inject_sigterm_before_training,
+    'tmp_link_out': _inject_tmp_link_out,
 }
 
 

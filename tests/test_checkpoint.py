@@ -4,6 +4,8 @@ import errno
 import os
 import pathlib
 import shutil
+import threading
+import time
 
 import chex
 import jax
@@ -263,6 +265,35 @@ def test_a_failed_save_names_its_step_and_cause_and_keeps_the_last_checkpoint(
   assert step == 1
   chex.assert_trees_all_equal(_leaves(restored), _leaves(first))
   assert os.listdir(tmp_path / 'checkpoints') == ['1']
+
+
+def _lingering_threads(before):
+  """Live non-daemon threads started since `before`: each would keep the process from exiting."""
+  return [t for t in threading.enumerate() if t.is_alive() and not t.daemon and t not in before]
+
+
+@pytest.mark.parametrize('async_save', [True, False])
+def test_a_save_whose_directory_cannot_be_made_fails_leaving_no_thread_behind(tmp_path,
+                                                                             async_save):
+  # A link planted where the save's temporary directory goes (to a folder elsewhere): created in
+  # a background thread, orbax's writer threads waited 300 s for that directory's signal.
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  before = set(threading.enumerate())
+  ckpt = checkpoint.Checkpointer(tmp_path / 'run', keep=1, async_save=async_save)
+  os.symlink(elsewhere, tmp_path / 'run' / 'checkpoints' / '2.orbax-checkpoint-tmp')
+  started = time.monotonic()
+  with pytest.raises(checkpoint.CheckpointSaveError, match='Saving checkpoint 2 .*symbolic link'):
+    ckpt.save(2, _advance(_make_state()))
+    ckpt.check_save(block=True)
+  ckpt.close()
+  deadline = time.monotonic() + 10
+  while _lingering_threads(before) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _lingering_threads(before) == []
+  assert time.monotonic() - started < 30
+  assert os.listdir(elsewhere) == []
 
 
 def test_a_checkpoint_from_before_checksums_still_restores(tmp_path):

@@ -126,6 +126,21 @@ def test_a_full_disk_is_one_line_with_its_cause(finished_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_save_into_a_planted_link_ends_the_process_promptly_with_the_lock_released(
+    finished_run, tmp_path, monkeypatch):
+  elsewhere = outside_files(tmp_path)
+  before = tree_fingerprint(elsewhere)
+  monkeypatch.setenv('SEMIMETA_OUTSIDE_DIR', str(elsewhere))
+  workdir = tmp_path / 'run'
+  # The run itself takes under a minute; a process kept alive by orbax's threads took 5.
+  result = run_with_fault('tmp_link_out', workdir, finished_run, timeout=200)
+  assert_one_error_line(result, 'Saving checkpoint 4', 'symbolic link', 'checkpoint 2 is intact')
+  assert tree_fingerprint(elsewhere) == before
+  assert not (workdir / 'LOCK').exists()
+  assert (workdir / 'checkpoints' / '2').is_dir()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('fault, outcome, steps', [
     ('sigterm_in_final_save', 'Run finished at step 4.', ['2', '4']),
     ('sigterm_before_training', 'Run stopped after a preemption request at step 1.', ['1']),
