@@ -58,7 +58,7 @@ FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'hypergrad.diagnostics_every_steps', 'hypergrad.loop_unroll', 'preemption_check_every_steps', 'allow_config_change',
     'max_steps_in_flight',
-    'data.data_dir', 'data.download', 'data.prefetch_batches', 'remat',
+    'data.data_dir', 'data.download', 'data.source_dir', 'data.prefetch_batches', 'remat',
 })
 
 

@@ -3,7 +3,7 @@
 The kinds sit below it and know nothing of each other:
 
   * a folder of images (`config.data.folder`, `folder.py`);
-  * a built-in or registered name (`specs.builtin_spec`: digits, CIFAR, SVHN,
+  * a built-in or registered name (`specs.builtin_spec`: digits, Fashion-MNIST, CIFAR, SVHN,
     ImageNet, arrays registered with `specs.register_in_memory`);
   * any other TFDS name (`tfds_by_name.py`).
 

@@ -47,6 +47,9 @@ def prepare(name, data_dir, *, manual_dir=None, source_dir=None) -> dict[str, in
   Raises:
     errors.UserError: an unknown name, no network, missing or wrong files.
   """
+  if specs.ALIASES.get(name, name) == 'fashion_mnist' and manual_dir and not source_dir:
+    # Its files are the idx files, checked by their decompressed contents, not TFDS's downloads.
+    source_dir, manual_dir = manual_dir, None
   config = data_config(name, data_dir, source_dir)
   # An image size for the datasets whose size is a choice (ImageNet's crops); none is resized here.
   config.image_size = 224 if specs.ALIASES.get(name, name) == 'imagenet2012' else 0

@@ -7,8 +7,9 @@ choice, made before anything here is called. Every TFDS dataset is read from
 downloaded unless `config.data.download=True`; when the prepared files are not
 there, `get_builder` raises `DatasetNotFoundError` before any compute, naming
 the dataset, where it looked and the command that prepares it
-(`python -m semimeta_jax.prepare`, which calls `prepare` here). `digits` is the
-exception: it ships with scikit-learn and is built offline on first use.
+(`python -m semimeta_jax.prepare`, which calls `prepare` here). The exceptions
+are built offline on first use: `digits` (it ships with scikit-learn) and
+`fashion_mnist` when its idx files are on this machine (`fashion_mnist.py`).
 """
 
 import contextlib
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from semimeta_jax import errors
 from semimeta_jax.data import digits
+from semimeta_jax.data import fashion_mnist
 from semimeta_jax.data import specs
 from semimeta_jax.data import tfds_prepare
 
@@ -37,7 +39,21 @@ def _builder(spec, data_config):
   directory = data_dir(data_config)
   if spec.name == 'digits':
     return digits.Digits(data_dir=directory)
+  if spec.name == 'fashion_mnist':
+    return fashion_mnist.FashionMnistIdx(data_dir=directory,
+                                         source_dir=data_config.get('source_dir') or None)
   return tfds.builder(spec.name, data_dir=directory)
+
+
+def _from_local_files(spec, builder) -> bool:
+  """Whether the dataset is prepared from files on this machine, without a download.
+
+  digits always (scikit-learn ships it); fashion_mnist when its idx files are in
+  its source_dir (read and checked here, before anything is written).
+  """
+  if spec.name == 'fashion_mnist':
+    return builder.check_sources()
+  return spec.name == 'digits'
 
 
 def is_prepared(builder, split):
@@ -73,11 +89,11 @@ def not_found_error(spec, builder, reason):
 
 def _prepare(spec, builder, manual_dir=None):
   """Prepares the dataset in the builder's data_dir (ImageNet: its manual files checked first)."""
-  if spec.name == 'digits':
-    logging.info('Preparing the digits dataset from the copy bundled with scikit-learn (no '
-                 'download) into %s.', builder.data_dir)
+  if _from_local_files(spec, builder):
+    logging.info('Preparing the %s dataset from files on this machine (no download) into %s.',
+                 spec.name, builder.data_dir)
     # TFDS announces a "download" and draws progress bars on stdout; nothing is
-    # downloaded and the build takes a second.
+    # downloaded and the build takes seconds.
     tfds.disable_progress_bar()
     tfds_prepare.require_builder_packages()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -120,8 +136,9 @@ def prepare(spec, data_config, manual_dir=None):
 def get_builder(spec, data_config):
   """Returns the TFDS builder of a TFDS dataset, its data present.
 
-  `digits` is built into the data_dir if absent (offline, seconds). Another
-  dataset is prepared by TFDS only when `data_config.download` is True.
+  `digits`, and `fashion_mnist` when its idx files are in `data_config.source_dir`,
+  are built into the data_dir if absent (offline, seconds). Another dataset is
+  prepared by TFDS only when `data_config.download` is True.
 
   Args:
     spec: the dataset's `DatasetSpec` (`catalog.get_spec`).
@@ -135,9 +152,12 @@ def get_builder(spec, data_config):
   check_splits(builder, spec)  # Prepared data has split metadata; before TFDS's own ValueError.
   if is_prepared(builder, spec.test_split):
     return builder
-  if spec.name == 'digits' or data_config.download:
+  if data_config.download or _from_local_files(spec, builder):
     _prepare(spec, builder)
     return builder
+  if spec.name == 'fashion_mnist':
+    raise specs.DatasetNotFoundError(fashion_mnist.not_found_message(
+        builder.data_dir_root, fashion_mnist.source_dir_of(data_config)))
   raise not_found_error(
       spec, builder,
       'it is not prepared there and config.data.download=False.')
