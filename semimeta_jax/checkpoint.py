@@ -10,6 +10,7 @@ next newest one.
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 from absl import logging
@@ -75,6 +76,31 @@ def _remove_unfinished_saves(directory: epath.Path):
         else:
           path.rmtree()
   _sync('remove_unfinished_saves')
+
+
+# How TensorStore (orbax's array writer) reports the system's error inside a longer message.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _system_reason(error: BaseException) -> str | None:
+  """The operating system's reason for `error` (e.g. 'No space left on device'), if it gave one.
+
+  Orbax wraps the system's error in its own messages (a disk full is a ValueError
+  that names every path first), so it is read from an OSError in the chain of
+  causes or from TensorStore's `os_error_code` in any message of the chain.
+  """
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for link in reversed(chain):
+    if isinstance(link, OSError) and link.strerror:
+      return link.strerror
+  for link in reversed(chain):
+    match = _OS_ERROR_CODE.search(str(link))
+    if match:
+      return os.strerror(int(match.group(1)))
+  return None
 
 
 class Checkpointer:
@@ -181,8 +207,10 @@ class Checkpointer:
     latest = self._manager.latest_step()
     kept = (f'checkpoint {latest} is intact and a rerun of the same command resumes from it'
             if latest is not None else 'no earlier checkpoint exists; a rerun starts over')
+    reason = _system_reason(error)
     raise CheckpointSaveError(
-        f'Saving checkpoint {step} in {self.directory} failed ({integrity.root_cause(error)}); {kept} '
+        f'Saving checkpoint {step} in {self.directory} failed: '
+        + (f'{reason} ' if reason else '') + f'({integrity.root_cause(error)}); {kept} '
         'once the cause is fixed (e.g. disk space freed).') from error
 
   def latest_step(self) -> int | None:

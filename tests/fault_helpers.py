@@ -1,8 +1,11 @@
-"""What the fault tests share: a fingerprint of a file tree, to show that nothing outside changed."""
+"""What the fault tests share: a fingerprint of a file tree, to show that nothing outside changed,
+and a small file system to fill."""
 
+import contextlib
 import hashlib
 import os
 import pathlib
+import subprocess
 
 
 def tree_fingerprint(root) -> dict[str, str]:
@@ -33,3 +36,20 @@ def outside_files(tmp_path) -> pathlib.Path:
   for name in ('LOCK', 'summary.json', 'metrics.jsonl', 'config.json', 'precious.txt'):
     (elsewhere / name).write_text(f'{name}: not the run\'s to write\n')
   return elsewhere
+
+
+@contextlib.contextmanager
+def small_filesystem(directory, size: str):
+  """A tmpfs of `size` (e.g. '3m') mounted at `directory`: a real full disk, with the system's
+  own errors. Skips the test where mounting is not allowed (needs root, or CAP_SYS_ADMIN)."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(directory)],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a {size} tmpfs to fill (needs root): {mounted.stderr.strip()}')
+  try:
+    yield directory
+  finally:
+    subprocess.run(['umount', '-l', str(directory)], check=False)

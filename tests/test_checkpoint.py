@@ -19,6 +19,7 @@ import pytest
 
 from semimeta_jax import checkpoint
 from tests import conftest
+from tests import fault_helpers
 from semimeta_jax import state as state_lib
 from semimeta_jax.methods import ema
 
@@ -294,6 +295,25 @@ def test_a_save_whose_directory_cannot_be_made_fails_leaving_no_thread_behind(tm
   assert _lingering_threads(before) == []
   assert time.monotonic() - started < 30
   assert os.listdir(elsewhere) == []
+
+
+def test_a_full_disk_puts_the_system_s_reason_first(tmp_path):
+  # Orbax's own error on a real full disk: a ValueError naming every path before the reason,
+  # which a message cut at 300 characters lost.
+  model = _MLP()
+  params = model.init(jax.random.key(0), jnp.ones((1, 100_000)))['params']  # 2 MB of kernel.
+  state = state_lib.TrainState.create(apply_fn=model.apply, params=params, batch_stats={},
+                                      tx=optax.sgd(0.1, momentum=0.9), rng=jax.random.key(1))
+  with fault_helpers.small_filesystem(tmp_path / 'disk', '1m') as disk:
+    ckpt = checkpoint.Checkpointer(disk / 'run', keep=1)
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+      ckpt.save(1, state)
+      ckpt.check_save(block=True)
+    ckpt.close()
+  message = str(error.value)
+  assert '\n' not in message, message
+  assert message.startswith(f'Saving checkpoint 1 in {disk / "run" / "checkpoints"} failed: '
+                            'No space left on device ('), message
 
 
 def test_a_checkpoint_from_before_checksums_still_restores(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.fault_helpers import outside_files
+from tests.fault_helpers import small_filesystem
 from tests.fault_helpers import tree_fingerprint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,6 +139,16 @@ def test_a_save_into_a_planted_link_ends_the_process_promptly_with_the_lock_rele
   assert tree_fingerprint(elsewhere) == before
   assert not (workdir / 'LOCK').exists()
   assert (workdir / 'checkpoints' / '2').is_dir()
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_line_with_the_system_s_reason(finished_run, tmp_path):
+  # A 3 MB file system holds checkpoint 2 (2.6 MB with the records), not checkpoint 4 beside it.
+  with small_filesystem(tmp_path / 'disk', '3m') as disk:
+    result = run_with_fault('none', disk / 'run', finished_run)
+    assert_one_error_line(result, 'Saving checkpoint 4', 'failed: No space left on device (',
+                          'checkpoint 2 is intact')
+    assert (disk / 'run' / 'checkpoints' / '2').is_dir()
 
 
 @pytest.mark.slow
