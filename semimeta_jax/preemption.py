@@ -125,7 +125,14 @@ class PreemptionGuard:
     return stop
 
   def close(self):
-    """Puts back the signal handlers that were in place before."""
+    """Puts back the signal handlers that were in place before.
+
+    A signal received but never acted on (it arrived after the last step's
+    `should_stop`, e.g. while the final checkpoint was written) is passed on to
+    `termination_requested`, so that the run's last lines say it arrived.
+    """
+    if self._received and not self._logged:
+      _TERMINATION_REQUESTED['value'] = True
     for sig, previous in self._previous_handlers.items():
       # None means the old handler was not installed from Python and cannot be
       # reinstated; the default action is the closest match.

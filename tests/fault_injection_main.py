@@ -8,6 +8,8 @@ FAULT is one of:
   no_space                 every checkpoint commit fails as on a full disk (ENOSPC).
   sigterm_in_final_save    SIGTERM arrives while the last checkpoint is being written.
   sigterm_before_training  SIGTERM arrives while the checkpoints are being read, before step 1.
+  sigterm_in_last_save     SIGTERM arrives while the last step's checkpoint is being started,
+                           with the training loop's preemption guard still installed.
   tmp_link_out             before the save of step 4, its temporary directory is planted as a
                            link to $SEMIMETA_OUTSIDE_DIR (a folder outside the workdir).
 """
@@ -53,6 +55,18 @@ def _inject_sigterm_before_training():
   checkpoint.Checkpointer.restore_newest_intact = restore_after_sigterm
 
 
+def _inject_sigterm_in_last_save():
+  from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  save = checkpoint.Checkpointer.save
+
+  def save_after_sigterm(self, step, state, **kwargs):
+    if int(step) == 4:  # The last step of the fault tests' runs.
+      _sigterm_self()
+    return save(self, step, state, **kwargs)
+
+  checkpoint.Checkpointer.save = save_after_sigterm
+
+
 def _inject_tmp_link_out():
   from semimeta_jax import checkpoint  # pylint: disable=g-import-not-at-top
   save = checkpoint.Checkpointer.save
@@ -72,6 +86,7 @@ _FAULTS = {
     'no_space': _inject_no_space,
     'sigterm_in_final_save': _inject_sigterm_in_final_save,
     'sigterm_before_training': _inject_sigterm_before_training,
+    'sigterm_in_last_save': _inject_sigterm_in_last_save,
     'tmp_link_out': _inject_tmp_link_out,
 }
 

@@ -154,6 +154,7 @@ def test_a_really_full_disk_is_one_line_with_the_system_s_reason(finished_run, t
 @pytest.mark.slow
 @pytest.mark.parametrize('fault, outcome, steps', [
     ('sigterm_in_final_save', 'Run finished at step 4.', ['2', '4']),
+    ('sigterm_in_last_save', 'Run finished at step 4.', ['2', '4']),
     ('sigterm_before_training', 'Run stopped after a preemption request at step 1.', ['1']),
 ])
 def test_a_sigterm_at_any_moment_ends_cleanly(finished_run, tmp_path, fault, outcome, steps):
@@ -162,6 +163,8 @@ def test_a_sigterm_at_any_moment_ends_cleanly(finished_run, tmp_path, fault, out
   assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
   assert_few_lines_no_traceback(result)
   assert outcome in result.stdout, result.stdout
+  if 'finished' in outcome:  # The signal is said, not lost, though the run went on to its end.
+    assert 'A stop request (SIGTERM) arrived' in result.stdout, result.stdout
   assert sorted(os.listdir(workdir / 'checkpoints')) == steps  # No unfinished save left.
 
 

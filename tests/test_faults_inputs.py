@@ -206,6 +206,26 @@ def test_a_sigterm_before_the_loop_is_remembered_and_honoured_at_the_first_step(
     preemption._TERMINATION_REQUESTED['value'] = False  # pylint: disable=protected-access
 
 
+def test_a_sigterm_after_the_last_check_is_passed_on_when_the_guard_closes():
+  # E.g. while the final checkpoint is written: the loop asks the guard no more.
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    preemption.remember_termination()
+    with preemption.PreemptionGuard() as guard:
+      assert not guard.should_stop(4)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert not preemption.termination_requested()  # The guard's to report while it watches.
+    assert preemption.termination_requested()
+    preemption._TERMINATION_REQUESTED['value'] = False  # pylint: disable=protected-access
+    with preemption.PreemptionGuard() as guard:  # Acted on: the stop is already reported.
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert guard.should_stop(2)
+    assert not preemption.termination_requested()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    preemption._TERMINATION_REQUESTED['value'] = False  # pylint: disable=protected-access
+
+
 # --- One line for a full disk; library noise off the terminal.
 
 
