@@ -63,72 +63,81 @@ from semimeta_jax import run_dir
 # Where `configs/` is: the runs read configs/digits.py from there.
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-def _preset(name, *extra):
-  """The command-line overrides of a method's digits preset (methods/*.py `PRESETS`), then `extra`."""
-  overrides = methods.presets('digits')[name]
+def _preset_flags(dataset, name, *extra):
+  """The command-line overrides of a method's preset for `dataset` (methods/*.py `PRESETS`), then `extra`."""
+  overrides = methods.presets(dataset)[name]
   return [f'--config.{field}={value}' for field, value in overrides.items()] + list(extra)
 
 
-# Variant -> command-line overrides of configs/digits.py: a method's digits preset (its papers'
-# settings, declared beside the method), and for the SemiMeta ablations the estimator's fields.
-VARIANTS = {
-    **{name: _preset(name) for name in methods.presets('digits')},
-    # The config's own hypergradient mode, the official finite difference, is the 'semimeta' preset.
-    'semimeta_exact': _preset('semimeta', '--config.hypergrad.mode=exact'),
-    'semimeta_first_order': _preset('semimeta', '--config.hypergrad.mode=first_order'),
-    'semimeta_jvp': _preset('semimeta', '--config.hypergrad.mode=jvp'),
-    # The estimator ablation: training-mode meta forward, where the estimators differ.
-    'semimeta_train': _preset('semimeta', '--config.hypergrad.forward_mode=train'),
-    'semimeta_exact_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+@functools.cache
+def variants(dataset='digits'):
+  """Variant -> command-line overrides of configs/<dataset>.py.
+
+  A method's preset for `dataset` (its papers' settings, declared beside the method), and for
+  the SemiMeta ablations the estimator's fields on top of the `semimeta` preset.
+  """
+  _preset = functools.partial(_preset_flags, dataset)
+  return {
+      **{name: _preset(name) for name in methods.presets(dataset)},
+      # The config's own hypergradient mode, the official finite difference, is the 'semimeta' preset.
+      'semimeta_exact': _preset('semimeta', '--config.hypergrad.mode=exact'),
+      'semimeta_first_order': _preset('semimeta', '--config.hypergrad.mode=first_order'),
+      'semimeta_jvp': _preset('semimeta', '--config.hypergrad.mode=jvp'),
+      # The estimator ablation: training-mode meta forward, where the estimators differ.
+      'semimeta_train': _preset('semimeta', '--config.hypergrad.forward_mode=train'),
+      'semimeta_exact_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                      '--config.hypergrad.forward_mode=train'),
+      'semimeta_first_order_train': _preset('semimeta', '--config.hypergrad.mode=first_order',
+                                            '--config.hypergrad.forward_mode=train'),
+      'semimeta_jvp_train': _preset('semimeta', '--config.hypergrad.mode=jvp',
                                     '--config.hypergrad.forward_mode=train'),
-    'semimeta_first_order_train': _preset('semimeta', '--config.hypergrad.mode=first_order',
-                                          '--config.hypergrad.forward_mode=train'),
-    'semimeta_jvp_train': _preset('semimeta', '--config.hypergrad.mode=jvp',
-                                  '--config.hypergrad.forward_mode=train'),
-    'semimeta_exact_k2_train': _preset('semimeta', '--config.hypergrad.mode=exact',
-                                       '--config.hypergrad.inner_steps=2',
-                                       '--config.hypergrad.forward_mode=train'),
-    'semimeta_exact_k3_train': _preset('semimeta', '--config.hypergrad.mode=exact',
-                                       '--config.hypergrad.inner_steps=3',
-                                       '--config.hypergrad.forward_mode=train'),
-    # The horizon ablation in the official evaluation-mode meta forward: K = 1 is
-    # `semimeta_exact`; K = 2, 4 by `neumann` (equal to unrolled `exact` there, tested),
-    # and the K -> infinity limit. Each hypergradient is rescaled to the K = 1 one's norm
-    # (hypergrad.match_first_step_norm) so that the rows differ only in direction; the
-    # `_official_beta` rows take the official beta as it is (about K times the step).
-    # Loops unrolled: same values, ~10x faster on XLA:CPU (docs/hypergrad_horizon_cost.md).
-    **{f'semimeta_eval_k{k}': _preset('semimeta', '--config.hypergrad.mode=neumann',
-                                      f'--config.hypergrad.inner_steps={k}',
-                                      f'--config.hypergrad.loop_unroll={k}',
-                                      '--config.hypergrad.meta_step_scale=first_step_norm')
-       for k in (2, 4)},
-    **{f'semimeta_eval_k{k}_official_beta': _preset('semimeta', '--config.hypergrad.mode=neumann',
-                                                    f'--config.hypergrad.inner_steps={k}',
-                                                    f'--config.hypergrad.loop_unroll={k}')
-       for k in (2, 4)},
-    'semimeta_implicit': _preset('semimeta', '--config.hypergrad.mode=implicit',
-                                 '--config.hypergrad.loop_unroll=20',
-                                 '--config.hypergrad.meta_step_scale=first_step_norm'),
-    # K = 1 with a longer pseudo-label step: the official beta is lr * B_u / alpha = B_u = 64 with
-    # alpha = lr; K = 2 and 4 with the official beta step about 2 and 4 times as far.
-    'semimeta_exact_beta2x': _preset('semimeta', '--config.hypergrad.mode=exact',
-                                     '--config.hypergrad.meta_lr=128'),
-    'semimeta_exact_beta4x': _preset('semimeta', '--config.hypergrad.mode=exact',
-                                     '--config.hypergrad.meta_lr=256'),
-    # The converged limit of a damped system: (G + 0.1 I)^-1 J v is the implicit hypergradient of
-    # the proximal inner problem (lambda = 2 * 0.1 / B_u), within cosine 0.998 after 40 CG steps
-    # (experiments/implicit_spectrum.py); 20 CG steps at damping 1e-4 are far from their limit.
-    'semimeta_implicit_damped': _preset('semimeta', '--config.hypergrad.mode=implicit',
-                                        '--config.hypergrad.cg_iterations=40',
-                                        '--config.hypergrad.cg_damping=0.1',
-                                        # All 40 in one loop iteration: a while loop's body runs
-                                        # several times slower on XLA:CPU.
-                                        '--config.hypergrad.loop_unroll=40',
-                                        '--config.hypergrad.meta_step_scale=first_step_norm'),
-    # bfloat16 activations (the GPU/TPU precision question), official mode.
-    'semimeta_bf16': _preset('semimeta', '--config.half_precision=True'),
-    'semimeta_jvp_bf16': _preset('semimeta', '--config.half_precision=True', '--config.hypergrad.mode=jvp'),
-}
+      'semimeta_exact_k2_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                         '--config.hypergrad.inner_steps=2',
+                                         '--config.hypergrad.forward_mode=train'),
+      'semimeta_exact_k3_train': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                         '--config.hypergrad.inner_steps=3',
+                                         '--config.hypergrad.forward_mode=train'),
+      # The horizon ablation in the official evaluation-mode meta forward: K = 1 is
+      # `semimeta_exact`; K = 2, 4 by `neumann` (equal to unrolled `exact` there, tested),
+      # and the K -> infinity limit. Each hypergradient is rescaled to the K = 1 one's norm
+      # (hypergrad.match_first_step_norm) so that the rows differ only in direction; the
+      # `_official_beta` rows take the official beta as it is (about K times the step).
+      # Loops unrolled: same values, ~10x faster on XLA:CPU (docs/hypergrad_horizon_cost.md).
+      **{f'semimeta_eval_k{k}': _preset('semimeta', '--config.hypergrad.mode=neumann',
+                                        f'--config.hypergrad.inner_steps={k}',
+                                        f'--config.hypergrad.loop_unroll={k}',
+                                        '--config.hypergrad.meta_step_scale=first_step_norm')
+         for k in (2, 4)},
+      **{f'semimeta_eval_k{k}_official_beta': _preset('semimeta', '--config.hypergrad.mode=neumann',
+                                                      f'--config.hypergrad.inner_steps={k}',
+                                                      f'--config.hypergrad.loop_unroll={k}')
+         for k in (2, 4)},
+      'semimeta_implicit': _preset('semimeta', '--config.hypergrad.mode=implicit',
+                                   '--config.hypergrad.loop_unroll=20',
+                                   '--config.hypergrad.meta_step_scale=first_step_norm'),
+      # K = 1 with a longer pseudo-label step: the official beta is lr * B_u / alpha = B_u = 64 with
+      # alpha = lr; K = 2 and 4 with the official beta step about 2 and 4 times as far.
+      'semimeta_exact_beta2x': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                       '--config.hypergrad.meta_lr=128'),
+      'semimeta_exact_beta4x': _preset('semimeta', '--config.hypergrad.mode=exact',
+                                       '--config.hypergrad.meta_lr=256'),
+      # The converged limit of a damped system: (G + 0.1 I)^-1 J v is the implicit hypergradient of
+      # the proximal inner problem (lambda = 2 * 0.1 / B_u), within cosine 0.998 after 40 CG steps
+      # (experiments/implicit_spectrum.py); 20 CG steps at damping 1e-4 are far from their limit.
+      'semimeta_implicit_damped': _preset('semimeta', '--config.hypergrad.mode=implicit',
+                                          '--config.hypergrad.cg_iterations=40',
+                                          '--config.hypergrad.cg_damping=0.1',
+                                          # All 40 in one loop iteration: a while loop's body runs
+                                          # several times slower on XLA:CPU.
+                                          '--config.hypergrad.loop_unroll=40',
+                                          '--config.hypergrad.meta_step_scale=first_step_norm'),
+      # bfloat16 activations (the GPU/TPU precision question), official mode.
+      'semimeta_bf16': _preset('semimeta', '--config.half_precision=True'),
+      'semimeta_jvp_bf16': _preset('semimeta', '--config.half_precision=True', '--config.hypergrad.mode=jvp'),
+  }
+
+# configs/digits.py's variants (the digits table's, and what other scripts import).
+VARIANTS = variants('digits')
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
                  'jvp': 'semimeta_jvp', 'finite_difference': 'semimeta'}
@@ -178,19 +187,24 @@ def _field_overrides(flags_list):
   return fields
 
 
-def check_overrides(variant, extra):
+def check_overrides(variant, extra, dataset='digits'):
   """Refuses an --override that contradicts a field the variant sets itself."""
-  own = _field_overrides(VARIANTS[variant])
+  own = _field_overrides(variants(dataset)[variant])
   for name, value in _field_overrides(extra).items():
     if name in own and own[name] != value:
       raise ValueError(f'--override=--config.{name}={value} contradicts variant {variant!r}, which '
                        f'sets --config.{name}={own[name]}; drop the variant or the override.')
 
 
-def resolve_config(flags_list):
-  """The config `main` would run: configs/digits.py with `flags_list` applied (ml_collections' parser)."""
+def config_file(dataset='digits') -> str:
+  """The config file of `dataset`'s runs, relative to the repository: configs/<dataset>.py."""
+  return f'configs/{dataset}.py'
+
+
+def resolve_config(flags_list, dataset='digits'):
+  """The config `main` would run: configs/<dataset>.py with `flags_list` applied (ml_collections' parser)."""
   values = flags.FlagValues()
-  argv = ['digits_results', f'--config={REPO / "configs" / "digits.py"}', *flags_list]
+  argv = [f'{dataset}_results', f'--config={REPO / config_file(dataset)}', *flags_list]
   # The overrides are found in `sys_argv` when the flag is defined, as in `main`'s sys.argv.
   config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
   values(argv)
@@ -212,19 +226,19 @@ def _flatten(tree, prefix=''):
 
 
 @functools.cache
-def _default_fields():
-  """configs/digits.py's fields without overrides, flattened (cached: the parser is slow)."""
-  return json.dumps(_flatten(resolve_config([])))
+def _default_fields(dataset):
+  """configs/<dataset>.py's fields without overrides, flattened (cached: the parser is slow)."""
+  return json.dumps(_flatten(resolve_config([], dataset)))
 
 
-def _differences(saved, wanted):
+def _differences(saved, wanted, dataset='digits'):
   """'field: ran X, requested Y' for each field that changes what a run computes.
 
   A run recorded by an earlier version is read in today's fields: a renamed field under its
   new name, and a field added since at its default (every field is added with a default that
   keeps the earlier behaviour), so such a run is reused unless it is asked to differ.
   """
-  defaults = json.loads(_default_fields())
+  defaults = json.loads(_default_fields(dataset))
   saved = {RENAMED_FIELDS.get(name, name): value for name, value in _flatten(saved).items()}
   wanted = _flatten(wanted)
   saved.update({name: defaults[name] for name in wanted.keys() - saved.keys() if name in defaults})
@@ -253,7 +267,7 @@ def with_protocol(summary, workdir, config):
           'reported_prefix': headline}
 
 
-def trained_vae(workdir, overrides):
+def trained_vae(workdir, overrides, dataset='digits'):
   """The `tnar.vae_dir` flag of a TNAR-VAE run, after training (or reusing) its seed's VAE.
 
   TNAR-VAE loads a VAE trained first by `semimeta_jax.vae_main` on the same data and
@@ -266,7 +280,7 @@ def trained_vae(workdir, overrides):
   vae_dir = (workdir.parent / f'{workdir.name}_vae').resolve()
   if not (vae_dir / 'vae.json').exists():
     vae_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, '-m', 'semimeta_jax.vae_main', '--config=configs/digits.py',
+    command = [sys.executable, '-m', 'semimeta_jax.vae_main', f'--config={config_file(dataset)}',
                f'--workdir={vae_dir}', *overrides]
     with open(vae_dir / 'log.txt', 'a') as log:
       result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -275,24 +289,24 @@ def trained_vae(workdir, overrides):
   return [f'--config.tnar.vae_dir={vae_dir}']
 
 
-def run_one(variant, seed, out, data_dir, extra):
-  """Runs (or reuses) one training run and returns its summary (with the protocol's figures)."""
+def run_one(variant, seed, out, data_dir, extra, dataset='digits'):
+  """Runs (or reuses) one training run of configs/<dataset>.py; its summary (with the protocol's figures)."""
   workdir = out / variant / f'seed_{seed}'
   summary_path = workdir / 'summary.json'
-  overrides = [f'--config.seed={seed}', *VARIANTS[variant], *extra]
+  overrides = [f'--config.seed={seed}', *variants(dataset)[variant], *extra]
   if data_dir:
     overrides.append(f'--config.data.data_dir={data_dir}')
-  overrides += trained_vae(workdir, overrides)
-  wanted = resolve_config(overrides)
+  overrides += trained_vae(workdir, overrides, dataset)
+  wanted = resolve_config(overrides, dataset)
   if summary_path.exists():
     summary = json.loads(summary_path.read_text())
-    diffs = _differences(summary['config'], wanted)
+    diffs = _differences(summary['config'], wanted, dataset)
     if diffs:
       raise RuntimeError(f'{workdir} holds a run of another config ({"; ".join(diffs)}); use another '
                          '--out, or delete that directory to run it again.')
     if summary.get('completed'):
       return with_protocol(summary, workdir, wanted)
-  command = [sys.executable, '-m', 'semimeta_jax.main', '--config=configs/digits.py',
+  command = [sys.executable, '-m', 'semimeta_jax.main', f'--config={config_file(dataset)}',
              f'--workdir={workdir}', *overrides]
   started = time.time()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -362,11 +376,21 @@ def table(rows, validation_size=0):
   return '\n'.join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', default='results/digits', help='Directory for runs and tables.')
+def main(argv=None, *, dataset='digits', description=__doc__, defaults=None):
+  """The command line of a results table over configs/<dataset>.py's variants.
+
+  Args:
+    argv: the arguments (default: the command line's).
+    dataset: the config (`configs/<dataset>.py`) and presets the runs use.
+    description: the --help text.
+    defaults: argparse defaults that differ from the digits table's (e.g. `validation_size`).
+  """
+  known = variants(dataset)
+  parser = argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out', default=f'results/{dataset}', help='Directory for runs and tables.')
   parser.add_argument('--variants', default='labeled_only,semimeta,fully_supervised',
-                      help=f'Comma-separated, from: {",".join(VARIANTS)}.')
+                      help=f'Comma-separated, from: {",".join(known)}.')
   parser.add_argument('--seeds', default='0,1,2,3,4')
   parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default).')
   parser.add_argument('--override', action='append', default=[],
@@ -374,31 +398,31 @@ def main():
   parser.add_argument('--validation_size', type=int, default=0,
                       help='Training examples each run holds out as a validation split '
                            '(config.data.validation_size); adds the best-on-validation column.')
-  args = parser.parse_args()
+  parser.set_defaults(**(defaults or {}))
+  args = parser.parse_args(argv)
   if args.validation_size < 0:
     parser.error(f'--validation_size={args.validation_size} must be >= 0')
   if any(o.startswith('--config.data.validation_size=') for o in args.override):
     parser.error('give the validation split as --validation_size=N, not as an --override')
   extra = list(args.override)
-  if args.validation_size:
-    extra.append(f'--config.data.validation_size={args.validation_size}')
-  variants = args.variants.split(',')
-  unknown = [v for v in variants if v not in VARIANTS]
+  extra.append(f'--config.data.validation_size={args.validation_size}')
+  chosen = args.variants.split(',')
+  unknown = [v for v in chosen if v not in known]
   if unknown:
-    parser.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
-  for variant in variants:
+    parser.error(f'unknown variants {unknown}; choose from {list(known)}')
+  for variant in chosen:
     try:
-      check_overrides(variant, args.override)
+      check_overrides(variant, args.override, dataset)
     except ValueError as e:
       parser.error(str(e))
   out = pathlib.Path(args.out).resolve()
   seeds = [int(s) for s in args.seeds.split(',')]
 
   rows = []
-  for variant in variants:
+  for variant in chosen:
     for seed in seeds:
       try:
-        summary = run_one(variant, seed, out, args.data_dir, extra)
+        summary = run_one(variant, seed, out, args.data_dir, extra, dataset)
       except RuntimeError as e:
         parser.exit(2, f'error: {e}\n')
       rows.append(summary_row(variant, seed, summary))
@@ -406,10 +430,10 @@ def main():
   note = protocol_note(rows, args.validation_size)
   print(f'{note}\n\n{markdown}')
   os.makedirs(out, exist_ok=True)
-  tag = '_'.join(variants) if len(variants) <= 3 else f'{len(variants)}_variants'
+  tag = '_'.join(chosen) if len(chosen) <= 3 else f'{len(chosen)}_variants'
   (out / f'table_{tag}.md').write_text(
-      f'Command: python -m experiments.digits_results --variants={args.variants} --seeds={args.seeds}'
-      + (f' --validation_size={args.validation_size}' if args.validation_size else '')
+      f'Command: python -m experiments.{dataset}_results --variants={args.variants} --seeds={args.seeds}'
+      + f' --validation_size={args.validation_size}'
       + ''.join(f' --override={o}' for o in args.override) + f'\n\n{note}\n\n{markdown}\n')
   with open(out / f'runs_{tag}.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -19,7 +19,8 @@ def load(name):
 
 
 def test_the_expected_configs_exist():
-  assert set(CONFIG_NAMES) >= {'default', 'digits', 'cifar10', 'cifar100', 'svhn', 'imagenet'}
+  assert set(CONFIG_NAMES) >= {'default', 'digits', 'fashion_mnist', 'cifar10', 'cifar100', 'svhn',
+                               'imagenet'}
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
@@ -105,7 +106,7 @@ def test_a_new_method_brings_its_own_block_and_preset(monkeypatch):
   assert load('default').newcomer.strength == 0.5
 
 
-@pytest.mark.parametrize('dataset', ['digits', 'cifar10'])
+@pytest.mark.parametrize('dataset', ['digits', 'fashion_mnist', 'cifar10'])
 def test_every_method_has_presets_that_validate(dataset):
   presets = methods.presets(dataset)
   assert {preset['method'] for preset in presets.values()} == set(methods.METHOD_NAMES)
@@ -114,6 +115,25 @@ def test_every_method_has_presets_that_validate(dataset):
     assert config.method == overrides['method']
     configured = validation.validate_config(config)
     assert configured.method.name == overrides['method'], name
+
+
+def test_fashion_mnist_presets_are_digits_with_the_image_scale_fields_replaced():
+  digits, fashion = methods.presets('digits'), methods.presets('fashion_mnist')
+  assert fashion.keys() == digits.keys()
+  replaced = {'perturb.max_translation': 2, 'vat.epsilon': 6.0, 'data.num_labels': 59_000}
+  for name, overrides in digits.items():
+    assert fashion[name] == {field: replaced.get(field, value) for field, value in overrides.items()}
+  assert fashion['vat_ent']['vat.epsilon'] == 6.0 and fashion['mean_teacher']['perturb.max_translation'] == 2
+  assert fashion['fully_supervised']['data.num_labels'] == 60_000 - 1000  # All but the validation split.
+  config = importlib.import_module('configs.fashion_mnist').get_config('vat_vadd')
+  assert (config.method, config.vat.epsilon, config.consistency_rampup_steps) == ('vat_vadd', 6.0, 270)
+  # The benchmark's protocol and digits' schedule, which the presets' ramps are scaled to.
+  config, digits_config = load('fashion_mnist'), load('digits')
+  assert (config.data.num_labels, config.data.validation_size) == (1000, 1000)
+  assert config.data.unlabeled_includes_labeled
+  for field in ('num_train_steps', 'warmup_steps', 'lr_decay_boundaries', 'consistency_rampup_steps',
+                'labeled_batch_size', 'unlabeled_batch_size', 'learning_rate'):
+    assert config[field] == digits_config[field], field
 
 
 def test_a_preset_sets_its_fields_and_an_unknown_one_is_named():

@@ -144,3 +144,41 @@ def test_every_variant_is_a_valid_config(runner):
   horizon = runner.resolve_config(runner.VARIANTS['semimeta_eval_k4'])['hypergrad']
   assert (horizon['mode'], horizon['inner_steps'], horizon['meta_step_scale']) == (
       'neumann', 4, 'first_step_norm')
+
+
+def test_the_fashion_mnist_runner_runs_its_config_with_its_presets_and_validation_split(
+    tmp_path, monkeypatch):
+  from experiments import fashion_mnist_results  # pylint: disable=g-import-not-at-top
+  commands = []
+
+  def fake_main_run(command, **kwargs):
+    """Stands in for `python -m semimeta_jax.main`: a summary of the config the command names."""
+    del kwargs
+    commands.append(command)
+    flags_list = [a for a in command[4:] if not a.startswith('--workdir=')]
+    workdir = pathlib.Path(next(a.split('=', 1)[1] for a in command if a.startswith('--workdir=')))
+    config = digits_results.resolve_config(flags_list, 'fashion_mnist')
+    seed = config['seed']
+    (workdir / 'summary.json').write_text(json.dumps(
+        {'completed': True, 'config': config, 'final_error_top1': 10.0 + seed,
+         'median_last_20_error_top1': 11.0 + seed, 'median_last_20_count': 20,
+         'test_error_top1_at_best_validation': 12.0 + seed, 'num_validation_examples': 1000,
+         'num_labeled': config['data']['num_labels'], 'wall_seconds_this_run': 600.0}))
+    return type('Done', (), {'returncode': 0})()
+
+  monkeypatch.setattr(digits_results.subprocess, 'run', fake_main_run)
+  fashion_mnist_results.main([f'--out={tmp_path}', '--seeds=0,1', '--variants=vat_ent,labeled_only'])
+  assert len(commands) == 4
+  assert all(c[1:4] == ['-m', 'semimeta_jax.main', '--config=configs/fashion_mnist.py']
+             for c in commands)
+  vat = digits_results.resolve_config(
+      [a for a in commands[0][4:] if not a.startswith('--workdir=')], 'fashion_mnist')
+  assert (vat['method'], vat['vat']['epsilon'], vat['data']['validation_size']) == ('vat', 6.0, 1000)
+  assert vat['data']['num_labels'] == 1000 and (vat['model_width'], vat['dropout_rate']) == (16, 0.1)
+  table = (tmp_path / 'table_vat_ent_labeled_only.md').read_text()
+  assert '--validation_size=1000' in table and 'experiments.fashion_mnist_results' in table
+  assert '| VAT+Ent | 2 | 10.50 ± 0.50 | 11.50 ± 0.50 | 12.50 ± 0.50 | 600 |' in table
+  assert '| Labeled only (1000 labels) | 2 |' in table
+  # Rerunning reuses the finished runs.
+  fashion_mnist_results.main([f'--out={tmp_path}', '--seeds=0,1', '--variants=vat_ent,labeled_only'])
+  assert len(commands) == 4
