@@ -5,6 +5,7 @@ import os
 from etils import epath
 import jax
 
+from semimeta_jax import memory_fit
 from semimeta_jax import methods
 
 
@@ -82,6 +83,11 @@ def run_plan(config, workdir: str) -> str:
   lines.append(f'devices       {devices} x {jax.devices()[0].platform} in {jax.process_count()} '
                f'process(es); per device: {config.labeled_batch_size / devices:g} labeled + '
                f'{config.unlabeled_batch_size / devices:g} unlabeled')
+  eval_config = memory_fit.clamp_eval_batch(config, max(num_test, config.data.validation_size),
+                                            devices)
+  lines.append('memory        ' + memory_fit.describe(
+      eval_config, method, spec.image_shape, spec.num_classes, num_train + num_unlabeled,
+      num_devices=devices, local_devices=jax.local_device_count(), process_count=jax.process_count()))
   done = _checkpoint_steps(workdir)
   if not os.path.exists(workdir) and '://' not in workdir:
     state = 'new (will be created)'

@@ -16,6 +16,7 @@ from semimeta_jax import divergence
 from semimeta_jax import dispatch
 from semimeta_jax import errors as errors_lib
 from semimeta_jax import evaluation
+from semimeta_jax import memory_fit
 from semimeta_jax import methods
 from semimeta_jax import metrics as metrics_lib
 from semimeta_jax import models
@@ -174,9 +175,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   parallel.check_batch_sizes({name: config[name] for name in
                               ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')}, mesh)
+  # Evaluated with at most one batch of the largest evaluated split (padding is all a larger one adds).
+  run_config = memory_fit.clamp_eval_batch(
+      config, max(info.num_test, config.data.validation_size), mesh.devices.size)
+  memory_fit.check_fits(run_config, method, info.image_shape, info.num_classes, info.num_train,
+                        num_devices=mesh.devices.size, local_devices=jax.local_device_count(),
+                        process_count=jax.process_count())
   run_dir.check_config(workdir, config)
   with workdir_lock.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, info, mesh, method)
+    return _train_and_evaluate(config, workdir, info, mesh, method, run_config)
 
 
 def _compile_evaluators(method, mesh):
@@ -188,8 +195,12 @@ def _compile_evaluators(method, mesh):
           for weight_set in method.weight_sets()]
 
 
-def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
-  """`train_and_evaluate` once the cheap checks have passed and the workdir is ours."""
+def _train_and_evaluate(config, workdir, info, mesh, method, run_config) -> dict[str, Any]:
+  """`train_and_evaluate` once the cheap checks have passed and the workdir is ours.
+
+  `run_config` is `config` with the evaluation batch the run uses (`memory_fit.clamp_eval_batch`);
+  `config` is the one recorded.
+  """
   logging.info('%d process(es), %d device(s) (%s); dataset %s: %d train / %d test, %d classes',
                jax.process_count(), jax.device_count(), jax.devices()[0].platform, info.name,
                info.num_train, info.num_test, info.num_classes)
@@ -207,7 +218,7 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
     run_dir.check_run_length(workdir, start_step, config.num_train_steps)
     # Checks the label budget against the class sizes and the saved split, then
     # writes the split: the first record a new workdir gets.
-    inp = data.build_input(config, workdir, start_step=start_step, mesh=mesh,
+    inp = data.build_input(run_config, workdir, start_step=start_step, mesh=mesh,
                            uses_unlabeled=method.uses_unlabeled)
     run_dir.record_config(workdir, config, start_step)
   except BaseException:
@@ -231,7 +242,7 @@ def _train_and_evaluate(config, workdir, info, mesh, method) -> dict[str, Any]:
     # Before the writer opens the file for appending (the rewrite replaces it).
     metrics_lib.drop_rows_after(workdir, start_step)
   writer = metrics_lib.MetricWriter(workdir, enabled=False if finished else None)
-  run = _Run(config, workdir, mesh, inp, writer, checkpointer, start_step, target_state,
+  run = _Run(run_config, workdir, mesh, inp, writer, checkpointer, start_step, target_state,
              method.headline)
   progress = progress_lib.Progress(config.num_train_steps, start_step,
                                    every_units=config.log_every_steps)
