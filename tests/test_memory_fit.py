@@ -125,7 +125,8 @@ def _mock_config(tmp_path, **overrides):
 
 
 @pytest.mark.parametrize('overrides', [
-    {'model_width': 1_000_000},
+    # Tracing a million-wide model's initialisation takes seconds; the check itself is tested above.
+    pytest.param({'model_width': 1_000_000}, marks=pytest.mark.slow),
     {'labeled_batch_size': 10_000_000, 'unlabeled_batch_size': 10_000_000, 'num_train_steps': 120},
 ], ids=['model_width', 'batch_sizes'])
 def test_training_refuses_before_anything_is_written(tmp_path, overrides):
