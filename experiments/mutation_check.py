@@ -1,7 +1,7 @@
 """Mutation check: plant realistic bugs one at a time and see the fast tests fail.
 
 Each mutant (listed in `experiments/mutants.py`, `mutants_evaluation_models.py`,
-`mutants_methods_data.py` and `mutants_new_methods.py`)
+`mutants_methods_data.py`, `mutants_new_methods.py` and `mutants_two_networks.py`)
 replaces one exact snippet of a core module (hypergrad, losses, schedules, methods,
 evaluation, models) in a fresh copy of
 the repository, then runs the mutant's fast test subset there (`pytest -x`). A
@@ -35,12 +35,13 @@ from experiments import mutants
 from experiments import mutants_evaluation_models
 from experiments import mutants_methods_data
 from experiments import mutants_new_methods
+from experiments import mutants_two_networks
 
 # The checkout whose files are copied and mutated.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MUTANTS = (mutants.MUTANTS + mutants_evaluation_models.MUTANTS + mutants_methods_data.MUTANTS
-           + mutants_new_methods.MUTANTS)
+           + mutants_new_methods.MUTANTS + mutants_two_networks.MUTANTS)
 
 # What a test run needs; everything else (results, .git) stays behind.
 COPIED = ('semimeta_jax', 'tests', 'configs', 'experiments', 'pyproject.toml', 'setup.cfg')
