@@ -5,6 +5,7 @@ import os
 from etils import epath
 import jax
 
+from semimeta_jax import errors
 from semimeta_jax import memory_fit
 from semimeta_jax import methods
 
@@ -85,9 +86,13 @@ def run_plan(config, workdir: str) -> str:
                f'{config.unlabeled_batch_size / devices:g} unlabeled')
   eval_config = memory_fit.clamp_eval_batch(config, max(num_test, config.data.validation_size),
                                             devices)
-  lines.append('memory        ' + memory_fit.describe(
-      eval_config, method, spec.image_shape, spec.num_classes, num_train + num_unlabeled,
-      num_devices=devices, local_devices=jax.local_device_count(), process_count=jax.process_count()))
+  try:
+    memory = memory_fit.describe(
+        eval_config, method, spec.image_shape, spec.num_classes, num_train + num_unlabeled,
+        num_devices=devices, local_devices=jax.local_device_count(), process_count=jax.process_count())
+  except errors.UserError as e:  # A state built from files not there yet (TNAR's VAE): the run says so.
+    memory = f'not estimated: {e}'
+  lines.append('memory        ' + memory)
   done = _checkpoint_steps(workdir)
   if not os.path.exists(workdir) and '://' not in workdir:
     state = 'new (will be created)'
