@@ -24,6 +24,17 @@ Algorithm 1 of the paper, steps 2-7, for any model given as `apply_fn(params, x)
 (`hypergrad_output_space` derives the last two; with a non-zero residual they are
 Gauss-Newton approximations.)
 
+The inner loss is SemiMeta's squared error by default (`inner_loss='probability_mse'`).
+`inner_loss='cross_entropy'` takes L_u = -(1/B_u) sum_i sum_c ytil_ic log p_ic(theta)
+instead (soft-target cross-entropy, Meta Pseudo Labels' student step). Its theta-gradient
+is linear in ytil too, d theta~ / d ytil_ic = (alpha / B_u) grad_theta log p_ic, so the
+K = 1 formulas hold with log-softmax outputs and half the scale: `jvp` is
+g = (alpha / B_u) J_log u and `finite_difference` differences log-softmax outputs.
+`neumann` and `implicit` do not carry over: they use the Gauss-Newton Hessian of the
+squared error, (2 / B_u) J^T J, while the cross-entropy's is (1 / B_u) J_z^T (diag p -
+p p^T) J_z in the logits' Jacobian J_z, and its residual is zero only where ytil is the
+network's own prediction.
+
 Every function is pure and jit-able; static arguments are keyword-only Python values.
 """
 
@@ -42,12 +53,26 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 MODES = ('exact', 'first_order', 'jvp', 'finite_difference', 'neumann', 'implicit')
 # The modes that follow K > 1 virtual steps; the others are K = 1 formulas.
 MULTI_STEP_MODES = ('exact', 'neumann')
+INNER_LOSSES = ('probability_mse', 'cross_entropy')
+# The modes whose derivation holds for each inner loss (see the module docstring).
+MODES_FOR_INNER_LOSS = {
+    'probability_mse': MODES,
+    'cross_entropy': ('exact', 'first_order', 'jvp', 'finite_difference'),
+}
+# d grad_theta L_u / d ytil = -(scale / B_u) J^T, J the Jacobian of the outputs of `_unlabeled_outputs`.
+_JACOBIAN_SCALE = {'probability_mse': 2.0, 'cross_entropy': 1.0}
 PROJECTIONS = ('relu_normalize', 'simplex')
 
 
-def inner_loss(params: Params, apply_fn: ApplyFn, x_u: jax.Array, ytil: jax.Array) -> jax.Array:
-  """L_u: the unlabeled loss of `params` against the pseudo-labels."""
-  return losses.probability_mse(apply_fn(params, x_u), ytil)
+def inner_loss(params: Params, apply_fn: ApplyFn, x_u: jax.Array, ytil: jax.Array,
+               kind: str = 'probability_mse') -> jax.Array:
+  """L_u: the unlabeled loss of `params` against the pseudo-labels (`kind` one of INNER_LOSSES)."""
+  if kind == 'probability_mse':
+    return losses.probability_mse(apply_fn(params, x_u), ytil)
+  if kind == 'cross_entropy':
+    log_probs = jax.nn.log_softmax(losses.at_least_float32(apply_fn(params, x_u)))
+    return -jnp.mean(jnp.sum(ytil * log_probs, axis=-1))
+  raise ValueError(f'Unknown inner loss {kind!r}; expected one of {INNER_LOSSES}.')
 
 
 def outer_loss(params: Params, apply_fn: ApplyFn, x_l: jax.Array, y_l: jax.Array) -> jax.Array:
@@ -56,37 +81,41 @@ def outer_loss(params: Params, apply_fn: ApplyFn, x_l: jax.Array, y_l: jax.Array
 
 
 def virtual_step(params: Params, apply_fn: ApplyFn, x_u: jax.Array, ytil: jax.Array, *,
-                 alpha: jax.Array, inner_steps: int = 1) -> Params:
+                 alpha: jax.Array, inner_steps: int = 1, inner_loss_kind: str = 'probability_mse') -> Params:
   """theta~: `inner_steps` SGD steps of size `alpha` on L_u, differentiable in `ytil`."""
   for _ in range(inner_steps):
-    grads = jax.grad(inner_loss)(params, apply_fn, x_u, ytil)
+    grads = jax.grad(inner_loss)(params, apply_fn, x_u, ytil, inner_loss_kind)
     params = jax.tree.map(lambda p, g: p - alpha * g, params, grads)
   return params
 
 
-def exact(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, inner_steps: int = 1):
+def exact(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, inner_steps: int = 1,
+          inner_loss_kind: str = 'probability_mse'):
   """Exact hypergradient by differentiating through the unrolled virtual steps."""
 
   def bilevel_objective(y):
-    adapted = virtual_step(params, apply_fn, x_u, y, alpha=alpha, inner_steps=inner_steps)
+    adapted = virtual_step(params, apply_fn, x_u, y, alpha=alpha, inner_steps=inner_steps,
+                           inner_loss_kind=inner_loss_kind)
     return outer_loss(adapted, apply_fn, x_l, y_l)
 
   return jax.grad(bilevel_objective)(ytil)
 
 
-def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha):
+def first_order(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
+                inner_loss_kind: str = 'probability_mse'):
   """The paper's first-order approximation: L_l(theta~) ~ L_l(theta) + <grad L_l(theta), theta~ - theta>."""
   v = jax.lax.stop_gradient(jax.grad(outer_loss)(params, apply_fn, x_l, y_l))
 
   def linearised_objective(y):
-    inner_grads = jax.grad(inner_loss)(params, apply_fn, x_u, y)
+    inner_grads = jax.grad(inner_loss)(params, apply_fn, x_u, y, inner_loss_kind)
     return -alpha * optax.tree.vdot(v, inner_grads)
 
   return jax.grad(linearised_objective)(ytil)
 
 
 def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tilde_is_theta,
-                     inner_steps: int = 1, loop_unroll: int = 1):
+                     inner_steps: int = 1, loop_unroll: int = 1,
+                     inner_loss_kind: str = 'probability_mse'):
   """u = grad L_l(theta~) after `inner_steps` virtual steps, skipped where known to be a no-op.
 
   Nothing differentiates through theta~ here, so the steps run in a loop whose
@@ -95,7 +124,8 @@ def _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, *, alpha, theta_tild
   if theta_tilde_is_theta:
     return jax.grad(outer_loss)(params, apply_fn, x_l, y_l)
   adapted = hypergrad_output_space.gradient_descent_endpoint(
-      lambda p: inner_loss(p, apply_fn, x_u, ytil), params, alpha=alpha, steps=inner_steps,
+      lambda p: inner_loss(p, apply_fn, x_u, ytil, inner_loss_kind), params, alpha=alpha,
+      steps=inner_steps,
       unroll=loop_unroll)
   return jax.grad(outer_loss)(adapted, apply_fn, x_l, y_l)
 
@@ -105,13 +135,29 @@ def _unlabeled_probabilities(apply_fn, x_u):
   return lambda p: jax.nn.softmax(losses.at_least_float32(apply_fn(p, x_u)))
 
 
+def _unlabeled_outputs(apply_fn, x_u, inner_loss_kind: str):
+  """The outputs L_u is linear in ytil through: probabilities (squared error) or log-probabilities."""
+  if inner_loss_kind == 'cross_entropy':
+    return lambda p: jax.nn.log_softmax(losses.at_least_float32(apply_fn(p, x_u)))
+  return _unlabeled_probabilities(apply_fn, x_u)
+
+
+def _require_squared_error(mode: str, inner_loss_kind: str):
+  if inner_loss_kind != 'probability_mse':
+    raise ValueError(f'Hypergradient mode {mode!r} holds for the squared-error inner loss only, '
+                     f'not {inner_loss_kind!r}; use one of '
+                     f'{MODES_FOR_INNER_LOSS[inner_loss_kind]} (see hypergrad\'s docstring).')
+
+
 def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
-        theta_tilde_is_theta: bool = False):
+        theta_tilde_is_theta: bool = False, inner_loss_kind: str = 'probability_mse'):
   """Exact K = 1 hypergradient in forward mode: g_i = (2 alpha / B_u) J_i u.
 
   J_i is the Jacobian of softmax(f(x_u_i; .)) at theta (the forward of L_u) and
   u = grad L_l(theta~). Because grad_theta L_u is affine in the pseudo-labels,
   d theta~ / d ytil_i = (2 alpha / B_u) J_i^T for every ytil, so this is exact.
+  With the cross-entropy inner loss, J_i is that of log_softmax and the scale
+  alpha / B_u.
 
   Args:
     theta_tilde_is_theta: static; set when ytil is the prediction of this very
@@ -119,32 +165,37 @@ def jvp(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
       theta~ = theta, to skip the virtual step.
   """
   u = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
-                       theta_tilde_is_theta=theta_tilde_is_theta)
-  _, jacobian_times_u = jax.jvp(_unlabeled_probabilities(apply_fn, x_u), (params,), (u,))
-  return (2.0 * alpha / x_u.shape[0]) * jacobian_times_u
+                       theta_tilde_is_theta=theta_tilde_is_theta, inner_loss_kind=inner_loss_kind)
+  _, jacobian_times_u = jax.jvp(_unlabeled_outputs(apply_fn, x_u, inner_loss_kind), (params,), (u,))
+  return (_JACOBIAN_SCALE[inner_loss_kind] * alpha / x_u.shape[0]) * jacobian_times_u
 
 
 def finite_difference_direction(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
-                                alpha, epsilon: float, theta_tilde_is_theta: bool = False):
+                                alpha, epsilon: float, theta_tilde_is_theta: bool = False,
+                                inner_loss_kind: str = 'probability_mse'):
   """The official direction d = (softmax(f(theta + eps v)) - softmax(f(theta - eps v))) / eps.
 
-  v = grad L_l(theta~) and eps = epsilon / ||v||; d approximates 2 J_i v.
+  v = grad L_l(theta~) and eps = epsilon / ||v||; d approximates 2 J_i v (log_softmax
+  in place of softmax with the cross-entropy inner loss).
   """
   v = _outer_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
-                       theta_tilde_is_theta=theta_tilde_is_theta)
+                       theta_tilde_is_theta=theta_tilde_is_theta, inner_loss_kind=inner_loss_kind)
   # A zero labeled gradient (a perfect fit) gives d = 0, not a division by zero.
   eps = epsilon / jnp.maximum(optax.tree.norm(v), jnp.finfo(jnp.float32).tiny)
   shifted = lambda sign: jax.tree.map(lambda p, g: p + sign * eps * g, params, v)
-  probs = _unlabeled_probabilities(apply_fn, x_u)
-  return (probs(shifted(1.0)) - probs(shifted(-1.0))) / eps
+  outputs = _unlabeled_outputs(apply_fn, x_u, inner_loss_kind)
+  return (outputs(shifted(1.0)) - outputs(shifted(-1.0))) / eps
 
 
 def finite_difference(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha,
-                      epsilon: float, theta_tilde_is_theta: bool = False):
-  """The official estimator in hypergradient units: g = (alpha / B_u) d."""
+                      epsilon: float, theta_tilde_is_theta: bool = False,
+                      inner_loss_kind: str = 'probability_mse'):
+  """The official estimator in hypergradient units: g = (alpha / B_u) d (alpha / (2 B_u) d for CE)."""
   d = finite_difference_direction(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
-                                  epsilon=epsilon, theta_tilde_is_theta=theta_tilde_is_theta)
-  return (alpha / x_u.shape[0]) * d
+                                  epsilon=epsilon, theta_tilde_is_theta=theta_tilde_is_theta,
+                                  inner_loss_kind=inner_loss_kind)
+  # d approximates 2 J v: half the Jacobian's scale (exactly 1.0 * alpha for the squared error).
+  return (0.5 * _JACOBIAN_SCALE[inner_loss_kind] * alpha / x_u.shape[0]) * d
 
 
 def neumann(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, alpha, inner_steps: int = 1,
@@ -203,7 +254,8 @@ def implicit(apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *, cg_itera
 def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, ytil, *,
                   alpha, inner_steps: int = 1, epsilon: float = 1e-2,
                   theta_tilde_is_theta: bool = False, cg_iterations: int = 20,
-                  cg_damping: float = 1e-4, loop_unroll: int = 1) -> jax.Array:
+                  cg_damping: float = 1e-4, loop_unroll: int = 1,
+                  inner_loss_kind: str = 'probability_mse') -> jax.Array:
   """g = d L_l(theta~(ytil)) / d ytil by the estimator `mode` (one of MODES).
 
   Args:
@@ -224,20 +276,28 @@ def hypergradient(mode: str, apply_fn: ApplyFn, params: Params, x_l, y_l, x_u, y
     cg_damping: the damping `implicit` adds to J J^T.
     loop_unroll: static; iterations of the loops of `neumann` and `implicit`
       unrolled into one (the same values).
+    inner_loss_kind: static; one of INNER_LOSSES. 'cross_entropy' takes the
+      modes of MODES_FOR_INNER_LOSS['cross_entropy'] only (ValueError otherwise).
 
   Returns:
     g with the shape of `ytil`.
   """
+  if inner_loss_kind not in INNER_LOSSES:
+    raise ValueError(f'Unknown inner loss {inner_loss_kind!r}; expected one of {INNER_LOSSES}.')
+  loss_kind = {'inner_loss_kind': inner_loss_kind}
   if mode == 'exact':
-    return exact(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, inner_steps=inner_steps)
+    return exact(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, inner_steps=inner_steps,
+                 **loss_kind)
   if mode == 'first_order':
-    return first_order(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha)
+    return first_order(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, **loss_kind)
   if mode == 'jvp':
     return jvp(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,
-               theta_tilde_is_theta=theta_tilde_is_theta)
+               theta_tilde_is_theta=theta_tilde_is_theta, **loss_kind)
   if mode == 'finite_difference':
     return finite_difference(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, epsilon=epsilon,
-                             theta_tilde_is_theta=theta_tilde_is_theta)
+                             theta_tilde_is_theta=theta_tilde_is_theta, **loss_kind)
+  if mode in ('neumann', 'implicit'):
+    _require_squared_error(mode, inner_loss_kind)
   if mode == 'neumann':
     return neumann(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha, inner_steps=inner_steps,
                    theta_tilde_is_theta=theta_tilde_is_theta, loop_unroll=loop_unroll)
