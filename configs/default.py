@@ -33,6 +33,14 @@ def get_config():
   config.data.validation_size = 0
   config.data.augment = True  # Per-dataset training augmentation (data/device_augment.py; ImageNet: data/augment.py).
   config.data.prefetch_batches = 2
+  # The strong view of the unlabeled rows (data/randaugment.py), built only for a method that reads
+  # it (FixMatch family, MPL's UDA): RandAugment as USB uses it, then Cutout.
+  config.data.randaugment = ml_collections.ConfigDict()
+  config.data.randaugment.num_ops = 3  # Ops per image, drawn with replacement from the 14.
+  # -1: each op's value uniform in its range (USB); m in [0, max_magnitude]: every op at magnitude m (UDA, MPL).
+  config.data.randaugment.magnitude = -1.0
+  config.data.randaugment.max_magnitude = 30.0
+  config.data.randaugment.cutout = 0.5  # Largest Cutout side, a fraction of the image side (0 = none).
   config.data.pad_mode = 'constant'  # Pad-and-crop padding: constant (zeros, official) | reflect.
   config.data.image_size = 224  # ImageNet crop size; data.folder: resize to NxN (0 = keep, sizes must match).
   # A folder of images replaces data.name: ROOT/train/<class>/*, ROOT/test/<class>/* and an optional

@@ -77,6 +77,12 @@ def run_plan(config, workdir: str) -> str:
                  f'{steps * config.unlabeled_batch_size / max(pool, 1):.1f} epochs' if sizes_known
                  else f'unlabeled     batch {config.unlabeled_batch_size}'
                  + (f' from the {spec.unlabeled_split!r} split' if spec.unlabeled_split else ''))
+  if method.strong_view:
+    strong = config.data.randaugment
+    lines.append(f'strong view   RandAugment on the devices: {strong.num_ops} ops each at '
+                 + ('a value uniform in its range' if strong.magnitude < 0
+                    else f'magnitude {strong.magnitude:g}/{strong.max_magnitude:g}')
+                 + f', then Cutout up to {strong.cutout:g} of the side (data.randaugment)')
   if config.data.validation_size:
     lines.append(f'validation    {config.data.validation_size} training examples held out of the pools, '
                  f'evaluated at every evaluation (val/)')

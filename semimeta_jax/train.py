@@ -219,12 +219,13 @@ def _train_and_evaluate(config, workdir, info, mesh, method, run_config) -> dict
     # Checks the label budget against the class sizes and the saved split, then
     # writes the split: the first record a new workdir gets.
     inp = data.build_input(run_config, workdir, start_step=start_step, mesh=mesh,
-                           uses_unlabeled=method.uses_unlabeled)
+                           uses_unlabeled=method.uses_unlabeled, strong_view=method.strong_view)
     run_dir.record_config(workdir, config, start_step)
   except BaseException:
     checkpointer.close()
     raise
-  train_step = parallel.jit_train_step(method.make_train_step(info.num_classes), mesh)
+  pool_size = None if inp.unlabeled_indices is None else len(inp.unlabeled_indices)
+  train_step = parallel.jit_train_step(method.make_train_step(info.num_classes, pool_size), mesh)
   evaluators = _compile_evaluators(method, mesh)
   # A weight set's statistics pass reads the last training batches: no second stream to keep in step.
   keep_batches = max(weight_set.statistics_batches for weight_set, _, _ in evaluators)

@@ -40,7 +40,7 @@ def test_paper_settings():
 
 
 BAD_FIELDS = [
-    ('method', 'fixmatch'),
+    ('method', 'mixmatch'),
     ('model', 'vit'),
     ('hypergrad.mode', 'second_order'),
     ('hypergrad.forward_mode', 'test'),

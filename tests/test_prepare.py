@@ -134,3 +134,35 @@ def test_the_prepare_command_without_network_or_files_is_one_line(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
   assert 'cifar-10-binary.tar.gz' in lines[0]
+
+
+@pytest.mark.slow
+def test_two_runs_preparing_one_data_dir_at_once_both_get_the_dataset(tmp_path):
+  """Two preparations of a fresh data_dir at once: one builds, the other waits and reads it.
+
+  Without the preparation lock both built it and TFDS's final rename of the second failed
+  ("Destination ... already exists"), ending that run.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  from semimeta_jax.data import catalog  # pylint: disable=g-import-not-at-top
+  from semimeta_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data.name = 'digits'
+  config.data.data_dir = str(tmp_path)
+  spec = catalog.get_spec(config.data)
+  results, start = [None, None], threading.Barrier(2)
+
+  def prepare_one(slot):
+    start.wait()
+    try:
+      builder = tfds_builders.get_builder(spec, config.data)
+      results[slot] = builder.info.splits['test'].num_examples
+    except Exception as e:  # pylint: disable=broad-except
+      results[slot] = e
+
+  threads = [threading.Thread(target=prepare_one, args=(slot,)) for slot in (0, 1)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert results == [300, 300], results

@@ -36,9 +36,23 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
   _require(0 <= data.label_fraction <= 1, 'data.label_fraction', data.label_fraction, 'must be in [0, 1]')
   _one_of(data, 'pad_mode', device_augment.PAD_MODES)
   _one_of(data, 'augment_kind', device_augment.KINDS)
+  if data.get('randaugment') is not None:  # Configs recorded before the strong view had none.
+    _check_randaugment(data.randaugment)
   _require(isinstance(data.image_size, int) and data.image_size >= 0, 'data.image_size',
            data.image_size, "must be an integer >= 0 (0 keeps a folder's or TFDS dataset's size)")
   _require(data.max_in_memory_gb >= 0, 'data.max_in_memory_gb', data.max_in_memory_gb, 'must be >= 0')
   for field in ('prefetch_batches', 'shuffle_buffer'):
     _require(isinstance(data[field], int) and data[field] > 0, 'data.' + field, data[field],
              'must be a positive integer')
+
+
+def _check_randaugment(strong: ml_collections.ConfigDict) -> None:
+  """The strong view's fields (`config.data.randaugment`)."""
+  _require(isinstance(strong.num_ops, int) and strong.num_ops >= 0, 'data.randaugment.num_ops',
+           strong.num_ops, 'must be an integer >= 0 (ops per image)')
+  _require(strong.max_magnitude > 0, 'data.randaugment.max_magnitude', strong.max_magnitude, 'must be > 0')
+  _require(strong.magnitude == -1 or 0 <= strong.magnitude <= strong.max_magnitude,
+           'data.randaugment.magnitude', strong.magnitude,
+           f'must be -1 (uniform in each range, USB) or in [0, max_magnitude={strong.max_magnitude}]')
+  _require(0 <= strong.cutout <= 1, 'data.randaugment.cutout', strong.cutout,
+           'must be in [0, 1] (a fraction of the image side)')

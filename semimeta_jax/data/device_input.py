@@ -25,6 +25,7 @@ import numpy as np
 from semimeta_jax import parallel
 from semimeta_jax.data import device_augment
 from semimeta_jax.data import sampling
+from semimeta_jax.data import strong_view as strong_view_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,29 +54,35 @@ def put_replicated(array: np.ndarray, mesh) -> jax.Array:
                                       lambda index: array[index])
 
 
-def _make_batch(arrays, orders, step, *, streams, augment_kind, pad, pad_mode, mean, std, rows):
+def _make_batch(arrays, orders, step, *, streams, augment_kind, pad, pad_mode, mean, std, rows,
+                strong_view):
   """The global batch at `step` of every stream (traced inside `jit`).
 
   `orders[name]` holds the epoch orders the stream's batch reads (`EpochOrders`).
+  `strong_view` (a `StrongView` or None) adds the unlabeled rows' 'strong_image'.
   """
   out = {}
   for name, stream in streams.items():
     index = sampling.batch_indices_from_orders(jnp.stack(orders[name]), step, stream.global_batch)
     # Each device gathers and augments only its own rows of the batch.
     index = jax.lax.with_sharding_constraint(index, rows)
-    images = device_augment.augment(
-        arrays['images'][index], jax.random.fold_in(jax.random.key(stream.augment_seed), step),
-        augment_kind, pad, pad_mode)
+    key = jax.random.fold_in(jax.random.key(stream.augment_seed), step)
+    gathered = arrays['images'][index]
+    images = device_augment.augment(gathered, key, augment_kind, pad, pad_mode)
     # 'index' (the train-split index) lets a method keep per-example state (Temporal Ensembling).
     out[name] = {'image': device_augment.normalize(images, mean, std),
                  'index': index.astype(jnp.int32)}
+    if name == 'unlabeled' and strong_view is not None:
+      strong = strong_view_lib.make(gathered, key, strong_view, augment_kind=augment_kind, pad=pad,
+                                    pad_mode=pad_mode)
+      out[name]['strong_image'] = device_augment.normalize(strong, mean, std)
     if stream.has_labels:
       out[name]['label'] = arrays['labels'][index]
   return out
 
 
 def device_batches(images, labels, streams: dict[str, Stream], mesh, *, spec, augment_kind: str,
-                   pad_mode: str) -> Callable[[int], dict]:
+                   pad_mode: str, strong_view=None) -> Callable[[int], dict]:
   """Places the split on the mesh; returns `batch(step)`, the global batch at `step`.
 
   Args:
@@ -86,10 +93,13 @@ def device_batches(images, labels, streams: dict[str, Stream], mesh, *, spec, au
     spec: the `DatasetSpec` (normalisation, padding).
     augment_kind: 'pad_crop_flip', 'pad_crop' or 'none'.
     pad_mode: 'constant' or 'reflect'.
+    strong_view: a `strong_view.StrongView`, or None: the unlabeled stream's batches then carry
+      no 'strong_image'.
 
   Returns:
     `batch(step) -> {stream: {'image': float32 [B, H, W, C], 'label': int32 [B],
-    'index': int32 [B]}}` ('index': each example's train-split index)
+    'index': int32 [B]}}` ('index': each example's train-split index; the unlabeled
+    stream's 'strong_image' float32 [B, H, W, C] when `strong_view` is given)
     of jax.Arrays sharded `P('data')`; step 0 is the first batch of a run.
   """
   arrays = {
@@ -101,7 +111,7 @@ def device_batches(images, labels, streams: dict[str, Stream], mesh, *, spec, au
   sharded = parallel.batch_sharded(mesh)
   make = functools.partial(
       _make_batch, streams=streams, augment_kind=augment_kind, pad=spec.pad, pad_mode=pad_mode,
-      mean=tuple(spec.mean), std=tuple(spec.std), rows=sharded)
+      mean=tuple(spec.mean), std=tuple(spec.std), rows=sharded, strong_view=strong_view)
   compiled = jax.jit(make, out_shardings=sharded)
   orders = {name: EpochOrders(arrays['pools'][name], stream, mesh) for name, stream in streams.items()}
   # A Python int is a weakly typed int32 argument: one compilation serves every step.
@@ -139,9 +149,17 @@ class EpochOrders:
     return tuple(self._cache[epoch] for epoch in wanted)
 
 
-def _normalize_batch(batch, *, mean, std):
-  return {name: {**part, 'image': device_augment.normalize(part['image'], mean, std)}
-          for name, part in batch.items()}
+def _normalize_batch(batch, step, *, mean, std, strong_view, seed):
+  out = {name: {**part, 'image': device_augment.normalize(part['image'], mean, std)}
+         for name, part in batch.items()}
+  if strong_view is not None and 'unlabeled' in batch:
+    # The host's crop is already in the image: the strong view adds RandAugment to it, with no
+    # crop of its own ('none').
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    strong = strong_view_lib.make(batch['unlabeled']['image'], key, strong_view, augment_kind='none',
+                                  pad=0, pad_mode='constant')
+    out['unlabeled']['strong_image'] = device_augment.normalize(strong, mean, std)
+  return out
 
 
 class Prefetcher:
@@ -150,9 +168,12 @@ class Prefetcher:
   `prefetcher(step)` returns the global batch at `step`; steps must be asked for
   in order from `start_step` (a stream is read sequentially). Keeping `size`
   batches in flight lets the host-to-device copies overlap the running steps.
+  With a `strong_view`, the unlabeled rows' 'strong_image' is made there too: RandAugment
+  of the host's crop, from (`strong_seed`, step).
   """
 
-  def __init__(self, host_batches: Iterator[dict], mesh, *, spec, start_step: int, size: int = 2):
+  def __init__(self, host_batches: Iterator[dict], mesh, *, spec, start_step: int, size: int = 2,
+               strong_view=None, strong_seed: int = 0):
     self._host = host_batches
     self._mesh = mesh
     self._size = max(1, size)
@@ -160,8 +181,9 @@ class Prefetcher:
     self._queue = collections.deque()
     sharded = parallel.batch_sharded(mesh)
     self._normalize = jax.jit(
-        functools.partial(_normalize_batch, mean=tuple(spec.mean), std=tuple(spec.std)),
-        in_shardings=sharded, out_shardings=sharded)
+        functools.partial(_normalize_batch, mean=tuple(spec.mean), std=tuple(spec.std),
+                          strong_view=strong_view, seed=strong_seed),
+        in_shardings=(sharded, None), out_shardings=sharded)
 
   def _fill(self):
     while len(self._queue) < self._size:
@@ -175,4 +197,4 @@ class Prefetcher:
     batch = self._queue.popleft()
     self._next_step += 1
     self._fill()  # Starts the next copies before this batch's step runs.
-    return self._normalize(batch)
+    return self._normalize(batch, step)

@@ -22,6 +22,7 @@ from semimeta_jax.data import catalog
 from semimeta_jax.data import input_contract
 from semimeta_jax.data import resident_input
 from semimeta_jax.data import splits
+from semimeta_jax.data import strong_view as strong_view_lib
 
 _BATCH_FIELDS = ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size')
 
@@ -38,7 +39,7 @@ def _check_arguments(config, mesh, process_index, process_count, start_step):
 
 
 def build_input(config, workdir, *, start_step=0, process_index=None, process_count=None,
-                mesh=None, uses_unlabeled=True) -> input_contract.Input:
+                mesh=None, uses_unlabeled=True, strong_view=False) -> input_contract.Input:
   """Builds the training batches and evaluation batches of a run.
 
   Args:
@@ -56,6 +57,8 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
     mesh: the device mesh of the training batches; default all devices.
     uses_unlabeled: whether to build the unlabeled stream (the method's
       `uses_unlabeled`).
+    strong_view: whether the unlabeled batches carry 'strong_image', the strong
+      view of `config.data.randaugment` (the method's `strong_view(config)`).
 
   Returns:
     An `Input`.
@@ -82,11 +85,12 @@ def build_input(config, workdir, *, start_step=0, process_index=None, process_co
         "evaluated split instead (e.g. config.data.train_split='train[:95%]', "
         "config.data.test_split='train[95%:]').")
   augment_kind = spec.augment if data.augment else 'none'
+  strong = strong_view_lib.from_config(data) if strong_view and uses_unlabeled else None
   if spec.in_memory:
     return resident_input.build(config, workdir, spec, augment_kind, process_index=process_index,
                                 process_count=process_count, mesh=mesh,
-                                uses_unlabeled=uses_unlabeled)
+                                uses_unlabeled=uses_unlabeled, strong_view=strong)
   from semimeta_jax.data import streamed_input  # pylint: disable=g-import-not-at-top
   return streamed_input.build(config, workdir, spec, augment_kind, start_step=start_step,
                               process_index=process_index, process_count=process_count,
-                              mesh=mesh, uses_unlabeled=uses_unlabeled)
+                              mesh=mesh, uses_unlabeled=uses_unlabeled, strong_view=strong)

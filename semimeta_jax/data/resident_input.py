@@ -47,7 +47,7 @@ def _load_arrays(data_config, spec):
 
 
 def build(config, workdir, spec, augment_kind, *, process_index, process_count, mesh,
-          uses_unlabeled) -> input_contract.Input:
+          uses_unlabeled, strong_view=None) -> input_contract.Input:
   """The `Input` of an in-memory dataset (arguments as `pipeline.build_input`'s, checked there)."""
   data = config.data
   train_images, labels, test_images, test_labels, spec = _load_arrays(data, spec)
@@ -78,7 +78,7 @@ def build(config, workdir, spec, augment_kind, *, process_index, process_count, 
              for name, (pool, batch, sid) in pools.items()}
   train_batch = device_input.device_batches(
       train_images, labels, streams, mesh, spec=spec, augment_kind=augment_kind,
-      pad_mode=data.pad_mode)
+      pad_mode=data.pad_mode, strong_view=strong_view)
 
   eval_rows = config.eval_batch_size // process_count
   make_eval = _exact_batches(test_images, test_labels, spec, eval_rows, process_index, process_count)

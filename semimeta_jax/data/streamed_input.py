@@ -89,7 +89,7 @@ def _labeled_sample(builder, spec, labeled, limit=2048):
 
 
 def build(config, workdir, spec, augment_kind, *, start_step, process_index, process_count, mesh,
-          uses_unlabeled) -> input_contract.Input:
+          uses_unlabeled, strong_view=None) -> input_contract.Input:
   """The `Input` of a streamed dataset (arguments as `pipeline.build_input`'s, checked there)."""
   data = config.data
   _hide_gpus_from_tensorflow()
@@ -119,8 +119,11 @@ def build(config, workdir, spec, augment_kind, *, start_step, process_index, pro
   ds = _train_dataset(builder, spec, config, pools, augment_kind, start_step, process_index,
                       process_count, num_labeled_rows)
   host_batches = iter(tfds.as_numpy(ds))
+  # The strong view draws from the unlabeled stream's augmentation seed.
   train_batch = device_input.Prefetcher(host_batches, mesh, spec=spec, start_step=start_step,
-                                        size=data.prefetch_batches)
+                                        size=data.prefetch_batches, strong_view=strong_view,
+                                        strong_seed=train_pools.stream_seeds(
+                                            config.seed, train_pools.UNLABELED_STREAM)[1])
 
   eval_rows = config.eval_batch_size // process_count
   share = eval_batches.share_bounds(num_test, process_index, process_count)

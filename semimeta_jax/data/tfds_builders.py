@@ -13,6 +13,7 @@ are built offline on first use: `digits` (it ships with scikit-learn) and
 """
 
 import contextlib
+import fcntl
 import io
 import os
 
@@ -87,7 +88,42 @@ def not_found_error(spec, builder, reason):
       + _instructions(spec, builder))
 
 
-def _prepare(spec, builder, manual_dir=None):
+@contextlib.contextmanager
+def _preparation_lock(builder):
+  """Holds `<data_dir>/<dataset>.prepare.lock` (flock) while one process prepares the dataset.
+
+  Two runs started together on a data_dir without the dataset would both build it, and
+  TFDS's final rename of the second fails ("Destination ... already exists"). A remote
+  data_dir (gs://...) has no file locks and is prepared unguarded.
+  """
+  root = os.fspath(builder.data_dir_root)
+  if '://' in root:
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'{builder.name}.prepare.lock'), 'a', encoding='utf-8') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released by the kernel however the holder ends.
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(spec, builder, data_config, manual_dir=None):
+  """Prepares the dataset in the builder's data_dir, one process at a time; returns the builder.
+
+  A process that waited for another's preparation finds the dataset there and reads it with a
+  new builder (the one it had was made before the files existed and knows no splits).
+  """
+  with _preparation_lock(builder):
+    fresh = _builder(spec, data_config)
+    if is_prepared(fresh, spec.test_split):
+      return fresh
+    _prepare_unguarded(spec, builder, manual_dir)
+    return builder
+
+
+def _prepare_unguarded(spec, builder, manual_dir=None):
   """Prepares the dataset in the builder's data_dir (ImageNet: its manual files checked first)."""
   if _from_local_files(spec, builder):
     logging.info('Preparing the %s dataset from files on this machine (no download) into %s.',
@@ -129,7 +165,7 @@ def prepare(spec, data_config, manual_dir=None):
   """
   builder = _builder(spec, data_config)
   if not is_prepared(builder, spec.test_split):
-    _prepare(spec, builder, manual_dir)
+    builder = _prepare(spec, builder, data_config, manual_dir)
   return builder
 
 
@@ -153,8 +189,7 @@ def get_builder(spec, data_config):
   if is_prepared(builder, spec.test_split):
     return builder
   if data_config.download or _from_local_files(spec, builder):
-    _prepare(spec, builder)
-    return builder
+    return _prepare(spec, builder, data_config)
   if spec.name == 'fashion_mnist':
     raise specs.DatasetNotFoundError(fashion_mnist.not_found_message(
         builder.data_dir_root, fashion_mnist.source_dir_of(data_config)))

@@ -10,6 +10,7 @@ from semimeta_jax.data import input_contract
 from semimeta_jax.data import splits
 
 _LABELED, _UNLABELED = 0, 1
+UNLABELED_STREAM = _UNLABELED  # Its id, for the draws of its strong view (streamed_input.py).
 
 
 def stream_seeds(seed, stream_id):

@@ -179,9 +179,23 @@ class Configured:
   def uses_unlabeled(self) -> bool:
     return self.method.uses_unlabeled
 
-  def make_train_step(self, num_classes: int):
-    """`train_step(state, batch) -> (state, metrics)`, the options' updates after the method's."""
-    step = functools.partial(self.method.train_step, config=self.config, num_classes=num_classes)
+  @property
+  def strong_view(self) -> bool:
+    """Whether the unlabeled batches must carry the strong view ('strong_image')."""
+    return self.method.uses_unlabeled and self.method.strong_view(self.config)
+
+  def make_train_step(self, num_classes: int, pool_size: int | None = None):
+    """`train_step(state, batch) -> (state, metrics)`, the options' updates after the method's.
+
+    `pool_size` (the unlabeled pool's size) is bound for a method that `reads_pool_size`.
+    """
+    bound = {}
+    if self.method.reads_pool_size:
+      if pool_size is None:
+        raise ValueError(f'{self.method.name} reads the unlabeled pool size: pass pool_size.')
+      bound['pool_size'] = int(pool_size)
+    step = functools.partial(self.method.train_step, config=self.config, num_classes=num_classes,
+                             **bound)
     for option in self.options:
       step = option.wrap(step, self.config, self.method)
     return step
@@ -247,13 +261,15 @@ def configure(config) -> Configured:
                     options=tuple(o for o in OPTIONS if o.enabled(config, method)))
 
 
-def make_train_step(config, num_classes: int):
+def make_train_step(config, num_classes: int, pool_size: int | None = None):
   """Returns `train_step(state, batch) -> (state, metrics)` for `config.method` and its options.
+
+  `pool_size`: the unlabeled pool's size, for a method that `reads_pool_size`.
 
   Raises:
     errors.ConfigError: if `config.method` is unknown or its fields are unusable.
   """
-  return configure(config).make_train_step(num_classes)
+  return configure(config).make_train_step(num_classes, pool_size)
 
 
 def init_train_state(config, model, image_shape, rng, *, num_train: int = 0, num_classes: int = 0,

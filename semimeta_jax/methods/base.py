@@ -67,6 +67,11 @@ class Method:
       `batch` is {'labeled': {'image', 'label', 'index'}, 'unlabeled': {...}}.
     uses_unlabeled: whether the step reads the unlabeled stream (the data layer
       builds it only then).
+    strong_view: `(config) -> bool`, whether the step reads the unlabeled rows'
+      'strong_image' (RandAugment, `data/strong_view.py`); built only then.
+    reads_pool_size: whether `train_step` takes the keyword `pool_size`, the number
+      of examples in the unlabeled pool (a memory over the pool counts its unused
+      entries against it: FlexMatch).
     config_blocks: `() -> {name: ConfigDict}`, the method's own fields and their
       defaults; the default config composes every registered method's blocks.
     renamed_fields: {earlier dotted name: current dotted name} of its fields, so
@@ -97,6 +102,8 @@ class Method:
   name: str
   train_step: TrainStep
   uses_unlabeled: bool
+  strong_view: Callable[[Any], bool] = lambda config: False
+  reads_pool_size: bool = False
   config_blocks: ConfigBlocks = no_blocks
   renamed_fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
   presets: Presets = dataclasses.field(default_factory=dict)
