@@ -22,16 +22,21 @@ from semimeta_jax.methods import augment
 from semimeta_jax.methods import base
 from semimeta_jax.methods import co_training
 from semimeta_jax.methods import dual_student
+from semimeta_jax.methods import fixmatch
+from semimeta_jax.methods import flexmatch
+from semimeta_jax.methods import freematch
 from semimeta_jax.methods import mean_teacher
 from semimeta_jax.methods import memory
 from semimeta_jax.methods import options as options_lib
 from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
 from semimeta_jax.methods import semimeta
+from semimeta_jax.methods import softmatch
 from semimeta_jax.methods import sntg
 from semimeta_jax.methods import supervised
 from semimeta_jax.methods import temporal_ensembling
 from semimeta_jax.methods import tnar
+from semimeta_jax.methods import uda
 from semimeta_jax.methods import vadd
 from semimeta_jax.methods import vat
 
@@ -53,6 +58,11 @@ _REGISTRY = {method.name: method for method in (
     co_training.METHOD,
     dual_student.METHOD,
     vadd.METHOD,
+    fixmatch.METHOD,
+    uda.METHOD,
+    flexmatch.METHOD,
+    freematch.METHOD,
+    softmatch.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)
