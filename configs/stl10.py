@@ -13,9 +13,10 @@ STL-10), the official SemiMeta optimizer and meta step, 200k steps.
 """
 
 from configs import default
+from semimeta_jax import methods
 
 
-def get_config():
+def get_config(preset=None):
   """Returns the STL-10 configuration."""
   config = default.get_config()
   config.data.name = 'stl10'  # Any TFDS image-classification name works (data/tfds_by_name.py).
@@ -30,4 +31,4 @@ def get_config():
   config.num_train_steps = 200_000
   config.lr_decay_boundaries = (150_000, 175_000)
   config.weight_decay = 5e-4
-  return config
+  return methods.apply_preset(config, 'stl10', preset)

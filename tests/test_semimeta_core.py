@@ -185,3 +185,33 @@ def test_a_training_mode_meta_forward_gives_the_exact_hypergradient(problem):
   ytil, grad, yhat = jax.jit(lambda: problem.pseudo_labels(meta_logits, META_LR))()
   np.testing.assert_allclose(metrics['hypergradient_norm'], np.linalg.norm(grad), rtol=1e-3)
   np.testing.assert_allclose(metrics['pseudo_label_change'], pseudo_label_change(ytil, yhat), rtol=1e-3)
+
+
+def test_with_the_strong_view_yhat_of_the_weak_view_supervises_the_strong_views_prediction(problem):
+  """`semimeta.strong_view`: steps 1-3 on the weak view; the consistency forward on the strong one."""
+  p = problem
+  strong = p.x_u[::-1] * 0.5 + 0.3  # Another image per row: the view must be the one trained on.
+  batch = {'labeled': p.batch['labeled'], 'unlabeled': {**p.batch['unlabeled'], 'strong_image': strong}}
+  config = core_config(**{'semimeta.strong_view': True})
+  assert methods.configure(config).strong_view
+  new_state, metrics = jax.jit(methods.make_train_step(config, 10))(p.state, batch)
+  step_grads = jax.tree.map(lambda old, new: (old - new) / LR, p.state.params, new_state.params)
+
+  @jax.jit
+  def expected(params):
+    _, _, yhat = p.pseudo_labels(p.eval_logits, META_LR)  # From the weak view, as without it.
+
+    def loss(q):
+      logits, _ = p.train_logits(q, p.x_l)
+      supervised = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), p.y_l[:, None], -1))
+      strong_logits, _ = p.train_logits(q, strong)
+      consistency = jnp.mean(jnp.sum((jax.nn.softmax(strong_logits) - yhat) ** 2, -1))
+      return supervised + WEIGHT * consistency, consistency
+
+    return jax.grad(lambda q: loss(q)[0])(params), loss(params)[1]
+
+  grads, consistency = expected(p.state.params)
+  assert tree_relative_error(step_grads, grads) < 1e-3
+  np.testing.assert_allclose(metrics['consistency_loss'], consistency, rtol=1e-4)
+  _, weak_metrics, _ = p.step()  # The weak view's consistency differs: the test can tell them apart.
+  assert abs(float(weak_metrics['consistency_loss']) - float(consistency)) > 1e-3

@@ -9,6 +9,12 @@ One training step:
      where `config.hypergrad.meta_step_scale='first_step_norm'` (horizon ablations).
   4. theta <- SGD step on KL(mix target || f(x_mix)) + w(t) ||softmax(f(x_u)) - yhat||^2
      (or CE on the labeled batch without mix-up), two training-mode forwards.
+
+With `semimeta.strong_view=True` (a composition of this framework's; neither paper has it) the
+meta-learned pseudo-label of the weak view supervises the prediction of the strong view, as
+FixMatch's weak-view label supervises its strong view: in step 4 f(x_u) is the forward of
+`batch['unlabeled']['strong_image']` (RandAugment, `data/strong_view.py`); steps 1-3 and the
+mix-up keep the weak view, so the meta step is the official one.
 """
 
 import functools
@@ -54,6 +60,8 @@ def config_blocks():
       'semimeta': ml_collections.ConfigDict({
           'mixup': True,
           'mixup_alpha': 1.0,  # Beta(a, a) for the per-example mix-up coefficient.
+          # The consistency term on the strong view (RandAugment) of the unlabeled rows.
+          'strong_view': False,
       }),
   }
 
@@ -180,7 +188,8 @@ def train_step(state, batch, *, config, num_classes):
                                            key(common.DROPOUT_LABELED))
       supervised = losses.cross_entropy(logits, labeled['label'])
     # A second forward with its own batch statistics, as the official step does.
-    unlabeled_logits, stats = common.train_forward(state, params, unlabeled['image'], stats,
+    consistency_view = unlabeled['strong_image' if config.semimeta.strong_view else 'image']
+    unlabeled_logits, stats = common.train_forward(state, params, consistency_view, stats,
                                                    key(common.DROPOUT_UNLABELED))
     consistency = losses.probability_mse(unlabeled_logits, yhat)
     return supervised + weight * consistency, (stats, supervised, consistency, unlabeled_logits)
@@ -233,16 +242,21 @@ def describe(config) -> str:
   hg = config.hypergrad
   horizon = 'K=inf (implicit)' if hg.mode == 'implicit' else f'K={hg.inner_steps}'
   scale = ', scaled to the K=1 norm' if hg.meta_step_scale == 'first_step_norm' else ''
-  return f'hypergradient {hg.mode}, {horizon}, meta forward {hg.forward_mode}{scale}'
+  strong = ', consistency on the strong view' if config.semimeta.strong_view else ''
+  return f'hypergradient {hg.mode}, {horizon}, meta forward {hg.forward_mode}{scale}{strong}'
 
 
 # The official recipe is the default config's (configs/default.py, CIFAR-10) and configs/digits.py's.
-PRESETS = {'digits': {'semimeta': {}}, 'cifar10': {'semimeta': {}}, 'imagenet': {'semimeta': {}}}
+# `semimeta_strong`: the same with the consistency term on the strong view.
+PRESETS = {dataset: {'semimeta': {}, 'semimeta_strong': {'semimeta.strong_view': True}}
+           for dataset in ('digits', 'cifar10', 'cifar100', 'svhn', 'stl10')}
+PRESETS['imagenet'] = {'semimeta': {}}
 
 METHOD = base.Method(
     name='semimeta',
     train_step=train_step,
     uses_unlabeled=True,
+    strong_view=lambda config: config.semimeta.strong_view,
     config_blocks=config_blocks,
     renamed_fields={'mixup': 'semimeta.mixup', 'mixup_alpha': 'semimeta.mixup_alpha',
                     'hypergrad_diagnostics_every_steps': 'hypergrad.diagnostics_every_steps'},
