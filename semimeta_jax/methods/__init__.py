@@ -27,6 +27,7 @@ from semimeta_jax.methods import flexmatch
 from semimeta_jax.methods import freematch
 from semimeta_jax.methods import mean_teacher
 from semimeta_jax.methods import memory
+from semimeta_jax.methods import mpl
 from semimeta_jax.methods import options as options_lib
 from semimeta_jax.methods import pseudo_label
 from semimeta_jax.methods import pi_model
@@ -63,6 +64,7 @@ _REGISTRY = {method.name: method for method in (
     flexmatch.METHOD,
     freematch.METHOD,
     softmatch.METHOD,
+    mpl.METHOD,
 )}
 
 METHOD_NAMES = tuple(_REGISTRY)

@@ -1,0 +1,321 @@
+"""Meta Pseudo Labels (Pham et al., CVPR 2021) on the hypergradient engine.
+
+Two networks of the run's architecture: the student is the run's classifier
+(`state.params`, evaluated as the headline 'eval'), the teacher lives in
+`extra['mpl_teacher']` with its own optimizer state (and learning rate,
+`mpl.teacher_learning_rate`) and is evaluated as 'eval_teacher'. One step, in the
+order of the paper's Algorithm 1 and the released code:
+
+  1. The teacher labels the unlabeled batch (training-mode forward on x_l and x_u):
+     soft labels softmax(T(x_u) / tau) (`mpl.soft_labels`), or a hard label sampled
+     from them.
+  2. The student takes a real optimizer step on the cross-entropy to those labels
+     (training mode); it sees no labeled example (`mpl.student_wait_steps`: it holds
+     still for the first steps while the teacher learns).
+  3. The teacher steps on its supervised cross-entropy (label smoothing
+     `mpl.teacher_label_smoothing`) plus the feedback `mpl.feedback`
+     (`mpl_feedback.py`): `exact` (d L_l(theta~) / d y through the student's virtual
+     SGD step by the engine's `mpl.hypergrad_mode`, then through the teacher),
+     `paper` (h grad CE(y^, T) with the sign `mpl.h_sign`), `released_code` (the
+     released zero-gradient term), or `none` (the teacher's own loss alone).
+
+The student's step inside the `exact` meta objective is plain SGD of size alpha =
+the student's learning rate, as the paper's derivation writes it, in the same
+forward as the real step (`mpl.meta_forward='train'`: the same dropout draw and
+batch statistics, so its gradient is the real step's before momentum and weight
+decay). The `paper` coefficient h uses the real update theta' (momentum and weight
+decay included) and the real step's gradient, as Algorithm 1 does.
+
+Departures: UDA for the teacher and the fine-tuning of the student on the labeled
+set after training are not part of this step (see docs/mpl.md).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from semimeta_jax import errors
+from semimeta_jax import losses
+from semimeta_jax.methods import base
+from semimeta_jax.methods import common
+from semimeta_jax.methods import hypergrad
+from semimeta_jax.methods import mpl_feedback
+from semimeta_jax.methods import options
+
+TEACHER = 'mpl_teacher'
+META_FORWARDS = ('train', 'eval')
+# Sub-tags of the teacher's key (common.DROPOUT_TEACHER): its two forwards and the label draw.
+TEACHER_LABELED, TEACHER_UNLABELED, LABEL_SAMPLE = range(3)
+
+
+def config_blocks():
+  """The `mpl` block."""
+  return {'mpl': ml_collections.ConfigDict({
+      'feedback': 'exact',  # exact | paper | released_code | none (mpl_feedback.FEEDBACKS)
+      # How `exact` computes d L_l(theta~) / d y: exact | first_order | jvp | finite_difference.
+      'hypergrad_mode': 'exact',
+      'inner_steps': 1,  # K virtual student steps of `exact` (hypergrad_mode 'exact' unrolls K > 1).
+      'epsilon': 1e-2,  # Finite-difference step of hypergrad_mode 'finite_difference', relative to ||v||.
+      'meta_forward': 'train',  # The student's forward inside the feedback: train (the real step's) | eval.
+      'soft_labels': True,  # The student learns softmax(T / tau) (exact, released code) or a sampled label (paper).
+      'temperature': 1.0,  # tau of the teacher's labels.
+      'h_sign': 1.0,  # `paper`: +1 the derivation's h ~ L_l(old) - L_l(new); -1 the released code's sign.
+      'baseline_decay': 0.99,  # `released_code`: b <- b - (1 - decay) (b - h) before h - b.
+      'teacher_learning_rate': 0.0,  # Peak rate of the teacher's schedule; 0 = config.learning_rate.
+      'teacher_label_smoothing': 0.0,  # Of the teacher's supervised cross-entropy.
+      'student_wait_steps': 0,  # The student holds still (no update) for this many first steps.
+  })}
+
+
+def validate(config) -> None:
+  """The `mpl` block's fields, and the pairs that contradict each other.
+
+  Raises:
+    errors.ConfigError: naming the field.
+  """
+  require, block = errors.require, config.mpl
+  require(block.feedback in mpl_feedback.FEEDBACKS, 'mpl.feedback', block.feedback,
+          f'expected one of {mpl_feedback.FEEDBACKS}')
+  require(block.hypergrad_mode in hypergrad.MODES, 'mpl.hypergrad_mode', block.hypergrad_mode,
+          f'expected one of {mpl_feedback.LABEL_GRADIENT_MODES}')
+  require(block.hypergrad_mode in mpl_feedback.LABEL_GRADIENT_MODES, 'mpl.hypergrad_mode',
+          block.hypergrad_mode,
+          f'expected one of {mpl_feedback.LABEL_GRADIENT_MODES}: the student learns by cross-entropy, '
+          'whose Gauss-Newton Hessian is not the squared error\'s (2/B_u) J^T J that neumann and '
+          'implicit are built on, and the teacher\'s labels are not the student\'s prediction, so '
+          'the residual they assume zero is not')
+  require(isinstance(block.inner_steps, int) and block.inner_steps >= 1, 'mpl.inner_steps',
+          block.inner_steps, 'must be an integer >= 1')
+  require(block.inner_steps == 1 or block.hypergrad_mode == 'exact', 'mpl.inner_steps',
+          block.inner_steps, f'K > 1 virtual steps need mpl.hypergrad_mode="exact" '
+          f'({block.hypergrad_mode!r} is a K = 1 formula)')
+  require(block.epsilon > 0, 'mpl.epsilon', block.epsilon, 'must be > 0')
+  require(block.meta_forward in META_FORWARDS, 'mpl.meta_forward', block.meta_forward,
+          f'expected one of {META_FORWARDS}')
+  require(block.temperature > 0, 'mpl.temperature', block.temperature, 'must be > 0')
+  require(block.soft_labels or block.feedback != 'exact', 'mpl.soft_labels', block.soft_labels,
+          'must be True with mpl.feedback="exact": its meta-gradient runs through the soft labels '
+          'softmax(T / tau); a sampled label has no derivative (mpl.feedback="paper" takes it)')
+  require(not block.soft_labels or block.feedback != 'paper', 'mpl.soft_labels', block.soft_labels,
+          'must be False with mpl.feedback="paper": its score-function feedback needs a label '
+          'sampled from the teacher')
+  require(block.h_sign in (1, -1), 'mpl.h_sign', block.h_sign, 'must be 1 or -1')
+  require(0 <= block.baseline_decay < 1, 'mpl.baseline_decay', block.baseline_decay,
+          'must be in [0, 1)')
+  require(block.teacher_learning_rate >= 0, 'mpl.teacher_learning_rate', block.teacher_learning_rate,
+          'must be >= 0 (0 = config.learning_rate)')
+  require(0 <= block.teacher_label_smoothing < 1, 'mpl.teacher_label_smoothing',
+          block.teacher_label_smoothing, 'must be in [0, 1)')
+  require(isinstance(block.student_wait_steps, int) and block.student_wait_steps >= 0,
+          'mpl.student_wait_steps', block.student_wait_steps, 'must be an integer >= 0')
+
+
+def teacher_optimizer(config) -> optax.GradientTransformation:
+  """The run's optimizer with the teacher's peak learning rate (`mpl.teacher_learning_rate`)."""
+  if config.mpl.teacher_learning_rate <= 0:
+    return options.optimizer(config)
+  teacher_config = config.copy_and_resolve_references()
+  teacher_config.learning_rate = config.mpl.teacher_learning_rate
+  return options.optimizer(teacher_config)
+
+
+def init_teacher(config, *, model, image_shape, rng, params, batch_stats, num_classes):
+  """`Method.init_model_state`: the teacher, its optimizer state and the released code's baseline."""
+  del params, batch_stats, num_classes  # The teacher shares nothing with the student.
+  params_key, dropout_key = jax.random.split(rng)
+  variables = model.init({'params': params_key, 'dropout': dropout_key},
+                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  teacher_params = variables['params']
+  return {TEACHER: {'params': teacher_params, 'batch_stats': variables.get('batch_stats', {}),
+                    'opt_state': teacher_optimizer(config).init(teacher_params),
+                    'baseline': jnp.zeros((), jnp.float32)}}
+
+
+def teacher_weights(state):
+  """(params, batch statistics) of the teacher."""
+  teacher = state.extra[TEACHER]
+  return teacher['params'], teacher['batch_stats']
+
+
+def supervised_loss(logits, labels, *, num_classes: int, smoothing):
+  """Cross-entropy to the labels smoothed by `smoothing` (0: the plain cross-entropy)."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+  return jnp.mean(optax.losses.softmax_cross_entropy(losses.at_least_float32(logits), targets))
+
+
+def _hold_until(step, wait_steps: int, before, after):
+  """`after`, or `before` while `step < wait_steps` (the waiting student's state)."""
+  if wait_steps <= 0:
+    return after
+  waiting = step < wait_steps
+  return jax.tree.map(lambda old, new: jnp.where(waiting, old, new), before, after)
+
+
+def feedback_surrogate(config, state, new_student_params, student_grads, *, batch, teacher_logits_u,
+                       labels, student_apply, lr):
+  """The feedback term as a function of the teacher's unlabeled logits, and what it reports.
+
+  Returns:
+    (surrogate: logits -> scalar, {metric: value}, the released code's new baseline or None).
+  """
+  block = config.mpl
+  labeled, x_u = batch['labeled'], batch['unlabeled']['image']
+  outer = lambda params: hypergrad.outer_loss(params, student_apply, labeled['image'], labeled['label'])
+  if block.feedback == 'exact':
+    grad_labels = mpl_feedback.label_gradient(
+        block.hypergrad_mode, student_apply, state.params, labeled['image'], labeled['label'], x_u,
+        labels, alpha=lr, inner_steps=block.inner_steps, epsilon=block.epsilon)
+    return (lambda logits: mpl_feedback.exact_surrogate(logits, grad_labels, block.temperature),
+            {'label_gradient_norm': jnp.linalg.norm(grad_labels)}, None)
+  if block.feedback == 'paper':
+    h = block.h_sign * mpl_feedback.paper_coefficient(jax.grad(outer)(new_student_params),
+                                                      student_grads, lr)
+    return (lambda logits: mpl_feedback.paper_surrogate(logits, labels, h, block.temperature),
+            {'feedback_coefficient': h}, None)
+  if block.feedback == 'released_code':
+    h, baseline = mpl_feedback.released_code_coefficient(
+        outer(new_student_params), outer(state.params), state.extra[TEACHER]['baseline'],
+        baseline_decay=block.baseline_decay)
+    return (lambda logits: mpl_feedback.released_code_surrogate(logits, h),
+            {'feedback_coefficient': h, 'feedback_baseline': baseline}, baseline)
+  return (lambda logits: jnp.zeros((), jnp.float32)), {}, None
+
+
+def train_step(state, batch, *, config, num_classes):
+  """One Meta Pseudo Labels update of the student and the teacher. Pure: (state, batch) -> (state, metrics).
+
+  Raises:
+    ValueError: if the state has no teacher (build it with `methods.init_train_state`).
+  """
+  if TEACHER not in state.extra:
+    raise ValueError('Meta Pseudo Labels needs a TrainState with a teacher '
+                     '(build it with methods.init_train_state).')
+  block = config.mpl
+  labeled, unlabeled = batch['labeled'], batch['unlabeled']
+  teacher = state.extra[TEACHER]
+  key = state.step_key
+  lr = options.learning_rate_schedule(config)(state.step)
+
+  # 1. The teacher's forwards, linearised: every teacher term flows back through one VJP.
+  def teacher_forward(params):
+    stats = teacher['batch_stats']
+    logits_l, stats = common.train_forward(state, params, labeled['image'], stats,
+                                           key(common.DROPOUT_TEACHER, TEACHER_LABELED))
+    logits_u, stats = common.train_forward(state, params, unlabeled['image'], stats,
+                                           key(common.DROPOUT_TEACHER, TEACHER_UNLABELED))
+    return (logits_l, logits_u), stats
+
+  (teacher_l, teacher_u), teacher_vjp, teacher_stats = jax.vjp(teacher_forward, teacher['params'],
+                                                               has_aux=True)
+  if block.soft_labels:
+    labels = jax.lax.stop_gradient(mpl_feedback.soft_labels(teacher_u, block.temperature))
+    targets = labels
+  else:
+    labels = mpl_feedback.sampled_labels(key(common.DROPOUT_TEACHER, LABEL_SAMPLE), teacher_u,
+                                         block.temperature)
+    targets = jax.nn.one_hot(labels, teacher_u.shape[-1], dtype=jnp.float32)
+
+  # 2. The student's real step on the teacher's labels.
+  student_key = key(common.DROPOUT_UNLABELED)
+
+  def student_loss(params):
+    logits, stats = common.train_forward(state, params, unlabeled['image'], state.batch_stats,
+                                         student_key)
+    return mpl_feedback.soft_cross_entropy(logits, targets), (stats, logits)
+
+  (loss, (student_stats, student_u)), student_grads = jax.value_and_grad(
+      student_loss, has_aux=True)(state.params)
+  stepped, metrics = common.finish_step(state, student_grads, student_stats, {},
+                                        scored=[('unlabeled_accuracy', student_u, unlabeled)])
+  student = _hold_until(state.step, block.student_wait_steps,
+                        (state.params, state.batch_stats, state.opt_state),
+                        (stepped.params, stepped.batch_stats, stepped.opt_state))
+  new_state = stepped.replace(params=student[0], batch_stats=student[1], opt_state=student[2])
+
+  # 3. The feedback, with the student's forward of `mpl.meta_forward` (its statistics dropped:
+  # the meta objective only reads the student).
+  if block.meta_forward == 'train':
+    student_apply = lambda params, x: common.train_forward(state, params, x, state.batch_stats,
+                                                           student_key)[0]
+  else:
+    student_apply = lambda params, x: common.eval_forward(state, params, x)
+  # A waiting student takes no step, so its learning rate in the feedback is 0 too.
+  student_lr = jnp.where(state.step < block.student_wait_steps, 0.0, lr)
+  surrogate, feedback_metrics, baseline = feedback_surrogate(
+      config, state, new_state.params, student_grads, batch=batch, teacher_logits_u=teacher_u,
+      labels=labels, student_apply=student_apply, lr=student_lr)
+
+  # 4. The teacher's step: its supervised loss plus the feedback, pulled back through its forwards.
+  def teacher_objective(logits_l, logits_u):
+    supervised = supervised_loss(logits_l, labeled['label'], num_classes=logits_l.shape[-1],
+                                 smoothing=block.teacher_label_smoothing)
+    feedback = surrogate(logits_u)
+    return supervised + feedback, (supervised, feedback)
+
+  (teacher_loss, (teacher_supervised, feedback)), logit_grads = jax.value_and_grad(
+      teacher_objective, argnums=(0, 1), has_aux=True)(teacher_l, teacher_u)
+  (teacher_grads,) = teacher_vjp(logit_grads)
+  updates, teacher_opt_state = teacher_optimizer(config).update(
+      teacher_grads, teacher['opt_state'], teacher['params'])
+  new_teacher = {'params': optax.apply_updates(teacher['params'], updates),
+                 'batch_stats': teacher_stats, 'opt_state': teacher_opt_state,
+                 'baseline': teacher['baseline'] if baseline is None else baseline}
+  new_state = new_state.replace(extra=dict(new_state.extra, **{TEACHER: new_teacher}))
+
+  metrics.update(feedback_metrics)
+  metrics.update({
+      'loss': loss,
+      'teacher_loss': teacher_loss,
+      'teacher_supervised_loss': teacher_supervised,
+      'feedback_loss': feedback,
+      'learning_rate': lr,
+      'teacher_grad_norm': optax.tree.norm(teacher_grads),
+      'teacher_train_accuracy': common.accuracy(teacher_l, labeled['label']),
+  })
+  if 'label' in unlabeled:
+    metrics['pseudo_label_accuracy'] = common.accuracy(teacher_u, unlabeled['label'])
+  return new_state, metrics
+
+
+def describe(config) -> str:
+  """The feedback's settings, for the run plan."""
+  block = config.mpl
+  details = {'exact': f'{block.hypergrad_mode}, K={block.inner_steps}, meta forward {block.meta_forward}',
+             'paper': f'h_sign={block.h_sign:+g}, sampled labels',
+             'released_code': f'baseline decay {block.baseline_decay}', 'none': 'teacher loss alone'}
+  labels = 'soft' if block.soft_labels else 'sampled'
+  return f'feedback {block.feedback} ({details[block.feedback]}), {labels} labels, tau={block.temperature}'
+
+
+def weight_set() -> base.WeightSet:
+  """The teacher as a weight set of the evaluation ('eval_teacher')."""
+  return base.WeightSet(prefix='eval_teacher', select=teacher_weights)
+
+
+_PAPER = {'mpl.feedback': 'paper', 'mpl.soft_labels': False}
+# Digits: the run's schedule and learning rate for both networks.
+_DIGITS = {
+    'mpl_exact': {'mpl.feedback': 'exact'},
+    'mpl_paper': dict(_PAPER),
+    'mpl_released_code': {'mpl.feedback': 'released_code'},
+    'mpl_no_feedback': {'mpl.feedback': 'none'},
+}
+# The released code's CIFAR-10-4000 flags that map onto fields here: WRN-28-2, learning rates 0.1,
+# weight decay 5e-4, label smoothing 0.15, EMA 0.995, student wait 3000 steps, 300k steps, batch
+# 128 labeled + 7 x 128 unlabeled. Its UDA term (temperature 0.7, threshold 0.6, weight 8, ramp
+# 5000), RandAugment magnitude 16 and dropout 0.2 on the classifier are not fields of this step.
+_CIFAR10 = {'model': 'wrn28_2', 'learning_rate': 0.1, 'mpl.teacher_learning_rate': 0.1,
+            'weight_decay': 5e-4, 'mpl.teacher_label_smoothing': 0.15, 'ema.decay': 0.995,
+            'mpl.student_wait_steps': 3000, 'num_train_steps': 300_000, 'labeled_batch_size': 128,
+            'unlabeled_batch_size': 7 * 128}
+PRESETS = {
+    'digits': _DIGITS,
+    'cifar10': {'mpl_released_code': {**_CIFAR10, 'mpl.feedback': 'released_code'},
+                'mpl_paper': {**_CIFAR10, **_PAPER}, 'mpl_exact': {**_CIFAR10, 'mpl.feedback': 'exact'}},
+}
+
+METHOD = base.Method(
+    name='mpl', train_step=train_step, uses_unlabeled=True, config_blocks=config_blocks,
+    validate=validate, init_model_state=init_teacher,
+    weight_sets=lambda config: [weight_set()], describe=describe, presets=PRESETS)

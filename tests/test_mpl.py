@@ -1,0 +1,196 @@
+"""Meta Pseudo Labels' training step: each network's update rebuilt in float64, the variants, the checks."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from semimeta_jax import errors
+from semimeta_jax import methods
+from semimeta_jax.methods import common
+from semimeta_jax.methods import mpl
+from semimeta_jax.methods import mpl_feedback
+from tests.conftest import synthetic_batch, tiny_config
+from tests.tiny_net import TinyNet
+
+STUDENT_LR, TEACHER_LR = 0.05, 0.02
+TEMPERATURE, SMOOTHING = 0.7, 0.1
+
+
+def plain_sgd_config(**mpl_fields):
+  """Plain SGD (no momentum or decay), so that each update is -lr * its gradient."""
+  return tiny_config(method='mpl', momentum=0.0, weight_decay=0.0, dropout_rate=0.0,
+                     learning_rate=STUDENT_LR,
+                     **{'mpl.teacher_learning_rate': TEACHER_LR, 'mpl.temperature': TEMPERATURE,
+                        'mpl.teacher_label_smoothing': SMOOTHING,
+                        **{f'mpl.{k}': v for k, v in mpl_fields.items()}})
+
+
+def initial_state(config, dtype=jnp.float32):
+  state = methods.init_train_state(config, TinyNet(num_classes=10), (8, 8, 1), jax.random.key(0),
+                                   num_classes=10)
+  floating = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(floating, state)
+
+
+def take_step(config, state, batch):
+  return jax.jit(methods.make_train_step(config, 10))(state, batch)
+
+
+def train_logits(params, stats, x):
+  """TinyNet in training mode (batch statistics; dropout 0), and its updated running averages."""
+  logits, updates = TinyNet(num_classes=10).apply({'params': params, 'batch_stats': stats}, x, train=True,
+                                                  mutable=['batch_stats'])
+  return logits, updates['batch_stats']
+
+
+def smoothed_cross_entropy(logits, labels):
+  targets = (1 - SMOOTHING) * jax.nn.one_hot(labels, 10) + SMOOTHING / 10
+  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
+
+
+def cross_entropy(logits, labels):
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
+
+
+def teacher_logits(teacher, phi, batch):
+  logits_l, stats = train_logits(phi, teacher['batch_stats'], batch['labeled']['image'])
+  return logits_l, train_logits(phi, stats, batch['unlabeled']['image'])[0]
+
+
+def float64_batch():
+  return jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x,
+                      synthetic_batch(jax.random.key(1)))
+
+
+@pytest.mark.slow
+def test_exact_step_updates_both_networks_by_their_rebuilt_gradients():
+  with jax.enable_x64(True):
+    config = plain_sgd_config(feedback='exact')
+    state, batch = initial_state(config, jnp.float64), float64_batch()
+    new_state, metrics = take_step(config, state, batch)
+    teacher, theta, stats = state.extra[mpl.TEACHER], state.params, state.batch_stats
+    x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+
+    def student_unlabeled_loss(params, targets):
+      return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(train_logits(params, stats, x_u)[0]), -1))
+
+    def teacher_objective(phi):
+      logits_l, logits_u = teacher_logits(teacher, phi, batch)
+      targets = jax.nn.softmax(logits_u / TEMPERATURE)
+      grads = jax.grad(student_unlabeled_loss)(theta, targets)
+      adapted = jax.tree.map(lambda p, g: p - STUDENT_LR * g, theta, grads)
+      meta = cross_entropy(train_logits(adapted, stats, x_l)[0], y_l)
+      return smoothed_cross_entropy(logits_l, y_l) + meta
+
+    teacher_grads = jax.grad(teacher_objective)(teacher['params'])
+    expected_teacher = jax.tree.map(lambda p, g: p - TEACHER_LR * g, teacher['params'], teacher_grads)
+    chex.assert_trees_all_close(new_state.extra[mpl.TEACHER]['params'], expected_teacher, rtol=1e-10, atol=1e-12)
+
+    targets = jax.nn.softmax(teacher_logits(teacher, teacher['params'], batch)[1] / TEMPERATURE)
+    student_grads = jax.grad(student_unlabeled_loss)(theta, targets)
+    expected_student = jax.tree.map(lambda p, g: p - STUDENT_LR * g, theta, student_grads)
+    chex.assert_trees_all_close(new_state.params, expected_student, rtol=1e-10, atol=1e-12)
+    # The feedback is there: without it the teacher's step is its supervised loss's alone.
+    supervised_only = jax.grad(lambda p: smoothed_cross_entropy(teacher_logits(teacher, p, batch)[0], y_l))
+    difference = optax.tree.norm(jax.tree.map(jnp.subtract, supervised_only(teacher['params']), teacher_grads))
+    assert float(difference) > 1e-4 and float(metrics['label_gradient_norm']) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('h_sign', [1.0, -1.0])
+def test_paper_step_scales_the_sampled_labels_cross_entropy_by_h(h_sign):
+  with jax.enable_x64(True):
+    config = plain_sgd_config(feedback='paper', soft_labels=False, h_sign=h_sign)
+    state, batch = initial_state(config, jnp.float64), float64_batch()
+    new_state, metrics = take_step(config, state, batch)
+    teacher, theta, stats = state.extra[mpl.TEACHER], state.params, state.batch_stats
+    x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+    logits_u = teacher_logits(teacher, teacher['params'], batch)[1]
+    hard = jax.random.categorical(state.step_key(common.DROPOUT_TEACHER, mpl.LABEL_SAMPLE),
+                                  logits_u / TEMPERATURE)
+    unlabeled = lambda p: cross_entropy(train_logits(p, stats, x_u)[0], hard)
+    new_theta = jax.tree.map(lambda p, g: p - STUDENT_LR * g, theta, jax.grad(unlabeled)(theta))
+    chex.assert_trees_all_close(new_state.params, new_theta, rtol=1e-10, atol=1e-12)
+    labeled_grads = jax.grad(lambda p: cross_entropy(train_logits(p, stats, x_l)[0], y_l))(new_theta)
+    h = h_sign * STUDENT_LR * optax.tree.vdot(labeled_grads, jax.grad(unlabeled)(theta))
+    np.testing.assert_allclose(float(metrics['feedback_coefficient']), float(h), rtol=1e-10)
+
+    def teacher_objective(phi):
+      logits_l, logits_u = teacher_logits(teacher, phi, batch)
+      return smoothed_cross_entropy(logits_l, y_l) + h * cross_entropy(logits_u / TEMPERATURE, hard)
+
+    expected = jax.tree.map(lambda p, g: p - TEACHER_LR * g, teacher['params'],
+                            jax.grad(teacher_objective)(teacher['params']))
+    chex.assert_trees_all_close(new_state.extra[mpl.TEACHER]['params'], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_released_code_teacher_steps_as_without_feedback_and_keeps_its_baseline():
+  with jax.enable_x64(True):
+    config = plain_sgd_config(feedback='released_code', baseline_decay=0.9)
+    state, batch = initial_state(config, jnp.float64), float64_batch()
+    released, metrics = take_step(config, state, batch)
+    alone, _ = take_step(plain_sgd_config(feedback='none'), state, batch)
+    chex.assert_trees_all_close(released.extra[mpl.TEACHER]['params'],
+                                alone.extra[mpl.TEACHER]['params'], rtol=1e-13, atol=1e-15)
+    chex.assert_trees_all_equal(released.params, alone.params)  # The same labels, the same student step.
+    # b <- 0 - 0.1 (0 - d), h = d - b with d = L_l(new) - L_l(old): a coefficient that is not
+    # zero, so the zero gradient is the term's own, not a zero weight.
+    x_l, y_l = batch['labeled']['image'], batch['labeled']['label']
+    loss = lambda p: cross_entropy(train_logits(p, state.batch_stats, x_l)[0], y_l)
+    difference = float(loss(released.params) - loss(state.params))
+    np.testing.assert_allclose(float(released.extra[mpl.TEACHER]['baseline']), 0.1 * difference,
+                               rtol=1e-9)
+    np.testing.assert_allclose(float(metrics['feedback_coefficient']), 0.9 * difference, rtol=1e-9)
+    assert abs(difference) > 1e-6
+
+
+def test_the_step_traces_once_and_a_waiting_student_holds_still():
+  config = plain_sgd_config(feedback='exact', student_wait_steps=2)
+  state, batch = initial_state(config), synthetic_batch(jax.random.key(1))
+  chex.clear_trace_counter()
+  step = methods.make_train_step(config, 10)
+  traced = jax.jit(chex.assert_max_traces(lambda s, b: step(s, b), n=1))
+  states = [state]
+  for _ in range(3):
+    states.append(traced(states[-1], batch)[0])
+  teacher = lambda s: s.extra[mpl.TEACHER]['params']
+  chex.assert_trees_all_equal(states[2].params, state.params)  # Two steps of waiting.
+  assert optax.tree.norm(jax.tree.map(jnp.subtract, states[3].params, states[2].params)) > 0
+  assert optax.tree.norm(jax.tree.map(jnp.subtract, teacher(states[1]), teacher(state))) > 0
+  assert int(states[3].step) == 3
+
+
+@pytest.mark.parametrize('fields,field,message', [
+    ({'mpl.feedback': 'exact', 'mpl.hypergrad_mode': 'neumann'}, 'mpl.hypergrad_mode', 'Gauss-Newton'),
+    ({'mpl.feedback': 'exact', 'mpl.hypergrad_mode': 'implicit'}, 'mpl.hypergrad_mode', 'Gauss-Newton'),
+    ({'mpl.hypergrad_mode': 'jvp', 'mpl.inner_steps': 2}, 'mpl.inner_steps', 'K = 1 formula'),
+    ({'mpl.feedback': 'exact', 'mpl.soft_labels': False}, 'mpl.soft_labels', 'no derivative'),
+    ({'mpl.feedback': 'paper', 'mpl.soft_labels': True}, 'mpl.soft_labels', 'sampled'),
+    ({'mpl.feedback': 'paper', 'mpl.soft_labels': False, 'mpl.h_sign': 0.5}, 'mpl.h_sign', '1 or -1'),
+    ({'mpl.feedback': 'typo'}, 'mpl.feedback', 'expected one of'),
+    ({'mpl.temperature': 0.0}, 'mpl.temperature', '> 0'),
+    ({'mpl.baseline_decay': 1.0}, 'mpl.baseline_decay', '[0, 1)'),
+    ({'mpl.student_wait_steps': -1}, 'mpl.student_wait_steps', '>= 0'),
+])
+def test_unusable_fields_are_one_line_naming_the_field(fields, field, message):
+  config = tiny_config(method='mpl', **fields)
+  with pytest.raises(errors.ConfigError, match=re.escape(message)) as raised:
+    methods.configure(config)
+  assert field in str(raised.value) and '\n' not in str(raised.value)
+
+
+def test_presets_name_the_variants_and_configure():
+  for dataset in ('digits', 'cifar10'):
+    presets = methods.presets(dataset)
+    for name in ('mpl_exact', 'mpl_paper', 'mpl_released_code') + (('mpl_no_feedback',) if dataset == 'digits' else ()):
+      config = methods.apply_preset(tiny_config(), dataset, name)
+      assert config.method == 'mpl' and presets[name]['method'] == 'mpl'
+      methods.configure(config)
+  cifar = methods.presets('cifar10')['mpl_paper']
+  assert cifar['mpl.teacher_label_smoothing'] == 0.15 and cifar['unlabeled_batch_size'] == 7 * 128
+  assert cifar['mpl.student_wait_steps'] == 3000 and cifar['ema.decay'] == 0.995
