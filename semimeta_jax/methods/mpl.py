@@ -182,71 +182,113 @@ def feedback_surrogate(config, state, new_student_params, student_grads, *, batc
   return (lambda logits: jnp.zeros((), jnp.float32)), {}, None
 
 
+def teacher_pass(state, batch, *, config, label_key=None):
+  """The teacher's training-mode forwards on x_l and x_u, linearised, and its labels of x_u.
+
+  Args:
+    label_key: the key of the sampled labels (default: the step's own).
+
+  Returns:
+    ((logits_l, logits_u), vjp, batch statistics, labels, student targets): `vjp`
+    pulls cotangents of the two logits back to the teacher's parameters; the labels
+    are soft ([B_u, C]) or sampled (int [B_u]), and the student's targets their
+    distributions (held constant).
+  """
+  block, teacher, key = config.mpl, state.extra[TEACHER], state.step_key
+
+  def forward(params):
+    stats = teacher['batch_stats']
+    logits_l, stats = common.train_forward(state, params, batch['labeled']['image'], stats,
+                                           key(common.DROPOUT_TEACHER, TEACHER_LABELED))
+    logits_u, stats = common.train_forward(state, params, batch['unlabeled']['image'], stats,
+                                           key(common.DROPOUT_TEACHER, TEACHER_UNLABELED))
+    return (logits_l, logits_u), stats
+
+  logits, vjp, stats = jax.vjp(forward, teacher['params'], has_aux=True)
+  if block.soft_labels:
+    labels = jax.lax.stop_gradient(mpl_feedback.soft_labels(logits[1], block.temperature))
+    return logits, vjp, stats, labels, labels
+  if label_key is None:
+    label_key = key(common.DROPOUT_TEACHER, LABEL_SAMPLE)
+  labels = mpl_feedback.sampled_labels(label_key, logits[1], block.temperature)
+  return logits, vjp, stats, labels, jax.nn.one_hot(labels, logits[1].shape[-1], dtype=jnp.float32)
+
+
+def student_step(state, batch, targets, *, config):
+  """The student's real optimizer step on the teacher's labels (held while it waits).
+
+  Returns:
+    (state with the student updated, its loss, its gradient, its logits on x_u, metrics).
+  """
+  x_u = batch['unlabeled']['image']
+
+  def loss_fn(params):
+    logits, stats = common.train_forward(state, params, x_u, state.batch_stats,
+                                         state.step_key(common.DROPOUT_UNLABELED))
+    return mpl_feedback.soft_cross_entropy(logits, targets), (stats, logits)
+
+  (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  stepped, metrics = common.finish_step(state, grads, stats, {},
+                                        scored=[('unlabeled_accuracy', logits, batch['unlabeled'])])
+  held = _hold_until(state.step, config.mpl.student_wait_steps,
+                     (state.params, state.batch_stats, state.opt_state),
+                     (stepped.params, stepped.batch_stats, stepped.opt_state))
+  new_state = stepped.replace(params=held[0], batch_stats=held[1], opt_state=held[2])
+  return new_state, loss, grads, logits, metrics
+
+
+def student_meta_apply(state, config):
+  """`(params, x) -> logits` of the student inside the feedback (`mpl.meta_forward`).
+
+  'train' is the real step's forward (its dropout draw and batch statistics; the
+  statistics it computes are dropped: the feedback only reads the student).
+  """
+  if config.mpl.meta_forward == 'train':
+    key = state.step_key(common.DROPOUT_UNLABELED)
+    return lambda params, x: common.train_forward(state, params, x, state.batch_stats, key)[0]
+  return lambda params, x: common.eval_forward(state, params, x)
+
+
+def _feedback(state, batch, config, label_key=None):
+  """Every part of a step up to the teacher's objective: shared by the step and `feedback_gradient`."""
+  lr = options.learning_rate_schedule(config)(state.step)
+  logits, vjp, stats, labels, targets = teacher_pass(state, batch, config=config, label_key=label_key)
+  new_state, loss, grads, student_u, metrics = student_step(state, batch, targets, config=config)
+  # A waiting student takes no step, so its learning rate in the feedback is 0 too.
+  student_lr = jnp.where(state.step < config.mpl.student_wait_steps, 0.0, lr)
+  surrogate, feedback_metrics, baseline = feedback_surrogate(
+      config, state, new_state.params, grads, batch=batch, teacher_logits_u=logits[1],
+      labels=labels, student_apply=student_meta_apply(state, config), lr=student_lr)
+  metrics.update(feedback_metrics, loss=loss, learning_rate=lr)
+  return logits, vjp, stats, surrogate, baseline, new_state, metrics
+
+
+def feedback_gradient(state, batch, *, config, label_key=None):
+  """The teacher-parameter gradient of the feedback term alone, as the step computes it.
+
+  For the ablation (experiments/mpl_ablation.py): the same forwards, labels and
+  student step as `train_step`, without the teacher's supervised loss.
+  """
+  logits, vjp, _, surrogate, _, _, _ = _feedback(state, batch, config, label_key)
+  logit_grads = jax.grad(surrogate)(logits[1])
+  return vjp((jnp.zeros_like(logits[0]), logit_grads))[0]
+
+
 def train_step(state, batch, *, config, num_classes):
   """One Meta Pseudo Labels update of the student and the teacher. Pure: (state, batch) -> (state, metrics).
 
   Raises:
     ValueError: if the state has no teacher (build it with `methods.init_train_state`).
   """
+  del num_classes  # The teacher's logits carry it.
   if TEACHER not in state.extra:
     raise ValueError('Meta Pseudo Labels needs a TrainState with a teacher '
                      '(build it with methods.init_train_state).')
-  block = config.mpl
-  labeled, unlabeled = batch['labeled'], batch['unlabeled']
-  teacher = state.extra[TEACHER]
-  key = state.step_key
-  lr = options.learning_rate_schedule(config)(state.step)
+  block, labeled, teacher = config.mpl, batch['labeled'], state.extra[TEACHER]
+  (teacher_l, teacher_u), vjp, teacher_stats, surrogate, baseline, new_state, metrics = _feedback(
+      state, batch, config)
 
-  # 1. The teacher's forwards, linearised: every teacher term flows back through one VJP.
-  def teacher_forward(params):
-    stats = teacher['batch_stats']
-    logits_l, stats = common.train_forward(state, params, labeled['image'], stats,
-                                           key(common.DROPOUT_TEACHER, TEACHER_LABELED))
-    logits_u, stats = common.train_forward(state, params, unlabeled['image'], stats,
-                                           key(common.DROPOUT_TEACHER, TEACHER_UNLABELED))
-    return (logits_l, logits_u), stats
-
-  (teacher_l, teacher_u), teacher_vjp, teacher_stats = jax.vjp(teacher_forward, teacher['params'],
-                                                               has_aux=True)
-  if block.soft_labels:
-    labels = jax.lax.stop_gradient(mpl_feedback.soft_labels(teacher_u, block.temperature))
-    targets = labels
-  else:
-    labels = mpl_feedback.sampled_labels(key(common.DROPOUT_TEACHER, LABEL_SAMPLE), teacher_u,
-                                         block.temperature)
-    targets = jax.nn.one_hot(labels, teacher_u.shape[-1], dtype=jnp.float32)
-
-  # 2. The student's real step on the teacher's labels.
-  student_key = key(common.DROPOUT_UNLABELED)
-
-  def student_loss(params):
-    logits, stats = common.train_forward(state, params, unlabeled['image'], state.batch_stats,
-                                         student_key)
-    return mpl_feedback.soft_cross_entropy(logits, targets), (stats, logits)
-
-  (loss, (student_stats, student_u)), student_grads = jax.value_and_grad(
-      student_loss, has_aux=True)(state.params)
-  stepped, metrics = common.finish_step(state, student_grads, student_stats, {},
-                                        scored=[('unlabeled_accuracy', student_u, unlabeled)])
-  student = _hold_until(state.step, block.student_wait_steps,
-                        (state.params, state.batch_stats, state.opt_state),
-                        (stepped.params, stepped.batch_stats, stepped.opt_state))
-  new_state = stepped.replace(params=student[0], batch_stats=student[1], opt_state=student[2])
-
-  # 3. The feedback, with the student's forward of `mpl.meta_forward` (its statistics dropped:
-  # the meta objective only reads the student).
-  if block.meta_forward == 'train':
-    student_apply = lambda params, x: common.train_forward(state, params, x, state.batch_stats,
-                                                           student_key)[0]
-  else:
-    student_apply = lambda params, x: common.eval_forward(state, params, x)
-  # A waiting student takes no step, so its learning rate in the feedback is 0 too.
-  student_lr = jnp.where(state.step < block.student_wait_steps, 0.0, lr)
-  surrogate, feedback_metrics, baseline = feedback_surrogate(
-      config, state, new_state.params, student_grads, batch=batch, teacher_logits_u=teacher_u,
-      labels=labels, student_apply=student_apply, lr=student_lr)
-
-  # 4. The teacher's step: its supervised loss plus the feedback, pulled back through its forwards.
+  # The teacher's step: its supervised loss plus the feedback, pulled back through its forwards.
   def teacher_objective(logits_l, logits_u):
     supervised = supervised_loss(logits_l, labeled['label'], num_classes=logits_l.shape[-1],
                                  smoothing=block.teacher_label_smoothing)
@@ -255,26 +297,22 @@ def train_step(state, batch, *, config, num_classes):
 
   (teacher_loss, (teacher_supervised, feedback)), logit_grads = jax.value_and_grad(
       teacher_objective, argnums=(0, 1), has_aux=True)(teacher_l, teacher_u)
-  (teacher_grads,) = teacher_vjp(logit_grads)
+  (teacher_grads,) = vjp(logit_grads)
   updates, teacher_opt_state = teacher_optimizer(config).update(
       teacher_grads, teacher['opt_state'], teacher['params'])
   new_teacher = {'params': optax.apply_updates(teacher['params'], updates),
                  'batch_stats': teacher_stats, 'opt_state': teacher_opt_state,
                  'baseline': teacher['baseline'] if baseline is None else baseline}
   new_state = new_state.replace(extra=dict(new_state.extra, **{TEACHER: new_teacher}))
-
-  metrics.update(feedback_metrics)
   metrics.update({
-      'loss': loss,
       'teacher_loss': teacher_loss,
       'teacher_supervised_loss': teacher_supervised,
       'feedback_loss': feedback,
-      'learning_rate': lr,
       'teacher_grad_norm': optax.tree.norm(teacher_grads),
       'teacher_train_accuracy': common.accuracy(teacher_l, labeled['label']),
   })
-  if 'label' in unlabeled:
-    metrics['pseudo_label_accuracy'] = common.accuracy(teacher_u, unlabeled['label'])
+  if 'label' in batch['unlabeled']:
+    metrics['pseudo_label_accuracy'] = common.accuracy(teacher_u, batch['unlabeled']['label'])
   return new_state, metrics
 
 
