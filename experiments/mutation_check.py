@@ -33,6 +33,7 @@ import time
 
 from experiments import mutants
 from experiments import mutants_evaluation_models
+from experiments import mutants_fixmatch_family
 from experiments import mutants_methods_data
 from experiments import mutants_new_methods
 from experiments import mutants_two_networks
@@ -41,7 +42,7 @@ from experiments import mutants_two_networks
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MUTANTS = (mutants.MUTANTS + mutants_evaluation_models.MUTANTS + mutants_methods_data.MUTANTS
-           + mutants_new_methods.MUTANTS + mutants_two_networks.MUTANTS)
+           + mutants_new_methods.MUTANTS + mutants_two_networks.MUTANTS + mutants_fixmatch_family.MUTANTS)
 
 # What a test run needs; everything else (results, .git) stays behind.
 COPIED = ('semimeta_jax', 'tests', 'configs', 'experiments', 'pyproject.toml', 'setup.cfg')

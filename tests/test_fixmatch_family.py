@@ -7,8 +7,6 @@ FlexMatchThresholdingHook, FreeMatchThresholingHook and its entropy_loss,
 DistAlignEMAHook, SoftMatchWeightingHook).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,14 +151,32 @@ def test_flexmatch_same_index_twice_keeps_the_last_selected_row():
 
 
 def test_flexmatch_sigma_is_kept_when_one_count_fills_the_pool():
-  # A pool of 3 entries: after step 1, classes (2, 2, -1); after step 2 every entry is class 2, a
-  # count equal to the pool: USB's guard keeps sigma from step 1 ([0, 0, 1, 0, 0, 0] / 2 * 2).
+  # A pool of 3 entries: after step 1, classes (2, 3, -1) and sigma [0, 0, 1, 1, 0, 0]; after step 2
+  # every entry is class 2, a count equal to the pool: USB's guard keeps sigma from step 1 (not
+  # [0, 0, 1, 0, 0, 0], what the memory alone would give).
   confident = lambda cls: np.eye(C, dtype=np.float32)[cls] * 20.0
-  batches = [(np.stack([confident(2), confident(2)]), [0, 1]), (np.stack([confident(2)]), [2])]
+  batches = [(np.stack([confident(2), confident(3)]), [0, 1]),
+             (np.stack([confident(2), confident(2)]), [1, 2])]
   ours, theirs = flexmatch_run(batches, thresh_warmup=True, num_train=3, pool=range(3))
   np.testing.assert_array_equal(ours[1][1]['selected_label'], [2, 2, 2])
   np.testing.assert_allclose(ours[1][1]['classwise_acc'], theirs[1][2])
-  np.testing.assert_allclose(ours[1][1]['classwise_acc'], np.eye(C)[2])
+  np.testing.assert_allclose(ours[1][1]['classwise_acc'], [0, 0, 1, 1, 0, 0])
+
+
+def test_flexmatch_mask_is_the_convex_mapping_of_sigma():
+  config = tiny_config(method='flexmatch', **{'flexmatch.p_cutoff': 0.9})
+  sigma = np.asarray([0.0, 0.2, 0.5, 0.8, 1.0, 0.35], np.float32)
+  state = {'selected_label': jnp.full((64,), -1, jnp.int32), 'classwise_acc': jnp.asarray(sigma)}
+  logits = logits_batch(60, rows=64, scale=2.5)
+  made = targets_fn(flexmatch, config, pool_size=64)(logits, logits[:2], jnp.arange(64), state)
+  hook = ref.UsbFlexMatchHook(64, C)
+  hook.classwise_acc = sigma.astype(np.float64)
+  want = hook.masking(ref.softmax(logits), list(range(64)), 0.9)
+  np.testing.assert_array_equal(made.weight, want)
+  # Some row lies between the convex threshold tau s / (2 - s) and the linear one tau s.
+  probs = ref.softmax(logits)
+  s = sigma[probs.argmax(-1)]
+  assert np.any((probs.max(-1) >= 0.9 * s / (2 - s)) & (probs.max(-1) < 0.9 * s))
 
 
 @pytest.mark.parametrize('use_quantile,clip_thresh,momentum', [(False, False, 0.6), (True, True, 0.2)])

@@ -62,8 +62,12 @@ def validate_fraction(config, field: str, *, upper_open: bool = False) -> None:
 
 
 def probabilities(logits):
-  """softmax of logits held constant (USB's `compute_prob(logits.detach())`), float32 at least."""
-  return jax.nn.softmax(losses.at_least_float32(jax.lax.stop_gradient(logits)))
+  """softmax over the classes, float32 at least (USB's `compute_prob`).
+
+  The step passes it constants (the weak and labeled logits under `stop_gradient`,
+  once, in `objective`), as USB's `compute_prob(logits.detach())`.
+  """
+  return jax.nn.softmax(losses.at_least_float32(logits))
 
 
 def fixed_threshold_mask(probs, p_cutoff):
@@ -75,13 +79,13 @@ def pseudo_labels(source, *, hard: bool, temperature: float = 1.0, from_logits: 
   """USB's PseudoLabelingHook.gen_ulb_targets: argmax, or a distribution.
 
   Args:
-    source: logits or probabilities [B, C] (held constant).
+    source: logits or probabilities [B, C] (constants: the step's weak view).
     hard: the argmax of `source` (int32 [B]).
     temperature: soft targets from logits are softmax(logits / T).
     from_logits: whether `source` is logits; soft targets from probabilities are those
       probabilities unchanged (USB's `softmax=False`: T is not applied).
   """
-  source = jax.lax.stop_gradient(losses.at_least_float32(source))
+  source = losses.at_least_float32(source)
   if hard:
     return jnp.argmax(source, axis=-1).astype(jnp.int32)
   return jax.nn.softmax(source / temperature) if from_logits else source

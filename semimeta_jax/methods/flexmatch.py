@@ -21,9 +21,6 @@ set). Targets are the argmax (`hard_label`) or the weak probabilities unchanged
 (soft: USB passes probabilities with `softmax=False`; T is not applied).
 """
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import ml_collections
 
