@@ -276,3 +276,32 @@ def test_softmatch_alignment_and_gaussian_follow_usb_over_several_steps(per_clas
 def test_a_bad_field_is_named(method, field, value):
   with pytest.raises(validation.ConfigError, match=f'config.{field}'):
     validation.validate_config(tiny_config(method=method, **{field: value}))
+
+
+USB_FIELDS = {
+    'fixmatch': {'fixmatch.p_cutoff': 0.95, 'fixmatch.hard_label': True},
+    'uda': {'uda.p_cutoff': 0.8, 'uda.T': 0.4, 'uda.sharpen': False, 'uda.tsa_schedule': 'none'},
+    'flexmatch': {'flexmatch.p_cutoff': 0.95, 'flexmatch.thresh_warmup': True},
+    'freematch': {'freematch.ent_loss_ratio': 0.001, 'freematch.ema_p': 0.999, 'freematch.use_quantile': False},
+    'softmatch': {'softmatch.ema_p': 0.999, 'softmatch.n_sigma': 2.0, 'softmatch.dist_uniform': True},
+}
+
+
+@pytest.mark.parametrize('dataset', ['digits', 'cifar10', 'cifar100', 'svhn', 'stl10'])
+def test_the_presets_are_usbs_classic_cv_settings(dataset):
+  import importlib  # pylint: disable=g-import-not-at-top
+  for method, fields in USB_FIELDS.items():
+    config = importlib.import_module(f'configs.{dataset}').get_config(method)
+    configured = validation.validate_config(config)
+    assert configured.method.name == method and configured.strong_view
+    assert config[method].lambda_u == 1.0
+    for field, value in fields.items():
+      block, leaf = field.split('.')
+      assert config[block][leaf] == value, (dataset, field)
+    if dataset == 'digits':  # Digits' own batch and schedule (uratio 1).
+      assert (config.labeled_batch_size, config.unlabeled_batch_size, config.num_train_steps) == (64, 64, 1000)
+      continue
+    assert (config.labeled_batch_size, config.unlabeled_batch_size) == (64, 7 * 64)  # uratio 7.
+    assert (config.model, config.learning_rate, config.num_train_steps) == ('wrn28_2', 0.03, 2 ** 20)
+    assert config.weight_decay == (1e-3 if dataset == 'cifar100' else 5e-4)
+    assert config.ema.decay == 0.999 and config.ema.headline
