@@ -84,13 +84,13 @@ MUTANTS = [
         'jvp/fd: u taken at theta instead of theta~',
     ), (
         'hg-jvp-factor-2',
-        'return (2.0 * alpha / x_u.shape[0]) * jacobian_times_u',
-        'return (alpha / x_u.shape[0]) * jacobian_times_u',
+        "_JACOBIAN_SCALE = {'probability_mse': 2.0, 'cross_entropy': 1.0}",
+        "_JACOBIAN_SCALE = {'probability_mse': 1.0, 'cross_entropy': 1.0}",
         'jvp: factor 2 of the squared error dropped',
     ), (
         'hg-fd-central-difference',
-        'return (probs(shifted(1.0)) - probs(shifted(-1.0))) / eps',
-        'return (probs(shifted(1.0)) - probs(shifted(-1.0))) / (2.0 * eps)',
+        'return (outputs(shifted(1.0)) - outputs(shifted(-1.0))) / eps',
+        'return (outputs(shifted(1.0)) - outputs(shifted(-1.0))) / (2.0 * eps)',
         'fd direction: divided by 2 eps (d must approximate 2 J v)',
     ), (
         'hg-fd-eps-not-relative',
@@ -99,15 +99,15 @@ MUTANTS = [
         'fd: epsilon not scaled by 1 / ||v||',
     ), (
         'hg-fd-units',
-        'return (alpha / x_u.shape[0]) * d',
-        'return alpha * d',
+        'return (0.5 * _JACOBIAN_SCALE[inner_loss_kind] * alpha / x_u.shape[0]) * d',
+        'return (0.5 * _JACOBIAN_SCALE[inner_loss_kind] * alpha) * d',
         'fd: hypergradient units miss 1 / B_u',
     ), (
         'hg-dispatch-jvp-skips-virtual-step',
         '    return jvp(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,\n'
-        '               theta_tilde_is_theta=theta_tilde_is_theta)',
+        '               theta_tilde_is_theta=theta_tilde_is_theta, **loss_kind)',
         '    return jvp(apply_fn, params, x_l, y_l, x_u, ytil, alpha=alpha,\n'
-        '               theta_tilde_is_theta=True)',
+        '               theta_tilde_is_theta=True, **loss_kind)',
         'dispatch: jvp always assumes theta~ = theta',
     ), (
         'hg-official-beta',

@@ -1,7 +1,8 @@
 """Mutation check: plant realistic bugs one at a time and see the fast tests fail.
 
 Each mutant (listed in `experiments/mutants.py`, `mutants_evaluation_models.py`,
-`mutants_methods_data.py`, `mutants_new_methods.py` and `mutants_two_networks.py`)
+`mutants_methods_data.py`, `mutants_new_methods.py`, `mutants_two_networks.py`,
+`mutants_mpl.py`)
 replaces one exact snippet of a core module (hypergrad, losses, schedules, methods,
 evaluation, models) in a fresh copy of
 the repository, then runs the mutant's fast test subset there (`pytest -x`). A
@@ -35,6 +36,7 @@ from experiments import mutants
 from experiments import mutants_evaluation_models
 from experiments import mutants_fixmatch_family
 from experiments import mutants_methods_data
+from experiments import mutants_mpl
 from experiments import mutants_new_methods
 from experiments import mutants_two_networks
 
@@ -42,7 +44,8 @@ from experiments import mutants_two_networks
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MUTANTS = (mutants.MUTANTS + mutants_evaluation_models.MUTANTS + mutants_methods_data.MUTANTS
-           + mutants_new_methods.MUTANTS + mutants_two_networks.MUTANTS + mutants_fixmatch_family.MUTANTS)
+           + mutants_new_methods.MUTANTS + mutants_two_networks.MUTANTS + mutants_fixmatch_family.MUTANTS
+           + mutants_mpl.MUTANTS)
 
 # What a test run needs; everything else (results, .git) stays behind.
 COPIED = ('semimeta_jax', 'tests', 'configs', 'experiments', 'pyproject.toml', 'setup.cfg')

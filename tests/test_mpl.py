@@ -138,6 +138,11 @@ def test_released_code_teacher_steps_as_without_feedback_and_keeps_its_baseline(
     chex.assert_trees_all_close(released.extra[mpl.TEACHER]['params'],
                                 alone.extra[mpl.TEACHER]['params'], rtol=1e-13, atol=1e-15)
     chex.assert_trees_all_equal(released.params, alone.params)  # The same labels, the same student step.
+    # The teacher's running averages after its two training-mode forwards, x_l then x_u.
+    teacher = state.extra[mpl.TEACHER]
+    stats = train_logits(teacher['params'], teacher['batch_stats'], batch['labeled']['image'])[1]
+    stats = train_logits(teacher['params'], stats, batch['unlabeled']['image'])[1]
+    chex.assert_trees_all_close(released.extra[mpl.TEACHER]['batch_stats'], stats, rtol=1e-12)
     # b <- 0 - 0.1 (0 - d), h = d - b with d = L_l(new) - L_l(old): a coefficient that is not
     # zero, so the zero gradient is the term's own, not a zero weight.
     x_l, y_l = batch['labeled']['image'], batch['labeled']['label']
@@ -194,3 +199,39 @@ def test_presets_name_the_variants_and_configure():
   cifar = methods.presets('cifar10')['mpl_paper']
   assert cifar['mpl.teacher_label_smoothing'] == 0.15 and cifar['unlabeled_batch_size'] == 7 * 128
   assert cifar['mpl.student_wait_steps'] == 3000 and cifar['ema.decay'] == 0.995
+
+
+@pytest.mark.slow
+def test_uda_teacher_term_and_the_student_on_the_strong_view():
+  with jax.enable_x64(True):
+    config = plain_sgd_config(feedback='none', uda_weight=2.0, uda_rampup_steps=8, uda_temperature=0.5,
+                              uda_threshold=0.3)
+    assert methods.configure(config).strong_view and not methods.configure(plain_sgd_config()).strong_view
+    state, batch = initial_state(config, jnp.float64).replace(step=jnp.asarray(2, jnp.int32)), float64_batch()
+    batch['unlabeled']['strong_image'] = jax.random.normal(jax.random.key(5), batch['unlabeled']['image'].shape)
+    new_state, metrics = take_step(config, state, batch)
+    teacher, theta, stats = state.extra[mpl.TEACHER], state.params, state.batch_stats
+    x_l, y_l = batch['labeled']['image'], batch['labeled']['label']
+    weak, strong = batch['unlabeled']['image'], batch['unlabeled']['strong_image']
+
+    def teacher_forwards(phi):  # x_l, then the strong view (the student's), then the weak view.
+      logits_l, running = train_logits(phi, teacher['batch_stats'], x_l)
+      logits_s, running = train_logits(phi, running, strong)
+      return logits_l, logits_s, train_logits(phi, running, weak)[0]
+
+    def teacher_objective(phi):
+      logits_l, logits_s, logits_w = teacher_forwards(phi)
+      targets = jax.lax.stop_gradient(jax.nn.softmax(logits_w / 0.5))
+      mask = jnp.max(targets, axis=-1) >= 0.3
+      uda = jnp.mean(mask * -jnp.sum(targets * jax.nn.log_softmax(logits_s), axis=-1))
+      return smoothed_cross_entropy(logits_l, y_l) + 2.0 * (2 / 8) * uda, jnp.mean(mask)
+
+    grads, kept = jax.grad(teacher_objective, has_aux=True)(teacher['params'])
+    assert 0.0 < float(kept) < 1.0  # Some rows masked, some kept.
+    np.testing.assert_allclose(float(metrics['uda_mask_fraction']), float(kept))
+    expected_teacher = jax.tree.map(lambda p, g: p - TEACHER_LR * g, teacher['params'], grads)
+    chex.assert_trees_all_close(new_state.extra[mpl.TEACHER]['params'], expected_teacher, rtol=1e-10, atol=1e-12)
+    targets = jax.nn.softmax(teacher_forwards(teacher['params'])[1] / TEMPERATURE)
+    student_loss = lambda p: -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(train_logits(p, stats, strong)[0]), -1))
+    expected_student = jax.tree.map(lambda p, g: p - STUDENT_LR * g, theta, jax.grad(student_loss)(theta))
+    chex.assert_trees_all_close(new_state.params, expected_student, rtol=1e-10, atol=1e-12)

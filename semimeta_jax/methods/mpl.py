@@ -26,8 +26,10 @@ batch statistics, so its gradient is the real step's before momentum and weight
 decay). The `paper` coefficient h uses the real update theta' (momentum and weight
 decay included) and the real step's gradient, as Algorithm 1 does.
 
-Departures: UDA for the teacher and the fine-tuning of the student on the labeled
-set after training are not part of this step (see docs/mpl.md).
+With `mpl.uda_weight` > 0 the teacher adds UDA on the strong view (`mpl_uda.py`), and
+the student and the feedback move to that view, as in the released code. Departure:
+the paper's last phase, fine-tuning the student on the labeled set after training,
+is not part of this step (see docs/mpl.md).
 """
 
 import jax
@@ -41,12 +43,13 @@ from semimeta_jax.methods import base
 from semimeta_jax.methods import common
 from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import mpl_feedback
+from semimeta_jax.methods import mpl_uda
 from semimeta_jax.methods import options
 
 TEACHER = 'mpl_teacher'
 META_FORWARDS = ('train', 'eval')
 # Sub-tags of the teacher's key (common.DROPOUT_TEACHER): its two forwards and the label draw.
-TEACHER_LABELED, TEACHER_UNLABELED, LABEL_SAMPLE = range(3)
+TEACHER_LABELED, TEACHER_UNLABELED, LABEL_SAMPLE, TEACHER_WEAK = range(4)
 
 
 def config_blocks():
@@ -65,6 +68,7 @@ def config_blocks():
       'teacher_learning_rate': 0.0,  # Peak rate of the teacher's schedule; 0 = config.learning_rate.
       'teacher_label_smoothing': 0.0,  # Of the teacher's supervised cross-entropy.
       'student_wait_steps': 0,  # The student holds still (no update) for this many first steps.
+      **mpl_uda.fields(),  # The teacher's UDA term (off by default; mpl_uda.py).
   })}
 
 
@@ -109,6 +113,12 @@ def validate(config) -> None:
           block.teacher_label_smoothing, 'must be in [0, 1)')
   require(isinstance(block.student_wait_steps, int) and block.student_wait_steps >= 0,
           'mpl.student_wait_steps', block.student_wait_steps, 'must be an integer >= 0')
+  mpl_uda.validate(config)
+
+
+def student_images(batch, config):
+  """The unlabeled images the student learns on and the feedback is taken on: the strong view with UDA."""
+  return batch['unlabeled']['strong_image' if mpl_uda.enabled(config) else 'image']
 
 
 def teacher_optimizer(config) -> optax.GradientTransformation:
@@ -160,7 +170,7 @@ def feedback_surrogate(config, state, new_student_params, student_grads, *, batc
     (surrogate: logits -> scalar, {metric: value}, the released code's new baseline or None).
   """
   block = config.mpl
-  labeled, x_u = batch['labeled'], batch['unlabeled']['image']
+  labeled, x_u = batch['labeled'], student_images(batch, config)
   outer = lambda params: hypergrad.outer_loss(params, student_apply, labeled['image'], labeled['label'])
   if block.feedback == 'exact':
     grad_labels = mpl_feedback.label_gradient(
@@ -183,35 +193,40 @@ def feedback_surrogate(config, state, new_student_params, student_grads, *, batc
 
 
 def teacher_pass(state, batch, *, config, label_key=None):
-  """The teacher's training-mode forwards on x_l and x_u, linearised, and its labels of x_u.
+  """The teacher's training-mode forwards, linearised, and its labels of the student's images.
 
   Args:
     label_key: the key of the sampled labels (default: the step's own).
 
   Returns:
-    ((logits_l, logits_u), vjp, batch statistics, labels, student targets): `vjp`
-    pulls cotangents of the two logits back to the teacher's parameters; the labels
-    are soft ([B_u, C]) or sampled (int [B_u]), and the student's targets their
-    distributions (held constant).
+    (logits, vjp, batch statistics, labels, student targets): `logits` is
+    {'labeled', 'unlabeled'} (the student's images, `student_images`) and, with UDA,
+    'weak' (the weak view); `vjp` pulls a dict of their cotangents back to the
+    teacher's parameters; the labels are soft ([B_u, C]) or sampled (int [B_u]), and
+    the student's targets their distributions (held constant).
   """
   block, teacher, key = config.mpl, state.extra[TEACHER], state.step_key
+  images = {'labeled': batch['labeled']['image'], 'unlabeled': student_images(batch, config)}
+  if mpl_uda.enabled(config):
+    images['weak'] = batch['unlabeled']['image']
+  tags = {'labeled': TEACHER_LABELED, 'unlabeled': TEACHER_UNLABELED, 'weak': TEACHER_WEAK}
 
   def forward(params):
-    stats = teacher['batch_stats']
-    logits_l, stats = common.train_forward(state, params, batch['labeled']['image'], stats,
-                                           key(common.DROPOUT_TEACHER, TEACHER_LABELED))
-    logits_u, stats = common.train_forward(state, params, batch['unlabeled']['image'], stats,
-                                           key(common.DROPOUT_TEACHER, TEACHER_UNLABELED))
-    return (logits_l, logits_u), stats
+    stats, logits = teacher['batch_stats'], {}
+    for part in images:  # One forward per part, each with its own batch statistics, in this order.
+      logits[part], stats = common.train_forward(state, params, images[part], stats,
+                                                 key(common.DROPOUT_TEACHER, tags[part]))
+    return logits, stats
 
   logits, vjp, stats = jax.vjp(forward, teacher['params'], has_aux=True)
+  logits_u = logits['unlabeled']
   if block.soft_labels:
-    labels = jax.lax.stop_gradient(mpl_feedback.soft_labels(logits[1], block.temperature))
+    labels = jax.lax.stop_gradient(mpl_feedback.soft_labels(logits_u, block.temperature))
     return logits, vjp, stats, labels, labels
   if label_key is None:
     label_key = key(common.DROPOUT_TEACHER, LABEL_SAMPLE)
-  labels = mpl_feedback.sampled_labels(label_key, logits[1], block.temperature)
-  return logits, vjp, stats, labels, jax.nn.one_hot(labels, logits[1].shape[-1], dtype=jnp.float32)
+  labels = mpl_feedback.sampled_labels(label_key, logits_u, block.temperature)
+  return logits, vjp, stats, labels, jax.nn.one_hot(labels, logits_u.shape[-1], dtype=jnp.float32)
 
 
 def student_step(state, batch, targets, *, config):
@@ -220,7 +235,7 @@ def student_step(state, batch, targets, *, config):
   Returns:
     (state with the student updated, its loss, its gradient, its logits on x_u, metrics).
   """
-  x_u = batch['unlabeled']['image']
+  x_u = student_images(batch, config)
 
   def loss_fn(params):
     logits, stats = common.train_forward(state, params, x_u, state.batch_stats,
@@ -257,7 +272,7 @@ def _feedback(state, batch, config, label_key=None):
   # A waiting student takes no step, so its learning rate in the feedback is 0 too.
   student_lr = jnp.where(state.step < config.mpl.student_wait_steps, 0.0, lr)
   surrogate, feedback_metrics, baseline = feedback_surrogate(
-      config, state, new_state.params, grads, batch=batch, teacher_logits_u=logits[1],
+      config, state, new_state.params, grads, batch=batch, teacher_logits_u=logits['unlabeled'],
       labels=labels, student_apply=student_meta_apply(state, config), lr=student_lr)
   metrics.update(feedback_metrics, loss=loss, learning_rate=lr)
   return logits, vjp, stats, surrogate, baseline, new_state, metrics
@@ -270,8 +285,9 @@ def feedback_gradient(state, batch, *, config, label_key=None):
   student step as `train_step`, without the teacher's supervised loss.
   """
   logits, vjp, _, surrogate, _, _, _ = _feedback(state, batch, config, label_key)
-  logit_grads = jax.grad(surrogate)(logits[1])
-  return vjp((jnp.zeros_like(logits[0]), logit_grads))[0]
+  cotangents = jax.tree.map(jnp.zeros_like, logits)
+  cotangents['unlabeled'] = jax.grad(surrogate)(logits['unlabeled'])
+  return vjp(cotangents)[0]
 
 
 def train_step(state, batch, *, config, num_classes):
@@ -285,29 +301,36 @@ def train_step(state, batch, *, config, num_classes):
     raise ValueError('Meta Pseudo Labels needs a TrainState with a teacher '
                      '(build it with methods.init_train_state).')
   block, labeled, teacher = config.mpl, batch['labeled'], state.extra[TEACHER]
-  (teacher_l, teacher_u), vjp, teacher_stats, surrogate, baseline, new_state, metrics = _feedback(
-      state, batch, config)
+  logits, vjp, teacher_stats, surrogate, baseline, new_state, metrics = _feedback(state, batch, config)
+  uda_weight = mpl_uda.weight(config, state.step)
 
-  # The teacher's step: its supervised loss plus the feedback, pulled back through its forwards.
-  def teacher_objective(logits_l, logits_u):
-    supervised = supervised_loss(logits_l, labeled['label'], num_classes=logits_l.shape[-1],
-                                 smoothing=block.teacher_label_smoothing)
-    feedback = surrogate(logits_u)
-    return supervised + feedback, (supervised, feedback)
+  # The teacher's step: its supervised loss (+ UDA) plus the feedback, pulled back through its forwards.
+  def teacher_objective(logits):
+    terms = {'teacher_supervised_loss': supervised_loss(
+        logits['labeled'], labeled['label'], num_classes=logits['labeled'].shape[-1],
+        smoothing=block.teacher_label_smoothing), 'feedback_loss': surrogate(logits['unlabeled'])}
+    total = terms['teacher_supervised_loss'] + terms['feedback_loss']
+    if 'weak' in logits:
+      terms['uda_loss'], terms['uda_mask_fraction'] = mpl_uda.loss(
+          logits['weak'], logits['unlabeled'], temperature=block.uda_temperature,
+          threshold=block.uda_threshold)
+      total = total + uda_weight * terms['uda_loss']
+    return total, terms
 
-  (teacher_loss, (teacher_supervised, feedback)), logit_grads = jax.value_and_grad(
-      teacher_objective, argnums=(0, 1), has_aux=True)(teacher_l, teacher_u)
+  (teacher_loss, terms), logit_grads = jax.value_and_grad(teacher_objective, has_aux=True)(logits)
   (teacher_grads,) = vjp(logit_grads)
+  teacher_l, teacher_u = logits['labeled'], logits['unlabeled']
   updates, teacher_opt_state = teacher_optimizer(config).update(
       teacher_grads, teacher['opt_state'], teacher['params'])
   new_teacher = {'params': optax.apply_updates(teacher['params'], updates),
                  'batch_stats': teacher_stats, 'opt_state': teacher_opt_state,
                  'baseline': teacher['baseline'] if baseline is None else baseline}
   new_state = new_state.replace(extra=dict(new_state.extra, **{TEACHER: new_teacher}))
+  if 'weak' in logits:
+    metrics['uda_weight'] = uda_weight
+  metrics.update(terms)
   metrics.update({
       'teacher_loss': teacher_loss,
-      'teacher_supervised_loss': teacher_supervised,
-      'feedback_loss': feedback,
       'teacher_grad_norm': optax.tree.norm(teacher_grads),
       'teacher_train_accuracy': common.accuracy(teacher_l, labeled['label']),
   })
@@ -339,14 +362,16 @@ _DIGITS = {
     'mpl_released_code': {'mpl.feedback': 'released_code'},
     'mpl_no_feedback': {'mpl.feedback': 'none'},
 }
-# The released code's CIFAR-10-4000 flags that map onto fields here: WRN-28-2, learning rates 0.1,
-# weight decay 5e-4, label smoothing 0.15, EMA 0.995, student wait 3000 steps, 300k steps, batch
-# 128 labeled + 7 x 128 unlabeled. Its UDA term (temperature 0.7, threshold 0.6, weight 8, ramp
-# 5000), RandAugment magnitude 16 and dropout 0.2 on the classifier are not fields of this step.
+# The released code's CIFAR-10-4000 flags: WRN-28-2, learning rates 0.1, weight decay 5e-4, label
+# smoothing 0.15, EMA 0.995 (of the student, evaluated beside it), student wait 3000 steps, 300k
+# steps, batch 128 labeled + 7 x 128 unlabeled, the teacher's UDA (temperature 0.7, threshold 0.6,
+# weight 8, ramp 5000 steps) on RandAugment at magnitude 16. WRN-28-2 here has no dropout (0.2 in
+# the flags), and the learning-rate schedule is configs/cifar10.py's.
 _CIFAR10 = {'model': 'wrn28_2', 'learning_rate': 0.1, 'mpl.teacher_learning_rate': 0.1,
             'weight_decay': 5e-4, 'mpl.teacher_label_smoothing': 0.15, 'ema.decay': 0.995,
             'mpl.student_wait_steps': 3000, 'num_train_steps': 300_000, 'labeled_batch_size': 128,
-            'unlabeled_batch_size': 7 * 128}
+            'unlabeled_batch_size': 7 * 128, 'mpl.uda_weight': 8.0, 'mpl.uda_temperature': 0.7,
+            'mpl.uda_threshold': 0.6, 'mpl.uda_rampup_steps': 5000, 'data.randaugment.magnitude': 16.0}
 PRESETS = {
     'digits': _DIGITS,
     'cifar10': {'mpl_released_code': {**_CIFAR10, 'mpl.feedback': 'released_code'},
@@ -355,5 +380,5 @@ PRESETS = {
 
 METHOD = base.Method(
     name='mpl', train_step=train_step, uses_unlabeled=True, config_blocks=config_blocks,
-    validate=validate, init_model_state=init_teacher,
+    validate=validate, init_model_state=init_teacher, strong_view=mpl_uda.enabled,
     weight_sets=lambda config: [weight_set()], describe=describe, presets=PRESETS)
