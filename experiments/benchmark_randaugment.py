@@ -7,13 +7,14 @@
 
 Writes a markdown table to `<out>/benchmark_randaugment.md` (and prints it).
 
-  python -m experiments.benchmark_randaugment --out=results/ --seconds=10
+  python -m experiments.benchmark_randaugment --out=results/
 
-`fixmatch_step_rows` is where the FixMatch step's rows (with and without the strong view, 64
-labeled + 448 unlabeled) go once that method is registered.
+With `--step_rows` (default) it also times CIFAR-10's FixMatch step (WRN-28-2, 64 labeled + 448
+unlabeled) without and with the strong view in the compiled program (`fixmatch_step_rows`).
 """
 
 import functools
+import importlib
 import os
 import random
 import time
@@ -21,19 +22,28 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageEnhance
 import PIL.ImageOps
 
+from experiments import benchmark_step
+from semimeta_jax import methods
+from semimeta_jax import models
+from semimeta_jax.data import device_augment
 from semimeta_jax.data import randaugment
 from semimeta_jax.data import randaugment_ops as ops
 
 _OUT = flags.DEFINE_string('out', 'results', 'Directory of the results table.')
-_SECONDS = flags.DEFINE_float('seconds', 10.0, 'Measured time per case.')
+_SECONDS = flags.DEFINE_float('seconds', 5.0, 'Measured time per case and round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds over the cases in turn; the median is reported.')
 _BATCH = flags.DEFINE_integer('batch', 448, 'Images per batch (USB: 7 x 64 unlabeled).')
 _NOTE = flags.DEFINE_string('note', '', 'What else the machine was running, said under the table.')
+_STEP_ROWS = flags.DEFINE_bool('step_rows', True, 'Also time the FixMatch step without and with the view.')
+_STEP_MODEL = flags.DEFINE_string('step_model', '', "The step rows' model (default: the preset's WRN-28-2).")
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed FixMatch steps per row (after one warm-up step).')
 
 # USB's ops as it calls PIL (semilearn/datasets/augmentation/randaugment.py), value in its units.
 PIL_OPS = {
@@ -108,35 +118,91 @@ def naive_strong_view(images, key, *, num_ops=3, magnitude=None, max_magnitude=3
                                   randaugment.fill_levels(fill, channels))
 
 
-def _device_rate(function, images, seconds: float):
-  """Images/s of a jitted (images, key) -> images function, keys changing every call."""
+def _rates(run_one, images_per_run: int, seconds: float):
+  """(images per wall-clock second, images per CPU-second of this process) of repeated `run_one`.
+
+  On a shared machine the wall clock counts other jobs' time too; the CPU time counts only the
+  work done here (all threads: XLA's two, PIL's one).
+  """
+  runs, wall, cpu = 0, time.perf_counter(), time.process_time()
+  while time.perf_counter() - wall < seconds:
+    run_one(runs)
+    runs += 1
+  done = runs * images_per_run
+  return done / (time.perf_counter() - wall), done / (time.process_time() - cpu)
+
+
+def _device_rate(function, images):
+  """A function of `seconds` -> rates of a jitted (images, key) -> images function (compiled now)."""
   compiled = jax.jit(function)
   jax.block_until_ready(compiled(images, jax.random.key(0)))
-  calls, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    out = compiled(images, jax.random.key(calls + 1))
-    calls += 1
-    jax.block_until_ready(out)
-  return calls * images.shape[0] / (time.perf_counter() - start)
+  run_one = lambda i: jax.block_until_ready(compiled(images, jax.random.key(i + 1)))
+  return lambda seconds: _rates(run_one, images.shape[0], seconds)
 
 
-def _pil_rate(images, seconds: float):
-  """Images/s of USB's PIL pipeline on one core (PIL ops run in the calling thread)."""
+def _pil_rate(images):
+  """A function of `seconds` -> rates of USB's PIL pipeline on one core (the calling thread)."""
   augment = UsbRandAugment(3, seed=0)
   pil_images = [PIL.Image.fromarray(image) for image in images]
-  done, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    np.asarray(augment(pil_images[done % len(pil_images)]))
-    done += 1
-  return done / (time.perf_counter() - start)
+  run_one = lambda i: np.asarray(augment(pil_images[i % len(pil_images)]))
+  return lambda seconds: _rates(run_one, 1, seconds)
 
 
-def fixmatch_step_rows():
-  """Rows of the FixMatch step with and without the strong view (64 + 448), once it exists.
+def _fixmatch_config(model: str):
+  """CIFAR-10's FixMatch preset (USB's: WRN-28-2, 64 labeled + 448 unlabeled), `model` if given."""
+  config = importlib.import_module('configs.cifar10').get_config('fixmatch')
+  if model:
+    config.model = model
+  return config
 
-  Returns [] until `methods.get('fixmatch')` is registered; its rows are (name, images/s, note).
+
+def fixmatch_step_rows(model: str = '', steps: int = 3, warmup_steps: int = 1):
+  """(name, images/s, note) of the FixMatch step without and with the strong view in the program.
+
+  Without: the step on a batch whose 'strong_image' is given (as if free). With: the same step
+  after `strong_view` of the 448 uint8 unlabeled images and their normalisation, in one jit.
+  Each step is awaited; the median of `steps` after `warmup_steps`. [] if FixMatch is not
+  registered. The weak view (flip + translate) is in neither.
   """
-  return []
+  if 'fixmatch' not in methods.METHOD_NAMES:
+    return []
+  config = _fixmatch_config(model)
+  image_shape, num_classes = (32, 32, 3), 10
+  labeled, unlabeled = config.labeled_batch_size, config.unlabeled_batch_size
+  init_key, data_key = jax.random.split(jax.random.key(0))
+  step = methods.make_train_step(config, num_classes)
+  normalize = lambda images: device_augment.normalize(images, (0.5,) * 3, (0.25,) * 3)
+  raw = jax.random.randint(data_key, (unlabeled, *image_shape), 0, 256).astype(jnp.uint8)
+  batch = {'labeled': {'image': normalize(raw[:labeled]), 'label': jnp.arange(labeled) % num_classes,
+                       'index': jnp.arange(labeled, dtype=jnp.int32)},
+           'unlabeled': {'image': normalize(raw), 'strong_image': normalize(raw[::-1]),
+                         'label': jnp.zeros(unlabeled, jnp.int32),
+                         'index': labeled + jnp.arange(unlabeled, dtype=jnp.int32)}}
+
+  def with_view(state, batch, key):
+    strong = normalize(randaugment.strong_view(raw, key))
+    return step(state, {**batch, 'unlabeled': {**batch['unlabeled'], 'strong_image': strong}})
+
+  programs = (('FixMatch step, strong view given', jax.jit(lambda state, batch, key: step(state, batch),
+                                                         donate_argnums=0)),
+              ('FixMatch step with strong_view in it', jax.jit(with_view, donate_argnums=0)))
+  rows, medians = [], []
+  for name, program in programs:
+    model = models.get_model(config, num_classes)
+    state = benchmark_step.initial_state(config, model, image_shape, init_key)
+    times = []
+    for i in range(warmup_steps + steps):
+      tick = time.perf_counter()
+      state, metrics = program(state, batch, jax.random.key(i))
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - tick)
+    medians.append(float(np.median(times[warmup_steps:])))
+    note = (f'{config.model}, {labeled} + {unlabeled}, median of {steps} steps of '
+            f'{", ".join(f"{t:.2f}" for t in times[warmup_steps:])} s')
+    if len(medians) == 2:
+      note += f'; the strong view adds {100 * (medians[1] / medians[0] - 1):.1f}% to the step'
+    rows.append((name, f'{(labeled + 2 * unlabeled) / medians[-1]:,.1f} (images the step reads)', note))
+  return rows
 
 
 def main(argv):
@@ -147,23 +213,30 @@ def main(argv):
                         np.asarray(jax.jit(naive_strong_view)(images, jax.random.key(7))))
   load = os.getloadavg()[0]
   seconds = _SECONDS.value
-  rates = [('strong_view (fused stages, jit)', _device_rate(randaugment.strong_view, images, seconds)),
-           ('naive vmap(lax.switch) (jit)', _device_rate(naive_strong_view, images, seconds)),
-           ("USB's RandAugment in PIL, host, one core", _pil_rate(images, seconds))]
-  rows = [f'| {name} | {rate:,.0f} | {rate / rates[0][1]:.2f} |' for name, rate in rates]
-  rows += [f'| {name} | {rate:,.0f} | {note} |' for name, rate, note in fixmatch_step_rows()]
+  cases = [('strong_view (fused stages, jit)', _device_rate(randaugment.strong_view, images)),
+           ('naive vmap(lax.switch) (jit)', _device_rate(naive_strong_view, images)),
+           ("USB's RandAugment in PIL, host, one core", _pil_rate(images))]
+  measured = [[] for _ in cases]
+  for _ in range(_ROUNDS.value):  # In turn, so a change of the machine's load reaches every case.
+    for rates, (_, measure) in zip(measured, cases):
+      rates.append(measure(seconds))
+  rates = [(name, *np.median(np.asarray(r), axis=0)) for (name, _), r in zip(cases, measured)]
+  rows = [f'| {name} | {wall:,.0f} | {cpu:,.0f} | {cpu / rates[0][2]:.2f} |' for name, wall, cpu in rates]
+  step_rows = fixmatch_step_rows(_STEP_MODEL.value, _STEPS.value) if _STEP_ROWS.value else []
   table = '\n'.join([
       f'RandAugment (3 ops) + Cutout on {_BATCH.value} x 32x32x3 uint8, jax {jax.__version__} on '
-      f'{jax.devices()[0].platform} ({os.cpu_count()} cores), {seconds:.0f} s per case; '
-      f'load average {load:.1f} at the start.',
+      f'{jax.devices()[0].platform} ({os.cpu_count()} cores), median of {_ROUNDS.value} rounds of '
+      f'{seconds:.0f} s per case; load average {load:.1f} at the start.',
       '',
-      '| augmentation | images/s | relative to ours |',
-      '|---|---|---|',
+      '| augmentation | images/s (wall clock) | images per CPU-second | per CPU-second, relative to ours |',
+      '|---|---|---|---|',
       *rows,
       '',
-      f'naive result equal to ours (same key): {same}.'
-      + ('' if fixmatch_step_rows() else ' FixMatch step rows: not measured (method not registered).'),
-      *([_NOTE.value] if _NOTE.value else [])])
+      f'naive result equal to ours (same key): {same}.',
+      *(['', '| step | images/s | note |', '|---|---|---|',
+         *[f'| {name} | {rate} | {note} |' for name, rate, note in step_rows]] if step_rows else
+        ['FixMatch step rows: not measured.']),
+      *(['', _NOTE.value] if _NOTE.value else [])])
   print(table)
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, 'benchmark_randaugment.md')

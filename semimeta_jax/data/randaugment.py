@@ -154,7 +154,7 @@ def apply_op_slot(images, op, value):
   coefficients = ops.identity_coefficients(batch)
   for name, make in geometry:
     coefficients = jnp.where(is_op(name)[:, None], make(), coefficients)
-  images = ops.resample(images, coefficients)
+  images = ops.computed_once(ops.resample(images, coefficients))
 
   degenerates = (('Brightness', lambda: jnp.zeros(images.shape, jnp.int32)),
                  ('Color', lambda: ops.gray(images)), ('Contrast', lambda: ops.mean_gray(images)),
@@ -163,7 +163,7 @@ def apply_op_slot(images, op, value):
   for name, make in degenerates:
     degenerate = jnp.where(is_op(name)[:, None, None, None], make(), degenerate)
     enhancing |= is_op(name)
-  images = ops.blend(degenerate, images, jnp.where(enhancing, value, 1.0))
+  images = ops.computed_once(ops.blend(degenerate, images, jnp.where(enhancing, value, 1.0)))
 
   tables = (('AutoContrast', lambda: ops.autocontrast_luts(images)),
             ('Equalize', lambda: ops.equalize_luts(images)),
