@@ -278,8 +278,8 @@ MUTANTS = [
         'consistency weight w(t) dropped from the loss',
     ), (
         'sm-unlabeled-stats',
-        'unlabeled_logits, stats = common.train_forward(state, params, unlabeled[\'image\'], stats,',
-        'unlabeled_logits, stats = common.train_forward(state, params, unlabeled[\'image\'], state.batch_stats,',
+        'unlabeled_logits, stats = common.train_forward(state, params, consistency_view, stats,',
+        'unlabeled_logits, stats = common.train_forward(state, params, consistency_view, state.batch_stats,',
         'second forward restarts from the old running averages',
     ), (
         'sm-alpha-default',
