@@ -282,6 +282,11 @@ MUTANTS = [
         'unlabeled_logits, stats = common.train_forward(state, params, consistency_view, state.batch_stats,',
         'second forward restarts from the old running averages',
     ), (
+        'sm-strong-view-ignored',
+        "consistency_view = unlabeled['strong_image' if config.semimeta.strong_view else 'image']",
+        "consistency_view = unlabeled['image']",
+        'semimeta.strong_view trains the consistency term on the weak view',
+    ), (
         'sm-alpha-default',
         'alpha = hg.inner_lr if hg.inner_lr > 0 else lr',
         'alpha = hg.inner_lr if hg.inner_lr > 0 else 1.0',
