@@ -163,7 +163,8 @@ def _define_flags():
   flags.DEFINE_string('out', 'results/mpl_ablation', 'Directory for the tables, CSVs and the run.')
   flags.DEFINE_string('run_dir', None, 'A run of --config to read checkpoints from (default: train one '
                       'into <out>/fidelity_run).')
-  flags.DEFINE_list('steps', ['0', '250', '500', '1000'], 'Training steps to measure at.')
+  flags.DEFINE_list('steps', ['100', '500', '1000'], 'Training steps to measure at '
+                    '(at step 0 the warm-up\'s learning rate, hence every feedback, is 0).')
   flags.DEFINE_integer('num_batches', 4, 'Batches averaged per step.')
   flags.DEFINE_integer('samples', 16, 'Label draws averaged in the paper row.')
   flags.DEFINE_integer('cost_steps', 10, 'Timed steps per variant for the step cost (0: skip).')
