@@ -15,7 +15,9 @@ kind:
      filter, all elementwise or 3x3 sums) with factor 1 where the op is not an enhancement;
   3. a per-channel 256-entry table lookup (one gather): AutoContrast, Equalize (one histogram),
      Posterize, Solarize or the identity.
-Each stage's identity is exact, so a slot equals the drawn op alone. The geometry is written here
+Each stage's identity is exact, so a slot equals the drawn op alone. Each stage's output image
+and the tables are written once (`randaugment_ops.computed_once`): XLA's CPU backend would
+otherwise redo a stage inside every reader of it (5x the slot's time). The geometry is written here
 rather than with dm-pix or jax.scipy.ndimage: those interpolate in float coordinates, while PIL's
 NEAREST samples in 16.16 fixed point, which integer arithmetic reproduces exactly.
 

@@ -15,13 +15,14 @@ is one of three kinds, the structure `randaugment.py` fuses:
 Where PIL computes in integers (luma, the SMOOTH filter's rounding, Equalize, the fixed-point
 sampling, Posterize, the Contrast mean) this module computes the same integers. Where PIL computes
 in float:
-  * Blends: float32 `d + f * (x - d)` truncated, as PIL's C; a compiler that fuses it into one
-    multiply-add may round the other way where the result lies within float32 rounding of an
-    integer: at most one level there.
+  * Blends: float32 `d + f * (x - d)` truncated, as PIL's C. For a factor that is a multiple of
+    2**-16 in [0, 1] (the policy draws only those) the product is exact, so the result is PIL's
+    on any backend; for other factors a compiler that fuses a multiply-add (XLA's CPU backend
+    does) may round the other way where the result lies within float32 rounding of an integer.
   * AutoContrast: Python's float64 `int(i * scale + offset)` falls one level below the exact
     `(i - lo) * 255 / (hi - lo)` for 12094 of the 2.8 million (lo, hi, i) triples (e.g. the top
-    of a [0, 25] image maps to 254); those triples are tabulated once on the host and subtracted,
-    so the tables are PIL's exactly.
+    of a [0, 25] image maps to 254); those triples are tabulated once on the host (by (lo, hi),
+    at most 17 levels each) and subtracted, so the tables are PIL's exactly.
   * Rotate: PIL rounds the float64 matrix to 16.16 fixed point; here it is float32, so a
     coefficient can land one 1/65536 step away, moving sample points by at most ~1e-3 pixel: a
     pixel differs only where its source coordinate is that close to a pixel boundary. ShearX/Y's
