@@ -13,6 +13,7 @@ import dataclasses
 import jax
 
 from semimeta_jax.data import device_augment
+from semimeta_jax.data import randaugment
 
 # Folded into a stream's key of the step: the strong view's draws, independent of the weak view's.
 STRONG_VIEW_TAG = 0x57A6
@@ -51,7 +52,6 @@ def make(images, key, view: StrongView, *, augment_kind: str, pad: int, pad_mode
     view: its settings.
     augment_kind, pad, pad_mode: the dataset's weak augmentation, redrawn for this view.
   """
-  from semimeta_jax.data import randaugment  # pylint: disable=g-import-not-at-top
   key = jax.random.fold_in(key, STRONG_VIEW_TAG)
   crop_key, policy_key = jax.random.split(key)
   images = device_augment.augment(images, crop_key, augment_kind, pad, pad_mode)
