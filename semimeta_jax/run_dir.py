@@ -53,7 +53,12 @@ FIXED_FIELDS = frozenset({
     'data.unlabeled_split', 'data.image_key', 'data.label_key', 'data.validation_size',
 })
 # Shared fields added since runs were recorded, at the value that keeps an earlier run's behaviour.
-ADDED_FIELDS = {'data.validation_size': 0}
+# No method read the strong view before `data.randaugment` came, so its defaults keep any earlier run.
+ADDED_FIELDS = {
+    'data.validation_size': 0,
+    'data.randaugment.num_ops': 3, 'data.randaugment.magnitude': -1.0,
+    'data.randaugment.max_magnitude': 30.0, 'data.randaugment.cutout': 0.5,
+}
 FREE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'hypergrad.diagnostics_every_steps', 'hypergrad.loop_unroll', 'preemption_check_every_steps', 'allow_config_change',

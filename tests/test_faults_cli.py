@@ -46,6 +46,11 @@ def assert_one_error_line(result, *names):
     assert name in errors[0], (name, errors[0])
 
 
+def _bytes_on_tmpfs(paths) -> int:
+  """What the files take on a tmpfs: whole 4 KiB pages each."""
+  return sum(-(-path.stat().st_size // 4096) * 4096 for path in paths if path.is_file())
+
+
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   """A 4-step digits run with checkpoints at steps 2 and 4 (the data set built once for all)."""
@@ -143,8 +148,14 @@ def test_a_save_into_a_planted_link_ends_the_process_promptly_with_the_lock_rele
 
 @pytest.mark.slow
 def test_a_really_full_disk_is_one_line_with_the_system_s_reason(finished_run, tmp_path):
-  # A 3 MB file system holds checkpoint 2 (2.6 MB with the records), not checkpoint 4 beside it.
-  with small_filesystem(tmp_path / 'disk', '3m') as disk:
+  # A file system that holds checkpoint 2 and the records, and half of checkpoint 4 beside them,
+  # sized from the finished run's own files (a fixed size sat on the edge as checkpoints changed).
+  run = finished_run / 'run'
+  records = _bytes_on_tmpfs(path for path in run.rglob('*') if 'checkpoints' not in path.parts)
+  checkpoint_2 = _bytes_on_tmpfs((run / 'checkpoints' / '2').rglob('*'))
+  checkpoint_4 = _bytes_on_tmpfs((run / 'checkpoints' / '4').rglob('*'))
+  size_kb = (records + checkpoint_2 + checkpoint_4 // 2) // 1024
+  with small_filesystem(tmp_path / 'disk', f'{size_kb}k') as disk:
     result = run_with_fault('none', disk / 'run', finished_run)
     assert_one_error_line(result, 'Saving checkpoint 4', 'failed: No space left on device (',
                           'checkpoint 2 is intact')

@@ -14,11 +14,21 @@ import shutil
 
 import pytest
 
+from configs import default
 from configs import digits
 from semimeta_jax import run_dir
 from semimeta_jax import train
 
 DATA = pathlib.Path(__file__).parent / 'data'
+
+
+def test_the_strong_view_fields_added_since_take_the_defaults_of_today():
+  # A run recorded before data.randaugment resumes under today's defaults; a changed default must
+  # change ADDED_FIELDS with it, or every earlier run would refuse to resume.
+  defaults = default.get_config().data.randaugment.to_dict()
+  added = {name.rsplit('.', 1)[1]: value for name, value in run_dir.ADDED_FIELDS.items()
+           if name.startswith('data.randaugment.')}
+  assert added == defaults
 
 
 def test_saved_flat_names_are_read_as_todays_fields():
