@@ -173,6 +173,16 @@ LABELS = {
                                  'scaled to the K = 1 norm'),
     'semimeta_bf16': 'SemiMeta, finite_difference, bfloat16 activations',
     'semimeta_jvp_bf16': 'SemiMeta, jvp, bfloat16 activations',
+    'semimeta_strong': 'SemiMeta + strong view (weak-view label supervises the strong view)',
+    'fixmatch': 'FixMatch',
+    'uda': 'UDA',
+    'flexmatch': 'FlexMatch',
+    'freematch': 'FreeMatch',
+    'softmatch': 'SoftMatch',
+    'mpl_exact': 'MPL, exact teacher meta-gradient',
+    'mpl_paper': "MPL, the paper's first-order feedback",
+    'mpl_released_code': 'MPL, as the released code (feedback gradient 0)',
+    'mpl_no_feedback': "MPL, the teacher's own loss alone (no feedback)",
 }
 
 
