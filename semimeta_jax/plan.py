@@ -90,8 +90,9 @@ def run_plan(config, workdir: str) -> str:
   lines.append(f'devices       {devices} x {jax.devices()[0].platform} in {jax.process_count()} '
                f'process(es); per device: {config.labeled_batch_size / devices:g} labeled + '
                f'{config.unlabeled_batch_size / devices:g} unlabeled')
+  # Sizes not known yet (a dataset by name, unprepared): nothing to clamp the evaluation batch to.
   eval_config = memory_fit.clamp_eval_batch(config, max(num_test, config.data.validation_size),
-                                            devices)
+                                            devices) if sizes_known else config
   try:
     memory = memory_fit.describe(
         eval_config, method, spec.image_shape, spec.num_classes, num_train + num_unlabeled,
