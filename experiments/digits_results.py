@@ -183,6 +183,7 @@ LABELS = {
     'mpl_paper': "MPL, the paper's first-order feedback",
     'mpl_released_code': 'MPL, as the released code (feedback gradient 0)',
     'mpl_no_feedback': "MPL, the teacher's own loss alone (no feedback)",
+    'mpl_exact_finetune': 'MPL, exact, the last 300 steps fine-tuning the student on the labels',
 }
 
 

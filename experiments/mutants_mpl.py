@@ -19,6 +19,7 @@ PAPER_STEP = (_S + 'test_paper_step_scales_the_sampled_labels_cross_entropy_by_h
 RELEASED_STEP = (_S + 'test_released_code_teacher_steps_as_without_feedback_and_keeps_its_baseline',)
 WAIT = (_S + 'test_the_step_traces_once_and_a_waiting_student_holds_still',)
 UDA = (_S + 'test_uda_teacher_term_and_the_student_on_the_strong_view',)
+FINETUNE = (_S + 'test_the_last_finetune_steps_train_the_student_on_the_labels_and_hold_the_teacher',)
 
 HYPERGRAD = 'semimeta_jax/methods/hypergrad.py'
 FEEDBACK = 'semimeta_jax/methods/mpl_feedback.py'
@@ -115,6 +116,17 @@ MUTANTS = [
         'waiting = step < wait_steps',
         'waiting = step <= wait_steps',
         'the student waits one step more than mpl.student_wait_steps',
+    )),
+    *group(MPL, FINETUNE, (
+        'mpl-finetune-one-step-late',
+        'finetuning = state.step >= config.num_train_steps - config.mpl.finetune_steps',
+        'finetuning = state.step > config.num_train_steps - config.mpl.finetune_steps',
+        'the fine-tuning phase starts one step after the last mpl.finetune_steps',
+    ), (
+        'mpl-finetune-trains-both',
+        'return jax.lax.cond(finetuning, finetune, train_both, state)',
+        'return train_both(state)',
+        'mpl.finetune_steps ignored: the teacher and the student keep training together',
     )),
     *group(MPL_UDA, UDA, (
         'mpl-uda-targets-unsharpened',

@@ -170,6 +170,42 @@ def test_the_step_traces_once_and_a_waiting_student_holds_still():
   assert int(states[3].step) == 3
 
 
+def test_the_last_finetune_steps_train_the_student_on_the_labels_and_hold_the_teacher():
+  # 4 steps, the last 2 fine-tuning: steps 0-1 are MPL's, steps 2-3 the labeled-only step's.
+  with jax.enable_x64(True):
+    config = plain_sgd_config(feedback='exact', finetune_steps=2)
+    config.num_train_steps = 4
+    state, batch = initial_state(config, jnp.float64), float64_batch()
+    chex.clear_trace_counter()
+    train_step = methods.make_train_step(config, 10)
+    step = jax.jit(chex.assert_max_traces(lambda s, b: train_step(s, b), n=1))
+    states, rows = [state], []
+    for _ in range(4):
+      new_state, metrics = step(states[-1], batch)
+      states.append(new_state)
+      rows.append(metrics)
+    without_phase, without_metrics = take_step(plain_sgd_config(feedback='exact'), states[1], batch)
+    # Before the phase: the MPL step itself (both networks move).
+    chex.assert_trees_all_close(states[2], without_phase, rtol=1e-12, atol=1e-14)
+    assert set(rows[0]) == set(without_metrics) | {'finetuning'}
+    assert [float(row['finetuning']) for row in rows] == [0.0, 0.0, 1.0, 1.0]
+    # In it: the teacher and its baseline hold; the student takes -lr * grad of its labeled
+    # cross-entropy (plain SGD) in training mode, with the running averages that forward leaves.
+    for before, after in ((states[2], states[3]), (states[3], states[4])):
+      chex.assert_trees_all_equal(after.extra, before.extra)
+      x_l, y_l = batch['labeled']['image'], batch['labeled']['label']
+      loss = lambda p: cross_entropy(train_logits(p, before.batch_stats, x_l)[0], y_l)
+      expected = jax.tree.map(lambda p, g: p - STUDENT_LR * g, before.params, jax.grad(loss)(before.params))
+      chex.assert_trees_all_close(after.params, expected, rtol=1e-10, atol=1e-12)
+      chex.assert_trees_all_close(after.batch_stats, train_logits(before.params, before.batch_stats, x_l)[1],
+                                  rtol=1e-12)
+    np.testing.assert_allclose(float(rows[3]['loss']),
+                               float(cross_entropy(train_logits(states[3].params, states[3].batch_stats,
+                                                                batch['labeled']['image'])[0],
+                                                   batch['labeled']['label'])), rtol=1e-10)
+    assert float(rows[3]['teacher_loss']) == 0.0  # The teacher's metrics read 0 in the phase.
+
+
 @pytest.mark.parametrize('fields,field,message', [
     ({'mpl.feedback': 'exact', 'mpl.hypergrad_mode': 'neumann'}, 'mpl.hypergrad_mode', 'Gauss-Newton'),
     ({'mpl.feedback': 'exact', 'mpl.hypergrad_mode': 'implicit'}, 'mpl.hypergrad_mode', 'Gauss-Newton'),
@@ -181,6 +217,8 @@ def test_the_step_traces_once_and_a_waiting_student_holds_still():
     ({'mpl.temperature': 0.0}, 'mpl.temperature', '> 0'),
     ({'mpl.baseline_decay': 1.0}, 'mpl.baseline_decay', '[0, 1)'),
     ({'mpl.student_wait_steps': -1}, 'mpl.student_wait_steps', '>= 0'),
+    ({'mpl.finetune_steps': 10 ** 9}, 'mpl.finetune_steps', 'must be an integer in [0, num_train_steps='),
+    ({'mpl.finetune_steps': -1}, 'mpl.finetune_steps', 'must be an integer in [0'),
 ])
 def test_unusable_fields_are_one_line_naming_the_field(fields, field, message):
   config = tiny_config(method='mpl', **fields)

@@ -27,9 +27,13 @@ decay). The `paper` coefficient h uses the real update theta' (momentum and weig
 decay included) and the real step's gradient, as Algorithm 1 does.
 
 With `mpl.uda_weight` > 0 the teacher adds UDA on the strong view (`mpl_uda.py`), and
-the student and the feedback move to that view, as in the released code. Departure:
-the paper's last phase, fine-tuning the student on the labeled set after training,
-is not part of this step (see docs/mpl.md).
+the student and the feedback move to that view, as in the released code.
+
+The paper's last phase, fine-tuning the student on the labeled set, is the run's last
+`mpl.finetune_steps` steps: the student takes the labeled-only cross-entropy step
+(`supervised.train_step`, the same optimizer) and the teacher holds still. Those steps
+run at the run's learning-rate schedule (its tail), not at a rate of their own as in
+the paper: one optimizer state serves both phases, so a resume anywhere replays them.
 """
 
 import jax
@@ -45,6 +49,7 @@ from semimeta_jax.methods import hypergrad
 from semimeta_jax.methods import mpl_feedback
 from semimeta_jax.methods import mpl_uda
 from semimeta_jax.methods import options
+from semimeta_jax.methods import supervised
 
 TEACHER = 'mpl_teacher'
 META_FORWARDS = ('train', 'eval')
@@ -68,6 +73,8 @@ def config_blocks():
       'teacher_learning_rate': 0.0,  # Peak rate of the teacher's schedule; 0 = config.learning_rate.
       'teacher_label_smoothing': 0.0,  # Of the teacher's supervised cross-entropy.
       'student_wait_steps': 0,  # The student holds still (no update) for this many first steps.
+      # The last N steps fine-tune the student on the labeled batch alone; the teacher holds.
+      'finetune_steps': 0,
       **mpl_uda.fields(),  # The teacher's UDA term (off by default; mpl_uda.py).
   })}
 
@@ -113,6 +120,10 @@ def validate(config) -> None:
           block.teacher_label_smoothing, 'must be in [0, 1)')
   require(isinstance(block.student_wait_steps, int) and block.student_wait_steps >= 0,
           'mpl.student_wait_steps', block.student_wait_steps, 'must be an integer >= 0')
+  require(isinstance(block.finetune_steps, int) and 0 <= block.finetune_steps < config.num_train_steps,
+          'mpl.finetune_steps', block.finetune_steps,
+          f'must be an integer in [0, num_train_steps={config.num_train_steps}): the steps before '
+          'them train the teacher and the student together')
   mpl_uda.validate(config)
 
 
@@ -291,15 +302,47 @@ def feedback_gradient(state, batch, *, config, label_key=None):
 
 
 def train_step(state, batch, *, config, num_classes):
-  """One Meta Pseudo Labels update of the student and the teacher. Pure: (state, batch) -> (state, metrics).
+  """One Meta Pseudo Labels update, or in the last `mpl.finetune_steps` steps a fine-tuning one.
+
+  Pure: (state, batch) -> (state, metrics). Both kinds report the same metrics (a
+  fine-tuning step reports the teacher's as 0) and 'finetuning' (1 in that phase).
 
   Raises:
     ValueError: if the state has no teacher (build it with `methods.init_train_state`).
   """
-  del num_classes  # The teacher's logits carry it.
   if TEACHER not in state.extra:
     raise ValueError('Meta Pseudo Labels needs a TrainState with a teacher '
                      '(build it with methods.init_train_state).')
+  if config.mpl.finetune_steps <= 0:
+    return dict_with_phase(*mpl_step(state, batch, config=config), finetuning=0.0)
+  shapes = jax.eval_shape(lambda s, b: mpl_step(s, b, config=config)[1], state, batch)
+
+  def finetune(state):
+    new_state, metrics = finetune_step(state, batch, config=config, num_classes=num_classes)
+    return new_state, {**{name: jnp.zeros(shape.shape, shape.dtype) for name, shape in shapes.items()},
+                       **{name: jnp.asarray(value, shapes[name].dtype)
+                          for name, value in metrics.items() if name in shapes},
+                       'finetuning': jnp.ones((), jnp.float32)}
+
+  def train_both(state):
+    return dict_with_phase(*mpl_step(state, batch, config=config), finetuning=0.0)
+
+  finetuning = state.step >= config.num_train_steps - config.mpl.finetune_steps
+  return jax.lax.cond(finetuning, finetune, train_both, state)
+
+
+def dict_with_phase(state, metrics, *, finetuning):
+  """(state, metrics with the phase flag 'finetuning')."""
+  return state, {**metrics, 'finetuning': jnp.asarray(finetuning, jnp.float32)}
+
+
+def finetune_step(state, batch, *, config, num_classes):
+  """The fine-tuning phase's step: the student's labeled-only step; the teacher and its baseline hold."""
+  return supervised.train_step(state, batch, config=config, num_classes=num_classes)
+
+
+def mpl_step(state, batch, *, config):
+  """One Meta Pseudo Labels update of the student and the teacher: (state, metrics)."""
   block, labeled, teacher = config.mpl, batch['labeled'], state.extra[TEACHER]
   logits, vjp, teacher_stats, surrogate, baseline, new_state, metrics = _feedback(state, batch, config)
   uda_weight = mpl_uda.weight(config, state.step)
@@ -346,7 +389,10 @@ def describe(config) -> str:
              'paper': f'h_sign={block.h_sign:+g}, sampled labels',
              'released_code': f'baseline decay {block.baseline_decay}', 'none': 'teacher loss alone'}
   labels = 'soft' if block.soft_labels else 'sampled'
-  return f'feedback {block.feedback} ({details[block.feedback]}), {labels} labels, tau={block.temperature}'
+  finetune = (f'; the last {block.finetune_steps} steps fine-tune the student on the labels'
+              if block.finetune_steps else '')
+  return (f'feedback {block.feedback} ({details[block.feedback]}), {labels} labels, '
+          f'tau={block.temperature}{finetune}')
 
 
 def weight_set() -> base.WeightSet:
@@ -361,6 +407,9 @@ _DIGITS = {
     'mpl_paper': dict(_PAPER),
     'mpl_released_code': {'mpl.feedback': 'released_code'},
     'mpl_no_feedback': {'mpl.feedback': 'none'},
+    # The paper's last phase: steps 700-999 fine-tune the student (learning rate 0.01 after
+    # step 700, 0.001 after 900).
+    'mpl_exact_finetune': {'mpl.feedback': 'exact', 'mpl.finetune_steps': 300},
 }
 # The released code's CIFAR-10-4000 flags: WRN-28-2, learning rates 0.1, weight decay 5e-4, label
 # smoothing 0.15, EMA 0.995 (of the student, evaluated beside it), student wait 3000 steps, 300k
