@@ -124,8 +124,8 @@ MUTANTS = [
         'the fine-tuning phase starts one step after the last mpl.finetune_steps',
     ), (
         'mpl-finetune-trains-both',
-        'return jax.lax.cond(finetuning, finetune, train_both, state)',
-        'return train_both(state)',
+        'return jax.tree.map(lambda tuned, both: jnp.where(finetuning, tuned, both),',
+        'return jax.tree.map(lambda tuned, both: both,',
         'mpl.finetune_steps ignored: the teacher and the student keep training together',
     )),
     *group(MPL_UDA, UDA, (
