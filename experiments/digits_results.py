@@ -55,6 +55,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from experiments.row_labels import LABELS
 from semimeta_jax import methods
 from semimeta_jax import metrics as metrics_lib
 from semimeta_jax import result_protocol
@@ -141,52 +142,6 @@ VARIANTS = variants('digits')
 # The run of each hypergradient mode (finite_difference is the default 'semimeta').
 MODE_VARIANTS = {'exact': 'semimeta_exact', 'first_order': 'semimeta_first_order',
                  'jvp': 'semimeta_jvp', 'finite_difference': 'semimeta'}
-# Row labels (a preset without one is labelled by its name); {labels} is the number of labeled
-# examples the runs actually used.
-LABELS = {
-    'labeled_only': 'Labeled only ({labels} labels)',
-    'fully_supervised': 'Fully supervised ({labels} labels)',
-    'pi_model': 'Pi-model',
-    'mean_teacher': 'Mean Teacher (EMA weights)',
-    'semimeta': 'SemiMeta, finite_difference (official)',
-    'semimeta_exact': 'SemiMeta, exact',
-    'semimeta_first_order': 'SemiMeta, first_order',
-    'semimeta_jvp': 'SemiMeta, jvp',
-    'temporal_ensembling': 'Temporal Ensembling',
-    'vat': 'VAT',
-    'vat_ent': 'VAT+Ent',
-    'mean_teacher_fast_swa': 'MT+fast-SWA (averaged weights)',
-    'semimeta_train': 'SemiMeta, finite_difference, train-mode meta forward',
-    'semimeta_exact_train': 'SemiMeta, exact (K = 1), train-mode meta forward',
-    'semimeta_first_order_train': 'SemiMeta, first_order, train-mode meta forward',
-    'semimeta_jvp_train': 'SemiMeta, jvp, train-mode meta forward',
-    'semimeta_exact_k2_train': 'SemiMeta, exact K = 2, train-mode meta forward',
-    'semimeta_exact_k3_train': 'SemiMeta, exact K = 3, train-mode meta forward',
-    'semimeta_eval_k2': 'SemiMeta, K = 2 (neumann), scaled to the K = 1 norm',
-    'semimeta_eval_k4': 'SemiMeta, K = 4 (neumann), scaled to the K = 1 norm',
-    'semimeta_eval_k2_official_beta': 'SemiMeta, K = 2 (neumann), official beta',
-    'semimeta_eval_k4_official_beta': 'SemiMeta, K = 4 (neumann), official beta',
-    'semimeta_implicit': 'SemiMeta, implicit, 20 CG steps at damping 1e-4 (truncated), scaled to the K = 1 norm',
-    'semimeta_exact_beta2x': 'SemiMeta, K = 1 (exact), beta 2x official',
-    'semimeta_exact_beta4x': 'SemiMeta, K = 1 (exact), beta 4x official',
-    'semimeta_implicit_damped': ('SemiMeta, implicit limit, damping 0.1 (converged: 40 CG steps), '
-                                 'scaled to the K = 1 norm'),
-    'semimeta_bf16': 'SemiMeta, finite_difference, bfloat16 activations',
-    'semimeta_jvp_bf16': 'SemiMeta, jvp, bfloat16 activations',
-    'semimeta_strong': 'SemiMeta + strong view (weak-view label supervises the strong view)',
-    'fixmatch': 'FixMatch',
-    'uda': 'UDA',
-    'flexmatch': 'FlexMatch',
-    'freematch': 'FreeMatch',
-    'softmatch': 'SoftMatch',
-    'mpl_exact': 'MPL, exact teacher meta-gradient',
-    'mpl_paper': "MPL, the paper's first-order feedback",
-    'mpl_released_code': 'MPL, as the released code (feedback gradient 0)',
-    'mpl_no_feedback': "MPL, the teacher's own loss alone (no feedback)",
-    'mpl_exact_finetune': 'MPL, exact, the last 300 steps fine-tuning the student on the labels',
-}
-
-
 def _field_overrides(flags_list):
   """{'a.b': 'value'} of `--config.a.b=value` flags."""
   fields = {}
