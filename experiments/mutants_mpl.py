@@ -124,8 +124,8 @@ MUTANTS = [
         'the fine-tuning phase starts one step after the last mpl.finetune_steps',
     ), (
         'mpl-finetune-trains-both',
-        'return jax.tree.map(lambda tuned, both: jnp.where(finetuning, tuned, both),',
-        'return jax.tree.map(lambda tuned, both: both,',
+        'return jax.tree.map(lambda tuned, trained: jnp.where(finetuning, tuned, trained), tuned, trained)',
+        'return jax.tree.map(lambda tuned, trained: trained, tuned, trained)',
         'mpl.finetune_steps ignored: the teacher and the student keep training together',
     )),
     *group(MPL_UDA, UDA, (

@@ -314,31 +314,19 @@ def train_step(state, batch, *, config, num_classes):
   if TEACHER not in state.extra:
     raise ValueError('Meta Pseudo Labels needs a TrainState with a teacher '
                      '(build it with methods.init_train_state).')
+  trained_state, trained_metrics = mpl_step(state, batch, config=config)
+  trained = trained_state, {**trained_metrics, 'finetuning': jnp.zeros((), jnp.float32)}
   if config.mpl.finetune_steps <= 0:
-    return dict_with_phase(*mpl_step(state, batch, config=config), finetuning=0.0)
-  shapes = jax.eval_shape(lambda s, b: mpl_step(s, b, config=config)[1], state, batch)
-
-  def finetune(state):
-    new_state, metrics = finetune_step(state, batch, config=config, num_classes=num_classes)
-    return new_state, {**{name: jnp.zeros(shape.shape, shape.dtype) for name, shape in shapes.items()},
-                       **{name: jnp.asarray(value, shapes[name].dtype)
-                          for name, value in metrics.items() if name in shapes},
-                       'finetuning': jnp.ones((), jnp.float32)}
-
-  def train_both(state):
-    return dict_with_phase(*mpl_step(state, batch, config=config), finetuning=0.0)
-
+    return trained
+  tuned_state, tuned_metrics = finetune_step(state, batch, config=config, num_classes=num_classes)
+  # MPL's metrics: the fine-tuning step's own where the names agree, 0 for the teacher's.
+  tuned = tuned_state, {name: jnp.asarray(tuned_metrics.get(name, 0.0), value.dtype)
+                        for name, value in trained[1].items()} | {'finetuning': jnp.ones((), jnp.float32)}
   finetuning = state.step >= config.num_train_steps - config.mpl.finetune_steps
   # Both computed, one kept: XLA:CPU ran the MPL step 13x slower inside a lax.cond's branch
   # (digits, batch 64 + 64: 11.5 s against 0.84 s a step, under load); computing the fine-tuning
   # step beside it costs 18% (0.99 s), and only in runs that ask for the phase.
-  return jax.tree.map(lambda tuned, both: jnp.where(finetuning, tuned, both),
-                      finetune(state), train_both(state))
-
-
-def dict_with_phase(state, metrics, *, finetuning):
-  """(state, metrics with the phase flag 'finetuning')."""
-  return state, {**metrics, 'finetuning': jnp.asarray(finetuning, jnp.float32)}
+  return jax.tree.map(lambda tuned, trained: jnp.where(finetuning, tuned, trained), tuned, trained)
 
 
 def finetune_step(state, batch, *, config, num_classes):
